@@ -1,0 +1,366 @@
+//! Block codecs: how the raw K/V bytes of a block are encoded on the wire and in the store.
+//!
+//! 16-bit floats barely compress as a byte stream (LZ4 on fp16/bf16 K/V: 1.00x), because every
+//! other byte is a near-random mantissa byte. The byte-plane codecs split each element into its
+//! byte planes (byte 0 of every element, then byte 1, ...) and compress each plane on its own: the
+//! plane holding sign and exponent is low-entropy and shrinks, the mantissa planes do not and are
+//! stored raw. On real K/V (tests/data) byte-plane + zstd reaches 1.44x on bf16.
+//!
+//! Byte-plane payload layout (all integers little-endian):
+//! ```text
+//! u8 width (1..=8) | u8 tail_len | width x (u8 mode, u32 len) | plane data ... | tail bytes
+//! ```
+//! `mode` is 0 for a raw plane, 1 for a compressed one. Each plane holds `raw_len / width`
+//! bytes once decoded; the last `raw_len % width` bytes of the block travel raw as the tail.
+
+use std::fmt;
+
+use kvshare_proto::v1 as pb;
+
+use crate::error::CoreError;
+
+/// zstd level used by [`Codec::BytePlaneZstd`]: level 1 is within 1 % of level 3's ratio on K/V
+/// planes at several times the speed.
+pub const ZSTD_LEVEL: i32 = 1;
+
+/// A block payload encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// Raw bytes.
+    None,
+    /// LZ4 block format over the whole block.
+    Lz4,
+    /// Byte planes, each LZ4-compressed or raw.
+    BytePlaneLz4,
+    /// Byte planes, each zstd-compressed or raw.
+    BytePlaneZstd,
+}
+
+impl Codec {
+    /// All codecs, in wire order.
+    pub const ALL: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::BytePlaneLz4, Codec::BytePlaneZstd];
+
+    /// Converts from the wire enum value.
+    pub fn from_proto(v: i32) -> Result<Self, CoreError> {
+        match pb::Codec::try_from(v) {
+            Ok(pb::Codec::None) => Ok(Codec::None),
+            Ok(pb::Codec::Lz4) => Ok(Codec::Lz4),
+            Ok(pb::Codec::ByteplaneLz4) => Ok(Codec::BytePlaneLz4),
+            Ok(pb::Codec::ByteplaneZstd) => Ok(Codec::BytePlaneZstd),
+            Ok(pb::Codec::Unspecified) | Err(_) => Err(CoreError::UnknownCodec(v)),
+        }
+    }
+
+    /// The wire enum.
+    pub fn to_proto(self) -> pb::Codec {
+        match self {
+            Codec::None => pb::Codec::None,
+            Codec::Lz4 => pb::Codec::Lz4,
+            Codec::BytePlaneLz4 => pb::Codec::ByteplaneLz4,
+            Codec::BytePlaneZstd => pb::Codec::ByteplaneZstd,
+        }
+    }
+
+    /// Name used on the command line (`none`, `lz4`, `byteplane-lz4`, `byteplane-zstd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::None => "none",
+            Codec::Lz4 => "lz4",
+            Codec::BytePlaneLz4 => "byteplane-lz4",
+            Codec::BytePlaneZstd => "byteplane-zstd",
+        }
+    }
+
+    /// Parses a name as printed by [`Codec::name`].
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        Codec::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| CoreError::InvalidInput(format!(
+                "unknown codec {s:?}; expected none, lz4, byteplane-lz4 or byteplane-zstd"
+            )))
+    }
+
+    /// Encodes `raw`. `width` is the element size in bytes (used by byte-plane codecs; 1..=8).
+    pub fn encode(self, raw: &[u8], width: usize) -> Vec<u8> {
+        match self {
+            Codec::None => raw.to_vec(),
+            Codec::Lz4 => lz4_flex::block::compress(raw),
+            Codec::BytePlaneLz4 => encode_planes(raw, width, PlaneCoder::Lz4),
+            Codec::BytePlaneZstd => encode_planes(raw, width, PlaneCoder::Zstd),
+        }
+    }
+
+    /// Decodes `payload` into exactly `raw_len` bytes, or fails without panicking on any input.
+    /// The caller bounds `raw_len` (it allocates that much).
+    pub fn decode(self, payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
+        match self {
+            Codec::None => {
+                if payload.len() != raw_len {
+                    return Err(CoreError::Corrupt(format!(
+                        "codec none: payload has {} bytes but the header says raw_len {raw_len}",
+                        payload.len()
+                    )));
+                }
+                Ok(payload.to_vec())
+            }
+            Codec::Lz4 => {
+                let mut out = vec![0u8; raw_len];
+                decode_lz4_exact(payload, &mut out)?;
+                Ok(out)
+            }
+            Codec::BytePlaneLz4 | Codec::BytePlaneZstd => decode_planes(payload, raw_len),
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// xxh3-64 checksum of raw block bytes.
+pub fn checksum(raw: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(raw)
+}
+
+#[derive(Clone, Copy)]
+enum PlaneCoder {
+    Lz4,
+    Zstd,
+}
+
+const MODE_RAW: u8 = 0;
+const MODE_LZ4: u8 = 1;
+const MODE_ZSTD: u8 = 2;
+
+fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
+    let width = width.clamp(1, 8);
+    let n = raw.len() / width;
+    let tail = &raw[n * width..];
+    let mut planes: Vec<Vec<u8>> = (0..width).map(|_| Vec::with_capacity(n)).collect();
+    if width == 2 {
+        let (p0, p1) = planes.split_at_mut(1);
+        for w in raw[..n * 2].chunks_exact(2) {
+            p0[0].push(w[0]);
+            p1[0].push(w[1]);
+        }
+    } else {
+        for w in raw[..n * width].chunks_exact(width) {
+            for (p, b) in planes.iter_mut().zip(w) {
+                p.push(*b);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(raw.len() + 2 + 5 * width);
+    out.push(width as u8);
+    out.push(tail.len() as u8);
+    let dir_at = out.len();
+    out.resize(dir_at + 5 * width, 0);
+    for (i, plane) in planes.iter().enumerate() {
+        let compressed = match coder {
+            PlaneCoder::Lz4 => Some((MODE_LZ4, lz4_flex::block::compress(plane))),
+            PlaneCoder::Zstd => zstd::bulk::compress(plane, ZSTD_LEVEL).ok().map(|c| (MODE_ZSTD, c)),
+        };
+        let (mode, data): (u8, &[u8]) = match &compressed {
+            Some((m, c)) if c.len() < plane.len() => (*m, c),
+            _ => (MODE_RAW, plane),
+        };
+        let d = dir_at + 5 * i;
+        out[d] = mode;
+        out[d + 1..d + 5].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+    out.extend_from_slice(tail);
+    out
+}
+
+fn decode_lz4_exact(input: &[u8], out: &mut [u8]) -> Result<(), CoreError> {
+    let n = lz4_flex::block::decompress_into(input, out)
+        .map_err(|e| CoreError::Corrupt(format!("lz4: {e}")))?;
+    if n != out.len() {
+        return Err(CoreError::Corrupt(format!(
+            "lz4 data decodes to {n} bytes but the header says raw_len {}",
+            out.len()
+        )));
+    }
+    Ok(())
+}
+
+fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
+    let corrupt = |m: String| CoreError::Corrupt(format!("byte-plane payload: {m}"));
+    if payload.len() < 2 {
+        return Err(corrupt("shorter than its 2-byte preamble".into()));
+    }
+    let width = payload[0] as usize;
+    let tail_len = payload[1] as usize;
+    if !(1..=8).contains(&width) {
+        return Err(corrupt(format!("plane width {width} is not in 1..=8")));
+    }
+    if raw_len % width != tail_len {
+        return Err(corrupt(format!(
+            "tail of {tail_len} bytes does not match raw_len {raw_len} with width {width}"
+        )));
+    }
+    let n = raw_len / width;
+    let dir_end = 2 + 5 * width;
+    if payload.len() < dir_end + tail_len {
+        return Err(corrupt("truncated plane directory".into()));
+    }
+    let mut out = vec![0u8; raw_len];
+    let mut plane = vec![0u8; n];
+    let mut pos = dir_end;
+    let mut zstd_ctx: Option<zstd::bulk::Decompressor<'static>> = None;
+    for i in 0..width {
+        let d = 2 + 5 * i;
+        let mode = payload[d];
+        let len = u32::from_le_bytes([payload[d + 1], payload[d + 2], payload[d + 3], payload[d + 4]]) as usize;
+        let end = pos
+            .checked_add(len)
+            .filter(|&e| e <= payload.len() - tail_len)
+            .ok_or_else(|| corrupt(format!("plane {i} of {len} bytes runs past the payload")))?;
+        let data = &payload[pos..end];
+        match mode {
+            MODE_RAW => {
+                if len != n {
+                    return Err(corrupt(format!("raw plane {i} has {len} bytes, expected {n}")));
+                }
+                plane.copy_from_slice(data);
+            }
+            MODE_LZ4 => decode_lz4_exact(data, &mut plane)?,
+            MODE_ZSTD => {
+                let ctx = match &mut zstd_ctx {
+                    Some(c) => c,
+                    None => zstd_ctx.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| corrupt(format!("zstd context: {e}")))?,
+                    ),
+                };
+                let got = ctx
+                    .decompress_to_buffer(data, &mut plane[..])
+                    .map_err(|e| corrupt(format!("zstd plane {i}: {e}")))?;
+                if got != n {
+                    return Err(corrupt(format!("zstd plane {i} decodes to {got} bytes, expected {n}")));
+                }
+            }
+            m => return Err(corrupt(format!("plane {i} has unknown mode {m}"))),
+        }
+        if width == 2 {
+            for (j, b) in plane.iter().enumerate() {
+                out[j * 2 + i] = *b;
+            }
+        } else {
+            for (j, b) in plane.iter().enumerate() {
+                out[j * width + i] = *b;
+            }
+        }
+        pos = end;
+    }
+    if pos + tail_len != payload.len() {
+        return Err(corrupt(format!(
+            "{} unexpected trailing bytes",
+            payload.len() as isize - (pos + tail_len) as isize
+        )));
+    }
+    out[n * width..].copy_from_slice(&payload[pos..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kv_sample() -> Vec<u8> {
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/kv-bf16-256tok.bin"))
+            .expect("tests/data/kv-bf16-256tok.bin")
+    }
+
+    #[test]
+    fn every_codec_round_trips_real_kv() {
+        let data = kv_sample();
+        for block in data.chunks(147_456).take(4) {
+            for c in Codec::ALL {
+                let enc = c.encode(block, 2);
+                let dec = c.decode(&enc, block.len()).expect("decode");
+                assert_eq!(dec, block, "{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn byteplane_zstd_compresses_real_bf16() {
+        let data = kv_sample();
+        let enc = Codec::BytePlaneZstd.encode(&data, 2);
+        let ratio = data.len() as f64 / enc.len() as f64;
+        assert!(ratio > 1.3, "ratio {ratio}");
+        let lz4 = Codec::Lz4.encode(&data, 2);
+        assert!(enc.len() < lz4.len());
+    }
+
+    #[test]
+    fn wrong_raw_len_is_an_error_not_a_panic() {
+        let data = kv_sample();
+        let block = &data[..4096];
+        for c in Codec::ALL {
+            let enc = c.encode(block, 2);
+            assert!(c.decode(&enc, 4095).is_err(), "{c} short");
+            assert!(c.decode(&enc, 4097).is_err(), "{c} long");
+        }
+    }
+
+    #[test]
+    fn unknown_codec_values_are_rejected() {
+        assert_eq!(Codec::from_proto(0), Err(CoreError::UnknownCodec(0)));
+        assert_eq!(Codec::from_proto(42), Err(CoreError::UnknownCodec(42)));
+        for c in Codec::ALL {
+            assert_eq!(Codec::from_proto(c.to_proto() as i32), Ok(c));
+            assert_eq!(Codec::parse(c.name()), Ok(c));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_arbitrary_bytes(raw in proptest::collection::vec(any::<u8>(), 0..5000), width in 1usize..=8) {
+            for c in Codec::ALL {
+                let enc = c.encode(&raw, width);
+                let dec = c.decode(&enc, raw.len());
+                prop_assert_eq!(dec, Ok(raw.clone()), "{}", c);
+            }
+        }
+
+        #[test]
+        fn round_trip_real_kv_slices(start in 0usize..500_000, len in 0usize..40_000, dtype_width in prop_oneof![Just(1usize), Just(2), Just(4)]) {
+            let data = kv_sample();
+            let start = start.min(data.len());
+            let end = (start + len).min(data.len());
+            let raw = &data[start..end];
+            for c in Codec::ALL {
+                let enc = c.encode(raw, dtype_width);
+                prop_assert_eq!(c.decode(&enc, raw.len()), Ok(raw.to_vec()));
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..300), raw_len in 0usize..2000) {
+            for c in Codec::ALL {
+                let _ = c.decode(&payload, raw_len);
+            }
+        }
+
+        #[test]
+        fn bit_flips_are_caught_by_the_checksum_or_the_decoder(flip in 0usize..100_000) {
+            let data = kv_sample();
+            let raw = &data[..147_456];
+            let sum = checksum(raw);
+            for c in Codec::ALL {
+                let mut enc = c.encode(raw, 2);
+                let i = flip % enc.len();
+                enc[i] ^= 0x10;
+                let ok = matches!(c.decode(&enc, raw.len()), Ok(d) if checksum(&d) == sum);
+                prop_assert!(!ok, "{} flip at {} undetected", c, i);
+            }
+        }
+    }
+}

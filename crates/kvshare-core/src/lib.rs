@@ -1,0 +1,27 @@
+//! kvshare-core: the pieces every kvshare process shares.
+//!
+//! - [`namespace`] and [`keys`]: namespaces and 32-byte chained prefix keys (kvshare's own
+//!   SHA-256 scheme and vLLM's `sha256_cbor`).
+//! - [`codec`] and [`block`]: block encodings (LZ4, byte-plane LZ4/zstd), checksums, headers.
+//! - [`store`]: the byte-bounded, chain-aware LRU block store.
+//! - [`size`]: human byte sizes (`8GiB`).
+
+#![warn(missing_docs)]
+
+pub mod block;
+pub mod cbor;
+pub mod codec;
+pub mod error;
+pub mod keys;
+pub mod layout;
+pub mod namespace;
+pub mod size;
+pub mod store;
+
+pub use block::{BlockHeader, EncodedBlock};
+pub use codec::{Codec, checksum};
+pub use error::CoreError;
+pub use keys::{BlockKey, KEY_LEN, KeyScheme, VllmHashParams};
+pub use layout::{DType, KvLayout};
+pub use namespace::Namespace;
+pub use store::{BlockStore, InsertOutcome, StoreKey, StoreStats};
