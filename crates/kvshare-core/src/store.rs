@@ -149,7 +149,12 @@ impl BlockStore {
 
     /// Bytes a block is charged.
     pub fn charge_of(block: &EncodedBlock) -> u64 {
-        block.payload.len() as u64 + ENTRY_OVERHEAD_BYTES
+        Self::charge_of_len(block.payload.len() as u64)
+    }
+
+    /// Bytes a block with a payload of `payload_len` bytes is charged.
+    pub fn charge_of_len(payload_len: u64) -> u64 {
+        payload_len + ENTRY_OVERHEAD_BYTES
     }
 
     /// Stores `block` under `key`, evicting least recently used blocks (chain tails first) to

@@ -1,0 +1,516 @@
+//! kvshare-client: async Rust client for a kvshare node.
+//!
+//! The client hashes token prefixes into block keys ([`Namespace::block_keys`]), compresses
+//! blocks on the caller's side (so the network carries compressed bytes), uploads them in
+//! chunks, and on the way back reassembles, decompresses and verifies every block's checksum.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvshare_client::ClientError> {
+//! use kvshare_client::{ClientOptions, KvClient};
+//! use kvshare_core::{DType, KvLayout, Namespace};
+//! let layout = KvLayout { num_layers: 2, num_kv_heads: 2, head_dim: 8, dtype: DType::F16, tokens_per_block: 16 };
+//! let ns = Namespace::new("my-model", layout);
+//! let mut c = KvClient::connect("http://127.0.0.1:50051", ClientOptions::default()).await?;
+//! let tokens: Vec<u32> = (0..64).collect();
+//! let hit = c.lookup(&ns, &tokens).await?.hit_blocks;
+//! # let _ = hit; Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use kvshare_core::{BlockHeader, BlockKey, Codec, CoreError, EncodedBlock, Namespace};
+use kvshare_proto::v1 as pb;
+use pb::block_outcome::Status as OutcomeStatus;
+use pb::kv_cache_client::KvCacheClient;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+
+/// Largest gRPC message the client sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
+
+/// Errors of client calls.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint is malformed or unreachable.
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("{code:?}: {message}")]
+    Rpc {
+        /// gRPC status code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The server rejected a block of a put.
+    #[error("block {index} (key {key}) rejected with {code:?}: {reason}")]
+    Rejected {
+        /// Index of the block in the upload.
+        index: usize,
+        /// Its key.
+        key: BlockKey,
+        /// gRPC status code describing the rejection.
+        code: tonic::Code,
+        /// The server's reason.
+        reason: String,
+        /// Outcomes of every block of the upload.
+        outcomes: Vec<BlockOutcome>,
+    },
+    /// A fetched block failed to decode or verify.
+    #[error("block {index} (key {key}) is corrupt: {source}")]
+    Corrupt {
+        /// Index of the block in the request.
+        index: usize,
+        /// Its key.
+        key: BlockKey,
+        /// The decode or checksum error.
+        source: CoreError,
+    },
+    /// The server's stream broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Invalid input from the caller.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl ClientError {
+    /// The gRPC status code of this error, where there is one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Rpc { code, .. } | ClientError::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Rpc { code: s.code(), message: s.message().to_string() }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of every call.
+    pub timeout: Duration,
+    /// Deadline of connection setup.
+    pub connect_timeout: Duration,
+    /// Largest chunk of a block in one upload message.
+    pub chunk_size: usize,
+    /// Codec used by [`KvClient::put_prefix`].
+    pub codec: Codec,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            chunk_size: 1 << 20,
+            codec: Codec::BytePlaneZstd,
+        }
+    }
+}
+
+/// What happened to one uploaded block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockOutcome {
+    /// The key.
+    pub key: BlockKey,
+    /// Stored, already present or rejected.
+    pub status: PutStatus,
+    /// Replicas holding the block.
+    pub replicas: u32,
+}
+
+/// Outcome of one block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutStatus {
+    /// Stored now.
+    Stored,
+    /// Was already stored.
+    AlreadyPresent,
+    /// Refused.
+    Rejected {
+        /// gRPC status code.
+        code: tonic::Code,
+        /// Reason.
+        reason: String,
+    },
+}
+
+/// Summary of an upload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PutReport {
+    /// One outcome per block.
+    pub outcomes: Vec<BlockOutcome>,
+    /// Raw bytes of the uploaded blocks.
+    pub raw_bytes: u64,
+    /// Encoded bytes sent.
+    pub wire_bytes: u64,
+}
+
+impl PutReport {
+    /// Blocks newly stored.
+    pub fn stored(&self) -> usize {
+        self.outcomes.iter().filter(|o| o.status == PutStatus::Stored).count()
+    }
+    /// Blocks that were already present.
+    pub fn already_present(&self) -> usize {
+        self.outcomes.iter().filter(|o| o.status == PutStatus::AlreadyPresent).count()
+    }
+}
+
+/// Result of a prefix lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixLookup {
+    /// Keys of every full block of the prompt.
+    pub keys: Vec<BlockKey>,
+    /// Leading blocks present.
+    pub hit_blocks: usize,
+}
+
+/// One block to upload.
+#[derive(Debug, Clone)]
+pub struct PutItem {
+    /// Block key.
+    pub key: BlockKey,
+    /// Key of the previous block of the prefix, if any.
+    pub parent: Option<BlockKey>,
+    /// The encoded block.
+    pub block: EncodedBlock,
+}
+
+/// A client of one kvshare node.
+#[derive(Clone)]
+pub struct KvClient {
+    rpc: KvCacheClient<Channel>,
+    health: HealthClient<Channel>,
+    opts: ClientOptions,
+    endpoint: String,
+}
+
+fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, ClientError> {
+    let key = BlockKey::from_slice(&o.key)
+        .map_err(|_| ClientError::Protocol(format!("outcome key has {} bytes", o.key.len())))?;
+    let status = match OutcomeStatus::try_from(o.status) {
+        Ok(OutcomeStatus::Stored) => PutStatus::Stored,
+        Ok(OutcomeStatus::AlreadyPresent) => PutStatus::AlreadyPresent,
+        Ok(OutcomeStatus::Rejected) => PutStatus::Rejected {
+            code: tonic::Code::from_i32(o.code),
+            reason: o.reason.clone(),
+        },
+        _ => return Err(ClientError::Protocol(format!("unknown outcome status {}", o.status))),
+    };
+    Ok(BlockOutcome { key, status, replicas: o.replicas })
+}
+
+impl KvClient {
+    /// Connects to a node (`http://host:port`).
+    pub async fn connect(endpoint: &str, opts: ClientOptions) -> Result<Self, ClientError> {
+        let ep = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| ClientError::Connect { endpoint: endpoint.into(), reason: e.to_string() })?
+            .connect_timeout(opts.connect_timeout)
+            .timeout(opts.timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20));
+        let channel = ep
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { endpoint: endpoint.into(), reason: format!("{e}: {e:?}") })?;
+        Ok(Self::from_channel(channel, endpoint, opts))
+    }
+
+    /// Wraps an existing channel.
+    pub fn from_channel(channel: Channel, endpoint: &str, opts: ClientOptions) -> Self {
+        KvClient {
+            rpc: KvCacheClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            health: HealthClient::new(channel),
+            opts,
+            endpoint: endpoint.to_string(),
+        }
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The options.
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.opts.timeout);
+        r
+    }
+
+    /// Longest cached prefix of `tokens` in `ns`, in blocks.
+    pub async fn lookup(&mut self, ns: &Namespace, tokens: &[u32]) -> Result<PrefixLookup, ClientError> {
+        let keys = ns.block_keys(tokens)?;
+        if keys.is_empty() {
+            return Ok(PrefixLookup { keys, hit_blocks: 0 });
+        }
+        let hit_blocks = self.lookup_keys(&ns.digest(), &keys).await?;
+        Ok(PrefixLookup { keys, hit_blocks })
+    }
+
+    /// Number of leading `keys` present.
+    pub async fn lookup_keys(&mut self, namespace: &BlockKey, keys: &[BlockKey]) -> Result<usize, ClientError> {
+        let req = pb::LookupRequest {
+            namespace: Bytes::copy_from_slice(&namespace.0),
+            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+        };
+        let resp = self.rpc.lookup(self.request(req)).await?.into_inner();
+        let hit = resp.hit_blocks as usize;
+        if hit > keys.len() {
+            return Err(ClientError::Protocol(format!("server reports {hit} hits for {} keys", keys.len())));
+        }
+        Ok(hit)
+    }
+
+    /// Compresses and uploads the first `blocks.len()` full blocks of `tokens`; `blocks[i]` is
+    /// the raw K/V of block `i` in the namespace's layout.
+    pub async fn put_prefix<B: AsRef<[u8]>>(
+        &mut self,
+        ns: &Namespace,
+        tokens: &[u32],
+        blocks: &[B],
+    ) -> Result<PutReport, ClientError> {
+        let keys = ns.block_keys(tokens)?;
+        if blocks.len() > keys.len() {
+            return Err(CoreError::InvalidInput(format!(
+                "{} blocks given but the {} tokens make only {} full blocks",
+                blocks.len(),
+                tokens.len(),
+                keys.len()
+            ))
+            .into());
+        }
+        let digest = ns.digest();
+        let mut items = Vec::with_capacity(blocks.len());
+        for (i, raw) in blocks.iter().enumerate() {
+            let block = EncodedBlock::encode(digest, ns.layout, self.opts.codec, raw.as_ref())?;
+            items.push(PutItem { key: keys[i], parent: i.checked_sub(1).map(|p| keys[p]), block });
+        }
+        self.put_blocks(items).await
+    }
+
+    /// Uploads encoded blocks (chunked). Fails with [`ClientError::Rejected`] when the server
+    /// refuses any block; blocks it accepted stay stored.
+    pub async fn put_blocks(&mut self, items: Vec<PutItem>) -> Result<PutReport, ClientError> {
+        if items.is_empty() {
+            return Ok(PutReport::default());
+        }
+        let chunk = self.opts.chunk_size.max(1);
+        let mut raw_bytes = 0;
+        let mut wire_bytes = 0;
+        let mut msgs = Vec::new();
+        for item in &items {
+            raw_bytes += item.block.header.raw_len;
+            wire_bytes += item.block.payload.len() as u64;
+            let key = Bytes::copy_from_slice(&item.key.0);
+            let parent = item.parent.map(|p| Bytes::copy_from_slice(&p.0)).unwrap_or_default();
+            let payload = &item.block.payload;
+            let mut off = 0;
+            loop {
+                let end = (off + chunk).min(payload.len());
+                msgs.push(pb::PutRequest {
+                    key: key.clone(),
+                    header: (off == 0).then(|| item.block.header.to_proto()),
+                    data: payload.slice(off..end),
+                    parent_key: if off == 0 { parent.clone() } else { Bytes::new() },
+                });
+                off = end;
+                if off >= payload.len() {
+                    break;
+                }
+            }
+        }
+        let req = self.request(tokio_stream::iter(msgs));
+        match self.rpc.put(req).await {
+            Ok(resp) => {
+                let outcomes = resp
+                    .into_inner()
+                    .outcomes
+                    .iter()
+                    .map(outcome_from_pb)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(PutReport { outcomes, raw_bytes, wire_bytes })
+            }
+            Err(status) => Err(rejection_from_status(status)),
+        }
+    }
+
+    /// Fetches blocks; `None` where a key is missing. Blocks are reassembled but not decoded.
+    pub async fn get_blocks(
+        &mut self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<Vec<Option<EncodedBlock>>, ClientError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let req = pb::GetRequest {
+            namespace: Bytes::copy_from_slice(&namespace.0),
+            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+        };
+        let mut stream = self.rpc.get(self.request(req)).await?.into_inner();
+        let mut out: Vec<Option<EncodedBlock>> = Vec::with_capacity(keys.len());
+        let mut cur: Option<(BlockHeader, Vec<Bytes>, u64)> = None;
+        while let Some(msg) = stream.message().await? {
+            let idx = msg.index as usize;
+            if idx != out.len() || idx >= keys.len() || msg.key.as_ref() != keys[idx].0.as_slice() {
+                return Err(ClientError::Protocol(format!(
+                    "got a chunk for index {idx} while expecting block {} of {}",
+                    out.len(),
+                    keys.len()
+                )));
+            }
+            if !msg.found {
+                out.push(None);
+                continue;
+            }
+            let (header, mut chunks, mut got) = match cur.take() {
+                Some(c) => c,
+                None => {
+                    let h = msg.header.as_ref().ok_or_else(|| {
+                        ClientError::Protocol(format!("first chunk of block {idx} has no header"))
+                    })?;
+                    let header = BlockHeader::from_proto(h)
+                        .map_err(|source| ClientError::Corrupt { index: idx, key: keys[idx], source })?;
+                    (header, Vec::new(), 0)
+                }
+            };
+            if msg.offset != got {
+                return Err(ClientError::Protocol(format!(
+                    "block {idx}: chunk at offset {} but {got} bytes received",
+                    msg.offset
+                )));
+            }
+            got += msg.data.len() as u64;
+            chunks.push(msg.data);
+            if msg.last {
+                if got != header.payload_len {
+                    return Err(ClientError::Corrupt {
+                        index: idx,
+                        key: keys[idx],
+                        source: CoreError::Corrupt(format!(
+                            "received {got} payload bytes, header says {}",
+                            header.payload_len
+                        )),
+                    });
+                }
+                let payload = if chunks.len() == 1 {
+                    chunks.pop().unwrap_or_default()
+                } else {
+                    Bytes::from(chunks.concat())
+                };
+                out.push(Some(EncodedBlock { header, payload }));
+            } else {
+                cur = Some((header, chunks, got));
+            }
+        }
+        if out.len() != keys.len() {
+            return Err(ClientError::Protocol(format!(
+                "stream ended after {} of {} blocks",
+                out.len(),
+                keys.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Fetches, decodes and verifies the cached leading blocks of `tokens`: the raw K/V of
+    /// blocks `0..n` where block `n` is the first one missing. A block that fails to decode or
+    /// verify is an error ([`ClientError::Corrupt`]), never returned.
+    pub async fn get_prefix(&mut self, ns: &Namespace, tokens: &[u32]) -> Result<Vec<Vec<u8>>, ClientError> {
+        let keys = ns.block_keys(tokens)?;
+        let digest = ns.digest();
+        let blocks = self.get_blocks(&digest, &keys).await?;
+        let mut out = Vec::new();
+        for (i, b) in blocks.into_iter().enumerate() {
+            let Some(b) = b else { break };
+            if b.header.namespace != digest || b.header.layout != ns.layout {
+                return Err(ClientError::Corrupt {
+                    index: i,
+                    key: keys[i],
+                    source: CoreError::InvalidHeader("block header does not match the namespace".into()),
+                });
+            }
+            let raw = decode_blocking(b)
+                .await
+                .map_err(|source| ClientError::Corrupt { index: i, key: keys[i], source })?;
+            out.push(raw);
+        }
+        Ok(out)
+    }
+
+    /// Deletes blocks; returns how many existed.
+    pub async fn delete_keys(&mut self, namespace: &BlockKey, keys: &[BlockKey]) -> Result<u32, ClientError> {
+        let req = pb::DeleteRequest {
+            namespace: Bytes::copy_from_slice(&namespace.0),
+            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+        };
+        Ok(self.rpc.delete(self.request(req)).await?.into_inner().deleted)
+    }
+
+    /// The node's counters.
+    pub async fn stats(&mut self) -> Result<pb::StatsResponse, ClientError> {
+        Ok(self.rpc.stats(self.request(pb::StatsRequest {})).await?.into_inner())
+    }
+
+    /// Cluster membership as the node sees it.
+    pub async fn cluster_info(&mut self) -> Result<pb::ClusterInfoResponse, ClientError> {
+        Ok(self.rpc.cluster_info(self.request(pb::ClusterInfoRequest {})).await?.into_inner())
+    }
+
+    /// Standard gRPC health check of the KvCache service; true when SERVING.
+    pub async fn health(&mut self) -> Result<bool, ClientError> {
+        let req = tonic_health::pb::HealthCheckRequest { service: "kvshare.v1.KvCache".into() };
+        let resp = self.health.check(self.request(req)).await?.into_inner();
+        Ok(resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+}
+
+/// Decodes a block off the async runtime (decompression is CPU work).
+pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
+    match tokio::task::spawn_blocking(move || b.decode()).await {
+        Ok(r) => r,
+        Err(e) => Err(CoreError::Corrupt(format!("decode task failed: {e}"))),
+    }
+}
+
+/// Turns a failed Put's status into [`ClientError::Rejected`] when it carries outcomes.
+fn rejection_from_status(status: tonic::Status) -> ClientError {
+    let Ok(resp) = pb::PutResponse::decode(status.details()) else {
+        return status.into();
+    };
+    let Ok(outcomes) = resp.outcomes.iter().map(outcome_from_pb).collect::<Result<Vec<_>, _>>() else {
+        return status.into();
+    };
+    let first = outcomes.iter().enumerate().find_map(|(i, o)| match &o.status {
+        PutStatus::Rejected { code, reason } => Some((i, o.key, *code, reason.clone())),
+        _ => None,
+    });
+    match first {
+        Some((index, key, code, reason)) => ClientError::Rejected { index, key, code, reason, outcomes },
+        None => status.into(),
+    }
+}

@@ -1,0 +1,103 @@
+//! Node configuration: command-line flags, each with an environment variable (12-factor).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use kvshare_core::size::parse_size;
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Configuration of one cache node (`kvshared --help` lists every flag).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kvshared", version, about = "kvshare cache node: a gRPC KV-cache block store with a hard memory cap")]
+pub struct ServerConfig {
+    /// Stable node id (defaults to the host name; on Kubernetes, the pod name).
+    #[arg(long, env = "KVSHARE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// gRPC listen address. Port 0 picks a free port.
+    #[arg(long, env = "KVSHARE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address for /metrics, /api/stats, /healthz and /readyz. Port 0 picks a free port.
+    #[arg(long, env = "KVSHARE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    pub http_addr: SocketAddr,
+
+    /// Hard limit on stored bytes (payloads plus 256 bytes of index per block), e.g. 8GiB.
+    #[arg(long, env = "KVSHARE_CAPACITY", default_value = "1GiB", value_parser = size_arg)]
+    pub capacity: u64,
+
+    /// Largest accepted block, raw (decoded) size, e.g. 64MiB. Larger puts get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KVSHARE_MAX_BLOCK_SIZE", default_value = "64MiB", value_parser = size_arg)]
+    pub max_block_size: u64,
+
+    /// Upper bound on bytes buffered by uploads still in flight (not yet stored). Uploads wait
+    /// for room, then fail with RESOURCE_EXHAUSTED after --put-wait-ms.
+    #[arg(long, env = "KVSHARE_MAX_INFLIGHT_PUT", default_value = "512MiB", value_parser = size_arg)]
+    pub max_inflight_put: u64,
+
+    /// How long an upload waits for in-flight room before it is refused (milliseconds).
+    #[arg(long, env = "KVSHARE_PUT_WAIT_MS", default_value_t = 5_000)]
+    pub put_wait_ms: u64,
+
+    /// Largest chunk of a block in one Get response message, e.g. 1MiB.
+    #[arg(long, env = "KVSHARE_GET_CHUNK_SIZE", default_value = "1MiB", value_parser = size_arg)]
+    pub get_chunk_size: u64,
+
+    /// Most keys accepted in one Lookup, Get or Delete.
+    #[arg(long, env = "KVSHARE_MAX_KEYS", default_value_t = 65_536)]
+    pub max_keys: usize,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. info or kvshare_server=debug.
+    #[arg(long, env = "KVSHARE_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "KVSHARE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Write the bound addresses as JSON ({"grpc": "...", "http": "..."}) to this file once
+    /// listening (for scripts and tests that use port 0).
+    #[arg(long, env = "KVSHARE_PORT_FILE")]
+    pub port_file: Option<PathBuf>,
+
+    /// Seconds to wait for in-flight requests on SIGTERM before exiting anyway.
+    #[arg(long, env = "KVSHARE_DRAIN_SECONDS", default_value_t = 20)]
+    pub drain_seconds: u64,
+}
+
+impl ServerConfig {
+    /// Defaults suitable for an embedded node on loopback with ephemeral ports.
+    pub fn local(capacity: u64) -> Self {
+        let mut c = ServerConfig::parse_from(["kvshared"]);
+        c.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.capacity = capacity;
+        c
+    }
+
+    /// The node id: `--node-id`, else the host name, else `kvshare-node`.
+    pub fn resolved_node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "kvshare-node".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let c = ServerConfig::try_parse_from(["kvshared", "--capacity", "8GiB", "--max-block-size", "4MiB"]).expect("parse");
+        assert_eq!(c.capacity, 8 << 30);
+        assert_eq!(c.max_block_size, 4 << 20);
+        assert!(ServerConfig::try_parse_from(["kvshared", "--capacity", "lots"]).is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! Prometheus metrics of a node (`/metrics`), following Prometheus naming conventions.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// RPC method label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum Method {
+    lookup,
+    put,
+    get,
+    delete,
+    stats,
+    cluster_info,
+}
+
+/// Labels of per-method metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// The RPC.
+    pub method: Method,
+}
+
+/// Put outcome label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum PutOutcome {
+    stored,
+    already_present,
+    rejected,
+}
+
+/// Labels of put outcomes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PutLabels {
+    /// The outcome.
+    pub outcome: PutOutcome,
+}
+
+/// Labels of RPC results.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// The RPC.
+    pub method: Method,
+    /// gRPC status code name, e.g. `Ok`, `InvalidArgument`.
+    pub code: String,
+}
+
+type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 20 µs .. ~10 s
+    Histogram::new(exponential_buckets(0.000_02, 2.0, 20))
+}
+
+/// Every metric a node exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Lookup RPCs.
+    pub lookups: Counter,
+    /// Blocks found by lookups and gets.
+    pub hits: Counter,
+    /// Blocks not found (a lookup counts its first miss).
+    pub misses: Counter,
+    /// Put outcomes per block.
+    pub puts: Family<PutLabels, Counter>,
+    /// Blocks evicted to stay under capacity.
+    pub evictions: Counter,
+    /// Encoded payload bytes received by puts.
+    pub received_bytes: Counter,
+    /// Encoded payload bytes sent by gets.
+    pub sent_bytes: Counter,
+    /// Blocks removed by Delete.
+    pub deletes: Counter,
+    /// Charged bytes stored.
+    pub stored_bytes: Gauge,
+    /// Blocks stored.
+    pub stored_blocks: Gauge,
+    /// Raw bytes the stored blocks decode to.
+    pub stored_raw_bytes: Gauge,
+    /// Configured capacity.
+    pub capacity_bytes: Gauge,
+    /// RPC latency.
+    pub rpc_duration: HistogramFamily,
+    /// RPCs by method and status code.
+    pub rpcs: Family<RpcLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kvshare");
+        let m = Metrics {
+            lookups: Counter::default(),
+            hits: Counter::default(),
+            misses: Counter::default(),
+            puts: Family::default(),
+            evictions: Counter::default(),
+            received_bytes: Counter::default(),
+            sent_bytes: Counter::default(),
+            deletes: Counter::default(),
+            stored_bytes: Gauge::default(),
+            stored_blocks: Gauge::default(),
+            stored_raw_bytes: Gauge::default(),
+            capacity_bytes: Gauge::default(),
+            rpc_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            rpcs: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("lookups", "Lookup RPCs served", m.lookups.clone());
+        registry.register("hits", "Blocks found by lookups and gets", m.hits.clone());
+        registry.register("misses", "Blocks not found by lookups (first miss) and gets", m.misses.clone());
+        registry.register("put_blocks", "Blocks received by Put, by outcome", m.puts.clone());
+        registry.register("received_bytes", "Encoded payload bytes received by Put", m.received_bytes.clone());
+        registry.register("sent_bytes", "Encoded payload bytes sent by Get", m.sent_bytes.clone());
+        registry.register("deleted_blocks", "Blocks removed by Delete", m.deletes.clone());
+        registry.register("rpcs", "RPCs handled, by method and gRPC status code", m.rpcs.clone());
+        registry.register("rpc_duration_seconds", "RPC handling time", m.rpc_duration.clone());
+        registry.register("evictions", "Blocks evicted to stay under capacity", m.evictions.clone());
+        registry.register("stored_bytes", "Bytes stored (payload plus index overhead)", m.stored_bytes.clone());
+        registry.register("stored_blocks", "Blocks stored", m.stored_blocks.clone());
+        registry.register("stored_raw_bytes", "Raw bytes the stored blocks decode to", m.stored_raw_bytes.clone());
+        registry.register("capacity_bytes", "Configured capacity in bytes", m.capacity_bytes.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records one finished RPC.
+    pub fn observe_rpc(&self, method: Method, code: tonic::Code, seconds: f64) {
+        self.rpc_duration.get_or_create(&MethodLabels { method }).observe(seconds);
+        self.rpcs
+            .get_or_create(&RpcLabels { method, code: format!("{code:?}") })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
