@@ -25,7 +25,6 @@ use kvshare_core::{BlockHeader, BlockKey, Codec, CoreError, EncodedBlock, Namesp
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
 use pb::kv_cache_client::KvCacheClient;
-use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
@@ -499,7 +498,7 @@ pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
 
 /// Turns a failed Put's status into [`ClientError::Rejected`] when it carries outcomes.
 fn rejection_from_status(status: tonic::Status) -> ClientError {
-    let Ok(resp) = pb::PutResponse::decode(status.details()) else {
+    let Some(resp) = kvshare_proto::rpc::decode_put_details(status.details()) else {
         return status.into();
     };
     let Ok(outcomes) = resp.outcomes.iter().map(outcome_from_pb).collect::<Result<Vec<_>, _>>() else {

@@ -5,6 +5,7 @@
 //! - [`codec`] and [`block`]: block encodings (LZ4, byte-plane LZ4/zstd), checksums, headers.
 //! - [`store`]: the byte-bounded, chain-aware LRU block store.
 //! - [`size`]: human byte sizes (`8GiB`).
+//! - [`sample`]: real K/V activations cut into blocks (tests, demo, benchmarks).
 
 #![warn(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod error;
 pub mod keys;
 pub mod layout;
 pub mod namespace;
+pub mod sample;
 pub mod size;
 pub mod store;
 

@@ -34,7 +34,9 @@ pub struct StatsJson {
     pub stored_blocks: u64,
     /// Raw bytes the stored blocks decode to.
     pub stored_raw_bytes: u64,
-    /// stored_raw_bytes / stored payload bytes.
+    /// Encoded payload bytes stored.
+    pub stored_payload_bytes: u64,
+    /// stored_raw_bytes / stored_payload_bytes.
     pub compression_ratio: f64,
     /// Lookup RPCs.
     pub lookups: u64,
@@ -81,7 +83,7 @@ impl StatsJson {
     /// Builds the JSON view of a node's stats.
     pub fn from_node(node: &NodeState) -> Self {
         let s = node.stats();
-        let payload = s.stored_bytes.saturating_sub(s.stored_blocks * kvshare_core::store::ENTRY_OVERHEAD_BYTES);
+        let payload = s.stored_payload_bytes;
         let lookups_total = s.hits + s.misses;
         StatsJson {
             compression_ratio: if payload > 0 { s.stored_raw_bytes as f64 / payload as f64 } else { 0.0 },
@@ -91,6 +93,7 @@ impl StatsJson {
             stored_bytes: s.stored_bytes,
             stored_blocks: s.stored_blocks,
             stored_raw_bytes: s.stored_raw_bytes,
+            stored_payload_bytes: s.stored_payload_bytes,
             lookups: s.lookups,
             hits: s.hits,
             misses: s.misses,

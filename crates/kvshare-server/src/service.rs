@@ -9,7 +9,6 @@ use futures::Stream;
 use kvshare_core::{BlockHeader, BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
-use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
@@ -107,7 +106,10 @@ struct PendingBlock {
     index: usize,
     key: BlockKey,
     parent: Option<BlockKey>,
-    header: BlockHeader,
+    /// None when the header was invalid (the block is then rejected).
+    header: Option<BlockHeader>,
+    /// Payload bytes the block announced.
+    payload_len: u64,
     chunks: Vec<Bytes>,
     received: u64,
     /// A rejected block's remaining chunks are read and dropped.
@@ -160,18 +162,23 @@ impl PutRun {
             (None, None) => return Ok(resp),
         };
         let msg = format!("{msg} ({stored} of {total} completed blocks accepted; details carry every outcome)");
-        Err(Status::with_details(code, msg, Bytes::from(resp.encode_to_vec())))
+        let details = kvshare_proto::rpc::encode_put_details(code as i32, &msg, &resp);
+        Err(Status::with_details(code, msg, Bytes::from(details)))
     }
 }
 
 type PutResponse = pb::PutResponse;
 
 impl NodeState {
+    /// Reads the first chunk of a block. A header that fails validation rejects the block
+    /// (its chunks are read and dropped, counted by the header's payload_len); a chunk with no
+    /// usable length at all ends the stream.
     fn start_block(
         &self,
         index: usize,
         key: BlockKey,
         msg: &pb::PutRequest,
+        run: &mut PutRun,
     ) -> Result<PendingBlock, Status> {
         let header_pb = msg.header.as_ref().ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -179,34 +186,51 @@ impl NodeState {
                 short(&key)
             ))
         })?;
-        let header = BlockHeader::from_proto(header_pb).map_err(|e| {
-            Status::new(core_to_status(&e), format!("block {index} (key {}): {e}", short(&key)))
-        })?;
-        let parent = if msg.parent_key.is_empty() {
-            None
-        } else {
-            Some(BlockKey::from_slice(&msg.parent_key).map_err(|_| {
-                Status::invalid_argument(format!(
-                    "block {index}: parent_key must be empty or 32 bytes, got {} bytes",
-                    msg.parent_key.len()
-                ))
-            })?)
-        };
-        Ok(PendingBlock {
+        let mut p = PendingBlock {
             index,
             key,
-            parent,
-            header,
+            parent: None,
+            header: None,
+            payload_len: header_pb.payload_len,
             chunks: Vec::new(),
             received: 0,
             rejected: false,
             _permit: None,
-        })
+        };
+        let parsed = BlockHeader::from_proto(header_pb).map_err(|e| (core_to_status(&e), e.to_string()));
+        let parent = if msg.parent_key.is_empty() {
+            Ok(None)
+        } else {
+            BlockKey::from_slice(&msg.parent_key).map(Some).map_err(|_| {
+                (
+                    Code::InvalidArgument,
+                    format!("parent_key must be empty or 32 bytes, got {} bytes", msg.parent_key.len()),
+                )
+            })
+        };
+        match parsed.and_then(|h| parent.map(|par| (h, par))) {
+            Ok((h, par)) => {
+                p.header = Some(h);
+                p.parent = par;
+            }
+            Err((code, reason)) => {
+                if p.payload_len == 0 || p.payload_len > max_payload_for(self.max_block_size) {
+                    return Err(Status::new(
+                        code,
+                        format!("block {index} (key {}): {reason}", short(&key)),
+                    ));
+                }
+                self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::rejected }).inc();
+                run.reject(index, &key, code, reason);
+                p.rejected = true;
+            }
+        }
+        Ok(p)
     }
 
     /// Admits a new block: size limits and in-flight budget. Returns a rejection reason.
     async fn admit(&self, p: &mut PendingBlock) -> Result<(), (Code, String)> {
-        let h = &p.header;
+        let Some(h) = &p.header else { return Ok(()) };
         if h.raw_len > self.max_block_size {
             return Err((
                 Code::ResourceExhausted,
@@ -256,7 +280,8 @@ impl NodeState {
 
     /// Verifies and stores a complete block.
     async fn complete(self: &Arc<Self>, p: PendingBlock, run: &mut PutRun) {
-        let sk = StoreKey { namespace: p.header.namespace, key: p.key };
+        let Some(header) = p.header else { return };
+        let sk = StoreKey { namespace: header.namespace, key: p.key };
         if self.store.contains(&sk) {
             self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::already_present }).inc();
             run.outcome(&p.key, OutcomeStatus::AlreadyPresent);
@@ -271,7 +296,7 @@ impl NodeState {
             }
             b.freeze()
         };
-        let block = Arc::new(EncodedBlock { header: p.header, payload });
+        let block = Arc::new(EncodedBlock { header, payload });
         let verify = {
             let block = block.clone();
             tokio::task::spawn_blocking(move || block.decode().map(|_| ()))
@@ -336,17 +361,19 @@ impl NodeState {
                         p.index,
                         short(&p.key),
                         p.received,
-                        p.header.payload_len,
+                        p.payload_len,
                         short(&key)
                     ))));
                 }
                 None => {
-                    let mut p = match self.start_block(blocks, key, &msg) {
+                    let mut p = match self.start_block(blocks, key, &msg, &mut run) {
                         Ok(p) => p,
                         Err(s) => return run.finish(Some(s)),
                     };
                     blocks += 1;
-                    if let Err((code, reason)) = self.admit(&mut p).await {
+                    if p.rejected {
+                        // Already reported by start_block.
+                    } else if let Err((code, reason)) = self.admit(&mut p).await {
                         self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::rejected }).inc();
                         run.reject(p.index, &p.key, code, reason);
                         p.rejected = true;
@@ -355,12 +382,12 @@ impl NodeState {
                 }
             };
             let n = msg.data.len() as u64;
-            if p.received + n > p.header.payload_len {
+            if p.received + n > p.payload_len {
                 return run.finish(Some(Status::invalid_argument(format!(
                     "block {} (key {}): chunks carry more than header.payload_len = {} bytes",
                     p.index,
                     short(&p.key),
-                    p.header.payload_len
+                    p.payload_len
                 ))));
             }
             p.received += n;
@@ -370,7 +397,7 @@ impl NodeState {
                     p.chunks.push(msg.data);
                 }
             }
-            if p.received == p.header.payload_len {
+            if p.received == p.payload_len {
                 if !p.rejected {
                     self.complete(p, &mut run).await;
                 }
@@ -384,7 +411,7 @@ impl NodeState {
                 p.index,
                 short(&p.key),
                 p.received,
-                p.header.payload_len
+                p.payload_len
             );
             return run.finish(Some(Status::invalid_argument(msg)));
         }
@@ -426,6 +453,7 @@ impl NodeState {
                 })
                 .collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
+            stored_payload_bytes: st.payload_bytes,
         }
     }
 }

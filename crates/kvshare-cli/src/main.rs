@@ -1,0 +1,282 @@
+//! `kvshare`: the kvshare operator CLI.
+
+mod args;
+mod demo;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kvshare_client::{ClientOptions, KvClient, PutStatus};
+use kvshare_core::{Codec, KeyScheme};
+use kvshare_proto::v1 as pb;
+use serde_json::json;
+
+use args::{NamespaceArgs, TokenArgs};
+
+#[derive(Debug, Parser)]
+#[command(name = "kvshare", version, about = "kvshare operator CLI: inspect nodes, hash prompts, move blocks, run the demo")]
+struct Cli {
+    /// gRPC endpoint of a kvshare node.
+    #[arg(long, global = true, env = "KVSHARE_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// Deadline of each call, seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Health, membership and usage of the node.
+    Status,
+    /// The node's counters.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Longest cached prefix of a prompt.
+    Lookup {
+        #[command(flatten)]
+        ns: NamespaceArgs,
+        #[command(flatten)]
+        tokens: TokenArgs,
+    },
+    /// Upload raw K/V blocks of a prompt from a file (blocks concatenated, block layout).
+    Put {
+        #[command(flatten)]
+        ns: NamespaceArgs,
+        #[command(flatten)]
+        tokens: TokenArgs,
+        /// File of raw K/V: N blocks of layers x 2 x block_tokens x kv_heads x head_dim elements.
+        #[arg(long)]
+        kv_file: PathBuf,
+        /// Codec: none, lz4, byteplane-lz4, byteplane-zstd.
+        #[arg(long, default_value = "byteplane-zstd")]
+        codec: String,
+    },
+    /// Download the cached leading blocks of a prompt (decoded, verified) to a file.
+    Get {
+        #[command(flatten)]
+        ns: NamespaceArgs,
+        #[command(flatten)]
+        tokens: TokenArgs,
+        /// Output file (raw K/V blocks concatenated).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the block keys of token ids (no server needed).
+    Hash {
+        #[command(flatten)]
+        ns: NamespaceArgs,
+        #[command(flatten)]
+        tokens: TokenArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start an embedded node and run a prefix-sharing demo load against it.
+    Demo(demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KVSHARE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let opts = ClientOptions { timeout: Duration::from_secs(cli.timeout), ..ClientOptions::default() };
+    match cli.command {
+        Command::Hash { ns, tokens, json } => hash(&ns, &tokens, json),
+        Command::Demo(args) => demo::run(args).await,
+        cmd => {
+            let mut c = KvClient::connect(&cli.endpoint, opts.clone()).await?;
+            match cmd {
+                Command::Status => status(&mut c).await,
+                Command::Stats { json } => stats(&mut c, json).await,
+                Command::Lookup { ns, tokens } => lookup(&mut c, &ns, &tokens).await,
+                Command::Put { ns, tokens, kv_file, codec } => {
+                    let codec = Codec::parse(&codec)?;
+                    let mut c = KvClient::connect(&cli.endpoint, ClientOptions { codec, ..opts }).await?;
+                    put(&mut c, &ns, &tokens, &kv_file).await
+                }
+                Command::Get { ns, tokens, out } => get(&mut c, &ns, &tokens, &out).await,
+                Command::Hash { .. } | Command::Demo(_) => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn hash(ns: &NamespaceArgs, tokens: &TokenArgs, as_json: bool) -> anyhow::Result<()> {
+    let ns = ns.namespace()?;
+    let tokens = tokens.tokens()?;
+    let keys = ns.block_keys(&tokens)?;
+    let root = match &ns.scheme {
+        KeyScheme::VllmSha256Cbor(p) => p.none_hash(),
+        KeyScheme::Chained => ns.digest(),
+    };
+    let keys_hex: Vec<String> = keys.iter().map(|k| k.to_hex()).collect();
+    if as_json {
+        let v = json!({
+            "scheme": ns.scheme.name(),
+            "block_tokens": ns.layout.tokens_per_block,
+            "tokens": tokens.len(),
+            "root": root.to_hex(),
+            "namespace": ns.digest().to_hex(),
+            "block_hashes": keys_hex,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("scheme     {}", ns.scheme.name());
+        println!("root       {}  ({})", root, if matches!(ns.scheme, KeyScheme::Chained) { "namespace digest" } else { "none_hash" });
+        println!("tokens     {} ({} full blocks of {}; a partial tail is not hashed)", tokens.len(), keys.len(), ns.layout.tokens_per_block);
+        for (i, k) in keys_hex.iter().enumerate() {
+            println!("block {i:<4} {k}");
+        }
+    }
+    Ok(())
+}
+
+fn stats_json(s: &pb::StatsResponse) -> serde_json::Value {
+    json!({
+        "node_id": s.node_id,
+        "capacity_bytes": s.capacity_bytes,
+        "stored_bytes": s.stored_bytes,
+        "stored_blocks": s.stored_blocks,
+        "stored_raw_bytes": s.stored_raw_bytes,
+        "lookups": s.lookups,
+        "hits": s.hits,
+        "misses": s.misses,
+        "puts_stored": s.puts_stored,
+        "puts_present": s.puts_present,
+        "puts_rejected": s.puts_rejected,
+        "evictions": s.evictions,
+        "bytes_in": s.bytes_in,
+        "bytes_out": s.bytes_out,
+        "deletes": s.deletes,
+        "uptime_seconds": s.uptime_seconds,
+        "namespaces": s.namespaces.iter().map(|n| json!({
+            "namespace": hex::encode(&n.namespace), "blocks": n.blocks, "bytes": n.bytes, "hits": n.hits,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn status(c: &mut KvClient) -> anyhow::Result<()> {
+    let healthy = c.health().await.unwrap_or(false);
+    let info = c.cluster_info().await?;
+    let s = c.stats().await?;
+    println!("endpoint   {}", c.endpoint());
+    println!("health     {}", if healthy { "SERVING" } else { "NOT SERVING" });
+    println!("placement  {} (replicas {})", info.placement, info.replicas);
+    println!("{:<20} {:<22} {:<8}", "member", "grpc", "health");
+    for m in &info.members {
+        println!("{:<20} {:<22} {:<8}", m.node_id, m.grpc_addr, if m.healthy { "up" } else { "down" });
+    }
+    print_usage(&s);
+    Ok(())
+}
+
+fn print_usage(s: &pb::StatsResponse) {
+    use kvshare_core::size::format_size;
+    let pct = if s.capacity_bytes > 0 { 100.0 * s.stored_bytes as f64 / s.capacity_bytes as f64 } else { 0.0 };
+    println!(
+        "stored     {} of {} ({pct:.1}%), {} blocks, {} raw",
+        format_size(s.stored_bytes),
+        format_size(s.capacity_bytes),
+        s.stored_blocks,
+        format_size(s.stored_raw_bytes)
+    );
+    let total = s.hits + s.misses;
+    println!(
+        "traffic    {} lookups, {} hits / {} misses ({:.1}% hit), {} evictions, in {} out {}",
+        s.lookups,
+        s.hits,
+        s.misses,
+        if total > 0 { 100.0 * s.hits as f64 / total as f64 } else { 0.0 },
+        s.evictions,
+        format_size(s.bytes_in),
+        format_size(s.bytes_out)
+    );
+}
+
+async fn stats(c: &mut KvClient, as_json: bool) -> anyhow::Result<()> {
+    let s = c.stats().await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&stats_json(&s))?);
+    } else {
+        println!("node       {}", s.node_id);
+        print_usage(&s);
+    }
+    Ok(())
+}
+
+async fn lookup(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs) -> anyhow::Result<()> {
+    let ns = ns.namespace()?;
+    let tokens = tokens.tokens()?;
+    let r = c.lookup(&ns, &tokens).await?;
+    let tpb = ns.tokens_per_block();
+    println!(
+        "cached prefix: {} of {} blocks ({} of {} tokens)",
+        r.hit_blocks,
+        r.keys.len(),
+        r.hit_blocks * tpb,
+        tokens.len()
+    );
+    Ok(())
+}
+
+async fn put(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs, kv_file: &PathBuf) -> anyhow::Result<()> {
+    let ns = ns.namespace()?;
+    let tokens = tokens.tokens()?;
+    let data = std::fs::read(kv_file).with_context(|| format!("reading {}", kv_file.display()))?;
+    let bb = ns.layout.block_bytes() as usize;
+    if data.is_empty() || data.len() % bb != 0 {
+        bail!(
+            "{} has {} bytes; a block of this layout is {bb} bytes, so the file must hold a whole number of blocks",
+            kv_file.display(),
+            data.len()
+        );
+    }
+    let blocks: Vec<&[u8]> = data.chunks(bb).collect();
+    let report = c.put_prefix(&ns, &tokens, &blocks).await?;
+    for (i, o) in report.outcomes.iter().enumerate() {
+        let what = match &o.status {
+            PutStatus::Stored => "stored".to_string(),
+            PutStatus::AlreadyPresent => "already present".to_string(),
+            PutStatus::Rejected { code, reason } => format!("rejected ({code:?}): {reason}"),
+        };
+        println!("block {i:<4} {}  {what}", o.key);
+    }
+    println!(
+        "{} stored, {} already present; {} raw bytes sent as {} ({:.2}x)",
+        report.stored(),
+        report.already_present(),
+        report.raw_bytes,
+        report.wire_bytes,
+        report.raw_bytes as f64 / report.wire_bytes.max(1) as f64
+    );
+    Ok(())
+}
+
+async fn get(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs, out: &PathBuf) -> anyhow::Result<()> {
+    let ns = ns.namespace()?;
+    let tokens = tokens.tokens()?;
+    let blocks = c.get_prefix(&ns, &tokens).await?;
+    let data: Vec<u8> = blocks.concat();
+    std::fs::write(out, &data).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} verified blocks ({} tokens, {} bytes) to {}",
+        blocks.len(),
+        blocks.len() * ns.tokens_per_block(),
+        data.len(),
+        out.display()
+    );
+    Ok(())
+}
