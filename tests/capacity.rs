@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use kvshare_client::{ClientOptions, KvClient};
 use kvshare_core::{BlockStore, Codec, DType, EncodedBlock, Namespace};
-use kvshare_tests::{http_get, kv_blocks, kv_sample_bytes, minilm_layout, prompt_tokens, start_node};
+use kvshare_tests::{
+    http_get, kv_blocks, kv_sample_bytes, minilm_layout, prompt_tokens, start_node,
+};
 
 const CAPACITY: u64 = 8 << 20;
 const WRITERS: usize = 8;
@@ -42,11 +44,18 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
         let stop = stop.clone();
         let endpoint = node.endpoint();
         tokio::spawn(async move {
-            let mut c = KvClient::connect(&endpoint, ClientOptions::default()).await.expect("connect");
+            let mut c = KvClient::connect(&endpoint, ClientOptions::default())
+                .await
+                .expect("connect");
             let (mut samples, mut max) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 let s = c.stats().await.expect("stats");
-                assert!(s.stored_bytes <= s.capacity_bytes, "{} > {}", s.stored_bytes, s.capacity_bytes);
+                assert!(
+                    s.stored_bytes <= s.capacity_bytes,
+                    "{} > {}",
+                    s.stored_bytes,
+                    s.capacity_bytes
+                );
                 max = max.max(s.stored_bytes);
                 samples += 1;
             }
@@ -59,7 +68,10 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
         let endpoint = node.endpoint();
         let blocks = kv_blocks(&data, layout, blocks_per_writer, 5, w * 31);
         writers.push(tokio::spawn(async move {
-            let opts = ClientOptions { codec: Codec::None, ..Default::default() };
+            let opts = ClientOptions {
+                codec: Codec::None,
+                ..Default::default()
+            };
             let mut c = KvClient::connect(&endpoint, opts).await.expect("connect");
             let ns = Namespace::new(format!("writer-{w}"), layout);
             let tokens = prompt_tokens(blocks_per_writer * 4, w as u32);
@@ -74,7 +86,8 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
                         kvshare_client::PutItem {
                             key: keys[i],
                             parent: i.checked_sub(1).map(|p| keys[p]),
-                            block: EncodedBlock::encode(ns.digest(), layout, Codec::None, raw).expect("encode"),
+                            block: EncodedBlock::encode(ns.digest(), layout, Codec::None, raw)
+                                .expect("encode"),
                         }
                     })
                     .collect();
@@ -91,16 +104,23 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
     stop.store(true, Ordering::Relaxed);
     let (n1, max1) = s1.await.expect("sampler 1");
     let (n2, max2) = s2.await.expect("sampler 2");
-    println!("store sampler: {n1} samples, max {max1}; stats sampler: {n2} samples, max {max2}; capacity {CAPACITY}");
+    println!(
+        "store sampler: {n1} samples, max {max1}; stats sampler: {n2} samples, max {max2}; capacity {CAPACITY}"
+    );
     assert!(n1 > 1000 && n2 > 5, "samplers ran: {n1} {n2}");
     assert!(max1 <= CAPACITY && max2 <= CAPACITY);
 
     // The newest blocks of every writer are readable and intact.
-    let mut c = KvClient::connect(&node.endpoint(), ClientOptions::default()).await.expect("connect");
+    let mut c = KvClient::connect(&node.endpoint(), ClientOptions::default())
+        .await
+        .expect("connect");
     for (ns, tokens, blocks) in &written {
         let keys = ns.block_keys(tokens).expect("keys");
         let last = keys.len() - 1;
-        let got = c.get_blocks(&ns.digest(), &keys[last..]).await.expect("get");
+        let got = c
+            .get_blocks(&ns.digest(), &keys[last..])
+            .await
+            .expect("get");
         let block = got[0].as_ref().expect("newest block still stored");
         assert_eq!(&block.decode().expect("decode"), &blocks[last]);
     }
@@ -111,12 +131,22 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
     assert_eq!(s.puts_stored, pushed_blocks);
     assert_eq!(s.evictions, pushed_blocks - s.stored_blocks);
     assert_eq!(s.stored_bytes, s.stored_blocks * per_block);
-    assert_eq!(s.stored_blocks, CAPACITY / per_block, "a full store holds as many blocks as fit");
+    assert_eq!(
+        s.stored_blocks,
+        CAPACITY / per_block,
+        "a full store holds as many blocks as fit"
+    );
     let (_, metrics) = http_get(&node.http_addr.to_string(), "/metrics").await;
     assert!(
         metrics.contains(&format!("kvshare_evictions_total {}", s.evictions)),
         "metrics evictions match stats: {}",
-        metrics.lines().filter(|l| l.contains("evictions")).collect::<Vec<_>>().join(" | ")
+        metrics
+            .lines()
+            .filter(|l| l.contains("evictions"))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
-    node.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    node.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 }

@@ -20,8 +20,14 @@ async fn thousand_blocks_round_trip_through_every_codec_and_lookups_are_exact() 
         let ns = Namespace::new(format!("test-model-{codec}"), layout);
         let tokens = prompt_tokens(BLOCKS * TPB as usize + 3, ci as u32);
         // Small upload chunks too: every block spans several PutRequest messages.
-        let opts = ClientOptions { codec, chunk_size: 10_000, ..Default::default() };
-        let mut c = KvClient::connect(&node.endpoint(), opts).await.expect("connect");
+        let opts = ClientOptions {
+            codec,
+            chunk_size: 10_000,
+            ..Default::default()
+        };
+        let mut c = KvClient::connect(&node.endpoint(), opts)
+            .await
+            .expect("connect");
 
         assert_eq!(c.lookup(&ns, &tokens).await.expect("lookup").hit_blocks, 0);
         let report = c.put_prefix(&ns, &tokens, &blocks).await.expect("put");
@@ -33,7 +39,10 @@ async fn thousand_blocks_round_trip_through_every_codec_and_lookups_are_exact() 
             assert!(ratio > 1.12, "byteplane-zstd ratio on {dtype:?}: {ratio}");
         }
         // Immutable: a second put changes nothing.
-        let again = c.put_prefix(&ns, &tokens, &blocks[..10]).await.expect("put again");
+        let again = c
+            .put_prefix(&ns, &tokens, &blocks[..10])
+            .await
+            .expect("put again");
         assert_eq!(again.already_present(), 10);
 
         let back = c.get_prefix(&ns, &tokens).await.expect("get");
@@ -45,12 +54,18 @@ async fn thousand_blocks_round_trip_through_every_codec_and_lookups_are_exact() 
         // Exact longest prefix: identical prompt (plus a partial tail), divergence at block 0,
         // in the middle, near the end, and a longer prompt than stored.
         let tpb = TPB as usize;
-        assert_eq!(c.lookup(&ns, &tokens).await.expect("same").hit_blocks, BLOCKS);
+        assert_eq!(
+            c.lookup(&ns, &tokens).await.expect("same").hit_blocks,
+            BLOCKS
+        );
         for diverge_block in [0usize, 1, 500, 999] {
             let mut t = tokens.clone();
             t[diverge_block * tpb + 2] ^= 0x5555;
             let r = c.lookup(&ns, &t).await.expect("lookup");
-            assert_eq!(r.hit_blocks, diverge_block, "{codec}: diverge at block {diverge_block}");
+            assert_eq!(
+                r.hit_blocks, diverge_block,
+                "{codec}: diverge at block {diverge_block}"
+            );
         }
         let mut longer = tokens.clone();
         longer.extend(prompt_tokens(40, 99));
@@ -60,14 +75,19 @@ async fn thousand_blocks_round_trip_through_every_codec_and_lookups_are_exact() 
         assert_eq!(c.lookup(&ns, short).await.expect("short").hit_blocks, 37);
         // The same tokens in another namespace (other dtype) never match.
         let other = Namespace::new("another-model", layout);
-        assert_eq!(c.lookup(&other, &tokens).await.expect("other").hit_blocks, 0);
+        assert_eq!(
+            c.lookup(&other, &tokens).await.expect("other").hit_blocks,
+            0
+        );
     }
     let s = node.state.stats();
     assert_eq!(s.stored_blocks, 4 * BLOCKS as u64);
     assert_eq!(s.puts_stored, 4 * BLOCKS as u64);
     assert_eq!(s.puts_present, 40);
     assert_eq!(s.evictions, 0);
-    node.shutdown(std::time::Duration::from_secs(5)).await.expect("shutdown");
+    node.shutdown(std::time::Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,15 +98,25 @@ async fn get_reports_missing_keys_in_order_and_delete_removes() {
     let blocks = kv_blocks(&data, layout, 4, 16, 0);
     let ns = Namespace::new("m", layout);
     let tokens = prompt_tokens(64, 7);
-    let mut c = KvClient::connect(&node.endpoint(), ClientOptions::default()).await.expect("connect");
+    let mut c = KvClient::connect(&node.endpoint(), ClientOptions::default())
+        .await
+        .expect("connect");
     c.put_prefix(&ns, &tokens, &blocks[..2]).await.expect("put");
     let keys = ns.block_keys(&tokens).expect("keys");
-    let got = c.get_blocks(&ns.digest(), &[keys[3], keys[0], keys[2], keys[1]]).await.expect("get");
+    let got = c
+        .get_blocks(&ns.digest(), &[keys[3], keys[0], keys[2], keys[1]])
+        .await
+        .expect("get");
     let found: Vec<bool> = got.iter().map(Option::is_some).collect();
     assert_eq!(found, vec![false, true, false, true]);
-    assert_eq!(got[1].as_ref().map(|b| b.decode().expect("decode")), Some(blocks[0].clone()));
+    assert_eq!(
+        got[1].as_ref().map(|b| b.decode().expect("decode")),
+        Some(blocks[0].clone())
+    );
     assert_eq!(c.delete_keys(&ns.digest(), &keys).await.expect("delete"), 2);
     assert_eq!(c.lookup(&ns, &tokens).await.expect("lookup").hit_blocks, 0);
     assert!(c.health().await.expect("health"));
-    node.shutdown(std::time::Duration::from_secs(5)).await.expect("shutdown");
+    node.shutdown(std::time::Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 }

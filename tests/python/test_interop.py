@@ -205,14 +205,18 @@ def test_rejected_put_status_details(pb, stub):
     _, key, _, err = put_bad_checksum(pb2, stub)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    trailers = dict(err.trailing_metadata() or ())
-    assert "grpc-status-details-bin" in trailers, f"no status details; trailers: {list(trailers)}"
-    details = trailers["grpc-status-details-bin"]
-    assert isinstance(details, bytes)
+    # The standard google.rpc.Status in grpc-status-details-bin, read with grpcio-status,
+    # carrying the PutResponse packed in an Any.
+    from grpc_status import rpc_status
 
-    # kvshared puts the encoded PutResponse itself in grpc-status-details-bin (tonic's
-    # Status::with_details), not a google.rpc.Status wrapping it.
-    put_resp = pb2.PutResponse.FromString(details)
+    status = rpc_status.from_call(err)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    assert status.code == 3
+    assert "checksum" in status.message.lower(), status.message
+    anys = [d for d in status.details if d.Is(pb2.PutResponse.DESCRIPTOR)]
+    assert len(anys) == 1, [d.type_url for d in status.details]
+    put_resp = pb2.PutResponse()
+    anys[0].Unpack(put_resp)
     assert len(put_resp.outcomes) == 1
     o = put_resp.outcomes[0]
     assert o.key == key

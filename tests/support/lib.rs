@@ -15,7 +15,13 @@ pub fn repo_root() -> PathBuf {
 
 /// The all-MiniLM-L6-v2 layout of the sample K/V with `tokens_per_block` tokens per block.
 pub fn minilm_layout(dtype: DType, tokens_per_block: u32) -> KvLayout {
-    KvLayout { num_layers: 6, num_kv_heads: 12, head_dim: 32, dtype, tokens_per_block }
+    KvLayout {
+        num_layers: 6,
+        num_kv_heads: 12,
+        head_dim: 32,
+        dtype,
+        tokens_per_block,
+    }
 }
 
 /// Real K/V activations (256 tokens, `[layer][k,v][token][head][dim]`) from `tests/data`.
@@ -31,7 +37,13 @@ pub fn kv_sample_bytes(dtype: DType) -> Vec<u8> {
 
 /// `n` blocks of real K/V in block layout; block `i` holds the sample positions starting at
 /// `(i * stride + offset) % 256`.
-pub fn kv_blocks(data: &[u8], layout: KvLayout, n: usize, stride: usize, offset: usize) -> Vec<Vec<u8>> {
+pub fn kv_blocks(
+    data: &[u8],
+    layout: KvLayout,
+    n: usize,
+    stride: usize,
+    offset: usize,
+) -> Vec<Vec<u8>> {
     let sample = KvSample::new(data, layout).expect("sample layout");
     (0..n).map(|i| sample.block(i * stride + offset)).collect()
 }
@@ -40,7 +52,9 @@ pub fn kv_blocks(data: &[u8], layout: KvLayout, n: usize, stride: usize, offset:
 pub fn sample_tokens() -> Vec<u32> {
     let path = repo_root().join("tests/data/tokens-256.u32");
     let b = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// A prompt of `n` tokens: the sample's tokens, repeated with a per-repetition and per-`seed`
@@ -48,7 +62,11 @@ pub fn sample_tokens() -> Vec<u32> {
 pub fn prompt_tokens(n: usize, seed: u32) -> Vec<u32> {
     let base = sample_tokens();
     (0..n)
-        .map(|i| base[i % base.len()].wrapping_add((i / base.len()) as u32 * 40_000).wrapping_add(seed.wrapping_mul(1_000_003)))
+        .map(|i| {
+            base[i % base.len()]
+                .wrapping_add((i / base.len()) as u32 * 40_000)
+                .wrapping_add(seed.wrapping_mul(1_000_003))
+        })
         .collect()
 }
 
@@ -63,12 +81,21 @@ pub async fn start_node(capacity: u64, tweak: impl FnOnce(&mut ServerConfig)) ->
 /// `GET path` over plain HTTP/1.0 (no client library needed); returns status code and body.
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
     let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }

@@ -36,7 +36,11 @@ impl SchemeArgs {
                 python_hash_seed: self.hash_seed.clone(),
                 lora_name: self.lora_name.clone(),
                 cache_salt: self.cache_salt.clone(),
-                extra: self.extra_keys.iter().map(|s| CborValue::Text(s.clone())).collect(),
+                extra: self
+                    .extra_keys
+                    .iter()
+                    .map(|s| CborValue::Text(s.clone()))
+                    .collect(),
             })
         } else {
             KeyScheme::Chained
@@ -130,9 +134,16 @@ impl TokenArgs {
                 let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
                 if is_bin {
                     if data.len() % 4 != 0 {
-                        bail!("{} has {} bytes, not a whole number of u32 tokens", p.display(), data.len());
+                        bail!(
+                            "{} has {} bytes, not a whole number of u32 tokens",
+                            p.display(),
+                            data.len()
+                        );
                     }
-                    Ok(data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+                    Ok(data
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect())
                 } else {
                     parse_tokens(&String::from_utf8(data).context("token file is not UTF-8 text")?)
                 }
@@ -146,7 +157,10 @@ impl TokenArgs {
 pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
     s.split(|c: char| c == ',' || c.is_whitespace() || c == '[' || c == ']')
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("{t:?} is not a token id (0..=4294967295)")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("{t:?} is not a token id (0..=4294967295)"))
+        })
         .collect()
 }
 

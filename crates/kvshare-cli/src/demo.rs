@@ -59,7 +59,13 @@ struct Row {
 
 fn layout() -> KvLayout {
     // all-MiniLM-L6-v2: 6 layers, 12 heads of 32 dims; bf16; 16-token blocks (147,456 bytes).
-    KvLayout { num_layers: 6, num_kv_heads: 12, head_dim: 32, dtype: DType::BF16, tokens_per_block: 16 }
+    KvLayout {
+        num_layers: 6,
+        num_kv_heads: 12,
+        head_dim: 32,
+        dtype: DType::BF16,
+        tokens_per_block: 16,
+    }
 }
 
 /// A prompt: shared system prompt, one of a few documents, then a per-request question.
@@ -80,7 +86,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.grpc_addr = args.grpc_addr;
     config.http_addr = args.http_addr;
     config.node_id = Some("demo-node-0".into());
-    let node = kvshare_server::start(config).await.context("starting the embedded node")?;
+    let node = kvshare_server::start(config)
+        .await
+        .context("starting the embedded node")?;
     println!("kvshare demo: embedded node demo-node-0");
     println!("  gRPC     {}", node.endpoint());
     println!("  metrics  http://{}/metrics", node.http_addr);
@@ -90,17 +98,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.requests, args.workers
     );
 
-    let corpus: Vec<u32> = TOKENS.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let corpus: Vec<u32> = TOKENS
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let ns = Namespace::new("sentence-transformers/all-MiniLM-L6-v2 (demo)", layout());
     let sample = Arc::new(KvSample::new(KV_BF16, layout())?);
     let endpoint = node.endpoint();
     let workers = args.workers.max(1);
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (ns, sample, corpus, endpoint) = (ns.clone(), sample.clone(), corpus.clone(), endpoint.clone());
+        let (ns, sample, corpus, endpoint) =
+            (ns.clone(), sample.clone(), corpus.clone(), endpoint.clone());
         let requests: Vec<usize> = (0..args.requests).filter(|r| r % workers == w).collect();
         tasks.push(tokio::spawn(async move {
-            let mut client = KvClient::connect(&endpoint, ClientOptions { codec, ..Default::default() }).await?;
+            let mut client = KvClient::connect(
+                &endpoint,
+                ClientOptions {
+                    codec,
+                    ..Default::default()
+                },
+            )
+            .await?;
             let mut rows = Vec::new();
             for r in requests {
                 rows.push(serve(&mut client, &ns, &sample, &corpus, r, w).await?);
@@ -118,9 +137,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     println!(
         "{:>4} {:>6} {:>7} {:>7} {:>6} {:>11} {:>11} {:>6} {:>10} {:>9}",
-        "req", "worker", "prompt", "cached", "hit%", "fetched", "pushed", "ratio", "lookup ms", "fetch ms"
+        "req",
+        "worker",
+        "prompt",
+        "cached",
+        "hit%",
+        "fetched",
+        "pushed",
+        "ratio",
+        "lookup ms",
+        "fetch ms"
     );
-    let (mut prompt_total, mut cached_total, mut raw_in, mut wire_in, mut raw_out, mut wire_out) = (0, 0, 0, 0, 0, 0);
+    let (mut prompt_total, mut cached_total, mut raw_in, mut wire_in, mut raw_out, mut wire_out) =
+        (0, 0, 0, 0, 0, 0);
     for r in &rows {
         let ratio = (r.raw_in + r.raw_out) as f64 / (r.wire_in + r.wire_out).max(1) as f64;
         println!(
@@ -166,7 +195,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.evictions
     );
     if args.hold > 0 {
-        println!("\nholding the node for {} s: curl http://{}/api/stats", args.hold, node.http_addr);
+        println!(
+            "\nholding the node for {} s: curl http://{}/api/stats",
+            args.hold, node.http_addr
+        );
         tokio::time::sleep(Duration::from_secs(args.hold)).await;
     }
     node.shutdown(Duration::from_secs(5)).await?;
@@ -200,10 +232,18 @@ async fn serve(
     let tpb = ns.tokens_per_block();
     let mut items = Vec::new();
     for i in hit..lookup.keys.len() {
-        let start = if i < 4 { i * tpb } else { 64 + doc * 48 + (i - 4) * tpb + request * 7 };
+        let start = if i < 4 {
+            i * tpb
+        } else {
+            64 + doc * 48 + (i - 4) * tpb + request * 7
+        };
         let raw = sample.block(start);
         let block = EncodedBlock::encode(ns.digest(), ns.layout, client.options().codec, &raw)?;
-        items.push(PutItem { key: lookup.keys[i], parent: i.checked_sub(1).map(|p| lookup.keys[p]), block });
+        items.push(PutItem {
+            key: lookup.keys[i],
+            parent: i.checked_sub(1).map(|p| lookup.keys[p]),
+            block,
+        });
     }
     let report = client.put_blocks(items).await?;
     Ok(Row {

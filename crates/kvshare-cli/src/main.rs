@@ -16,10 +16,19 @@ use serde_json::json;
 use args::{NamespaceArgs, TokenArgs};
 
 #[derive(Debug, Parser)]
-#[command(name = "kvshare", version, about = "kvshare operator CLI: inspect nodes, hash prompts, move blocks, run the demo")]
+#[command(
+    name = "kvshare",
+    version,
+    about = "kvshare operator CLI: inspect nodes, hash prompts, move blocks, run the demo"
+)]
 struct Cli {
     /// gRPC endpoint of a kvshare node.
-    #[arg(long, global = true, env = "KVSHARE_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "KVSHARE_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
     endpoint: String,
     /// Deadline of each call, seconds.
     #[arg(long, global = true, default_value_t = 30)]
@@ -92,7 +101,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let opts = ClientOptions { timeout: Duration::from_secs(cli.timeout), ..ClientOptions::default() };
+    let opts = ClientOptions {
+        timeout: Duration::from_secs(cli.timeout),
+        ..ClientOptions::default()
+    };
     match cli.command {
         Command::Hash { ns, tokens, json } => hash(&ns, &tokens, json),
         Command::Demo(args) => demo::run(args).await,
@@ -102,9 +114,15 @@ async fn main() -> anyhow::Result<()> {
                 Command::Status => status(&mut c).await,
                 Command::Stats { json } => stats(&mut c, json).await,
                 Command::Lookup { ns, tokens } => lookup(&mut c, &ns, &tokens).await,
-                Command::Put { ns, tokens, kv_file, codec } => {
+                Command::Put {
+                    ns,
+                    tokens,
+                    kv_file,
+                    codec,
+                } => {
                     let codec = Codec::parse(&codec)?;
-                    let mut c = KvClient::connect(&cli.endpoint, ClientOptions { codec, ..opts }).await?;
+                    let mut c =
+                        KvClient::connect(&cli.endpoint, ClientOptions { codec, ..opts }).await?;
                     put(&mut c, &ns, &tokens, &kv_file).await
                 }
                 Command::Get { ns, tokens, out } => get(&mut c, &ns, &tokens, &out).await,
@@ -135,8 +153,21 @@ fn hash(ns: &NamespaceArgs, tokens: &TokenArgs, as_json: bool) -> anyhow::Result
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("scheme     {}", ns.scheme.name());
-        println!("root       {}  ({})", root, if matches!(ns.scheme, KeyScheme::Chained) { "namespace digest" } else { "none_hash" });
-        println!("tokens     {} ({} full blocks of {}; a partial tail is not hashed)", tokens.len(), keys.len(), ns.layout.tokens_per_block);
+        println!(
+            "root       {}  ({})",
+            root,
+            if matches!(ns.scheme, KeyScheme::Chained) {
+                "namespace digest"
+            } else {
+                "none_hash"
+            }
+        );
+        println!(
+            "tokens     {} ({} full blocks of {}; a partial tail is not hashed)",
+            tokens.len(),
+            keys.len(),
+            ns.layout.tokens_per_block
+        );
         for (i, k) in keys_hex.iter().enumerate() {
             println!("block {i:<4} {k}");
         }
@@ -173,11 +204,19 @@ async fn status(c: &mut KvClient) -> anyhow::Result<()> {
     let info = c.cluster_info().await?;
     let s = c.stats().await?;
     println!("endpoint   {}", c.endpoint());
-    println!("health     {}", if healthy { "SERVING" } else { "NOT SERVING" });
+    println!(
+        "health     {}",
+        if healthy { "SERVING" } else { "NOT SERVING" }
+    );
     println!("placement  {} (replicas {})", info.placement, info.replicas);
     println!("{:<20} {:<22} {:<8}", "member", "grpc", "health");
     for m in &info.members {
-        println!("{:<20} {:<22} {:<8}", m.node_id, m.grpc_addr, if m.healthy { "up" } else { "down" });
+        println!(
+            "{:<20} {:<22} {:<8}",
+            m.node_id,
+            m.grpc_addr,
+            if m.healthy { "up" } else { "down" }
+        );
     }
     print_usage(&s);
     Ok(())
@@ -185,7 +224,11 @@ async fn status(c: &mut KvClient) -> anyhow::Result<()> {
 
 fn print_usage(s: &pb::StatsResponse) {
     use kvshare_core::size::format_size;
-    let pct = if s.capacity_bytes > 0 { 100.0 * s.stored_bytes as f64 / s.capacity_bytes as f64 } else { 0.0 };
+    let pct = if s.capacity_bytes > 0 {
+        100.0 * s.stored_bytes as f64 / s.capacity_bytes as f64
+    } else {
+        0.0
+    };
     println!(
         "stored     {} of {} ({pct:.1}%), {} blocks, {} raw",
         format_size(s.stored_bytes),
@@ -199,7 +242,11 @@ fn print_usage(s: &pb::StatsResponse) {
         s.lookups,
         s.hits,
         s.misses,
-        if total > 0 { 100.0 * s.hits as f64 / total as f64 } else { 0.0 },
+        if total > 0 {
+            100.0 * s.hits as f64 / total as f64
+        } else {
+            0.0
+        },
         s.evictions,
         format_size(s.bytes_in),
         format_size(s.bytes_out)
@@ -232,7 +279,12 @@ async fn lookup(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs) -> any
     Ok(())
 }
 
-async fn put(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs, kv_file: &PathBuf) -> anyhow::Result<()> {
+async fn put(
+    c: &mut KvClient,
+    ns: &NamespaceArgs,
+    tokens: &TokenArgs,
+    kv_file: &PathBuf,
+) -> anyhow::Result<()> {
     let ns = ns.namespace()?;
     let tokens = tokens.tokens()?;
     let data = std::fs::read(kv_file).with_context(|| format!("reading {}", kv_file.display()))?;
@@ -265,7 +317,12 @@ async fn put(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs, kv_file: 
     Ok(())
 }
 
-async fn get(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs, out: &PathBuf) -> anyhow::Result<()> {
+async fn get(
+    c: &mut KvClient,
+    ns: &NamespaceArgs,
+    tokens: &TokenArgs,
+    out: &PathBuf,
+) -> anyhow::Result<()> {
     let ns = ns.namespace()?;
     let tokens = tokens.tokens()?;
     let blocks = c.get_prefix(&ns, &tokens).await?;

@@ -94,7 +94,10 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        ClientError::Rpc { code: s.code(), message: s.message().to_string() }
+        ClientError::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
     }
 }
 
@@ -163,11 +166,17 @@ pub struct PutReport {
 impl PutReport {
     /// Blocks newly stored.
     pub fn stored(&self) -> usize {
-        self.outcomes.iter().filter(|o| o.status == PutStatus::Stored).count()
+        self.outcomes
+            .iter()
+            .filter(|o| o.status == PutStatus::Stored)
+            .count()
     }
     /// Blocks that were already present.
     pub fn already_present(&self) -> usize {
-        self.outcomes.iter().filter(|o| o.status == PutStatus::AlreadyPresent).count()
+        self.outcomes
+            .iter()
+            .filter(|o| o.status == PutStatus::AlreadyPresent)
+            .count()
     }
 }
 
@@ -210,25 +219,37 @@ fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, ClientError> {
             code: tonic::Code::from_i32(o.code),
             reason: o.reason.clone(),
         },
-        _ => return Err(ClientError::Protocol(format!("unknown outcome status {}", o.status))),
+        _ => {
+            return Err(ClientError::Protocol(format!(
+                "unknown outcome status {}",
+                o.status
+            )));
+        }
     };
-    Ok(BlockOutcome { key, status, replicas: o.replicas })
+    Ok(BlockOutcome {
+        key,
+        status,
+        replicas: o.replicas,
+    })
 }
 
 impl KvClient {
     /// Connects to a node (`http://host:port`).
     pub async fn connect(endpoint: &str, opts: ClientOptions) -> Result<Self, ClientError> {
         let ep = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| ClientError::Connect { endpoint: endpoint.into(), reason: e.to_string() })?
+            .map_err(|e| ClientError::Connect {
+                endpoint: endpoint.into(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20));
-        let channel = ep
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: endpoint.into(), reason: format!("{e}: {e:?}") })?;
+        let channel = ep.connect().await.map_err(|e| ClientError::Connect {
+            endpoint: endpoint.into(),
+            reason: format!("{e}: {e:?}"),
+        })?;
         Ok(Self::from_channel(channel, endpoint, opts))
     }
 
@@ -261,17 +282,28 @@ impl KvClient {
     }
 
     /// Longest cached prefix of `tokens` in `ns`, in blocks.
-    pub async fn lookup(&mut self, ns: &Namespace, tokens: &[u32]) -> Result<PrefixLookup, ClientError> {
+    pub async fn lookup(
+        &mut self,
+        ns: &Namespace,
+        tokens: &[u32],
+    ) -> Result<PrefixLookup, ClientError> {
         let keys = ns.block_keys(tokens)?;
         if keys.is_empty() {
-            return Ok(PrefixLookup { keys, hit_blocks: 0 });
+            return Ok(PrefixLookup {
+                keys,
+                hit_blocks: 0,
+            });
         }
         let hit_blocks = self.lookup_keys(&ns.digest(), &keys).await?;
         Ok(PrefixLookup { keys, hit_blocks })
     }
 
     /// Number of leading `keys` present.
-    pub async fn lookup_keys(&mut self, namespace: &BlockKey, keys: &[BlockKey]) -> Result<usize, ClientError> {
+    pub async fn lookup_keys(
+        &mut self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<usize, ClientError> {
         let req = pb::LookupRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
             keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
@@ -279,7 +311,10 @@ impl KvClient {
         let resp = self.rpc.lookup(self.request(req)).await?.into_inner();
         let hit = resp.hit_blocks as usize;
         if hit > keys.len() {
-            return Err(ClientError::Protocol(format!("server reports {hit} hits for {} keys", keys.len())));
+            return Err(ClientError::Protocol(format!(
+                "server reports {hit} hits for {} keys",
+                keys.len()
+            )));
         }
         Ok(hit)
     }
@@ -306,7 +341,11 @@ impl KvClient {
         let mut items = Vec::with_capacity(blocks.len());
         for (i, raw) in blocks.iter().enumerate() {
             let block = EncodedBlock::encode(digest, ns.layout, self.opts.codec, raw.as_ref())?;
-            items.push(PutItem { key: keys[i], parent: i.checked_sub(1).map(|p| keys[p]), block });
+            items.push(PutItem {
+                key: keys[i],
+                parent: i.checked_sub(1).map(|p| keys[p]),
+                block,
+            });
         }
         self.put_blocks(items).await
     }
@@ -325,7 +364,10 @@ impl KvClient {
             raw_bytes += item.block.header.raw_len;
             wire_bytes += item.block.payload.len() as u64;
             let key = Bytes::copy_from_slice(&item.key.0);
-            let parent = item.parent.map(|p| Bytes::copy_from_slice(&p.0)).unwrap_or_default();
+            let parent = item
+                .parent
+                .map(|p| Bytes::copy_from_slice(&p.0))
+                .unwrap_or_default();
             let payload = &item.block.payload;
             let mut off = 0;
             loop {
@@ -334,7 +376,11 @@ impl KvClient {
                     key: key.clone(),
                     header: (off == 0).then(|| item.block.header.to_proto()),
                     data: payload.slice(off..end),
-                    parent_key: if off == 0 { parent.clone() } else { Bytes::new() },
+                    parent_key: if off == 0 {
+                        parent.clone()
+                    } else {
+                        Bytes::new()
+                    },
                 });
                 off = end;
                 if off >= payload.len() {
@@ -351,7 +397,11 @@ impl KvClient {
                     .iter()
                     .map(outcome_from_pb)
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(PutReport { outcomes, raw_bytes, wire_bytes })
+                Ok(PutReport {
+                    outcomes,
+                    raw_bytes,
+                    wire_bytes,
+                })
             }
             Err(status) => Err(rejection_from_status(status)),
         }
@@ -392,8 +442,12 @@ impl KvClient {
                     let h = msg.header.as_ref().ok_or_else(|| {
                         ClientError::Protocol(format!("first chunk of block {idx} has no header"))
                     })?;
-                    let header = BlockHeader::from_proto(h)
-                        .map_err(|source| ClientError::Corrupt { index: idx, key: keys[idx], source })?;
+                    let header =
+                        BlockHeader::from_proto(h).map_err(|source| ClientError::Corrupt {
+                            index: idx,
+                            key: keys[idx],
+                            source,
+                        })?;
                     (header, Vec::new(), 0)
                 }
             };
@@ -439,7 +493,11 @@ impl KvClient {
     /// Fetches, decodes and verifies the cached leading blocks of `tokens`: the raw K/V of
     /// blocks `0..n` where block `n` is the first one missing. A block that fails to decode or
     /// verify is an error ([`ClientError::Corrupt`]), never returned.
-    pub async fn get_prefix(&mut self, ns: &Namespace, tokens: &[u32]) -> Result<Vec<Vec<u8>>, ClientError> {
+    pub async fn get_prefix(
+        &mut self,
+        ns: &Namespace,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
         let keys = ns.block_keys(tokens)?;
         let digest = ns.digest();
         let blocks = self.get_blocks(&digest, &keys).await?;
@@ -450,39 +508,64 @@ impl KvClient {
                 return Err(ClientError::Corrupt {
                     index: i,
                     key: keys[i],
-                    source: CoreError::InvalidHeader("block header does not match the namespace".into()),
+                    source: CoreError::InvalidHeader(
+                        "block header does not match the namespace".into(),
+                    ),
                 });
             }
             let raw = decode_blocking(b)
                 .await
-                .map_err(|source| ClientError::Corrupt { index: i, key: keys[i], source })?;
+                .map_err(|source| ClientError::Corrupt {
+                    index: i,
+                    key: keys[i],
+                    source,
+                })?;
             out.push(raw);
         }
         Ok(out)
     }
 
     /// Deletes blocks; returns how many existed.
-    pub async fn delete_keys(&mut self, namespace: &BlockKey, keys: &[BlockKey]) -> Result<u32, ClientError> {
+    pub async fn delete_keys(
+        &mut self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<u32, ClientError> {
         let req = pb::DeleteRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
             keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
         };
-        Ok(self.rpc.delete(self.request(req)).await?.into_inner().deleted)
+        Ok(self
+            .rpc
+            .delete(self.request(req))
+            .await?
+            .into_inner()
+            .deleted)
     }
 
     /// The node's counters.
     pub async fn stats(&mut self) -> Result<pb::StatsResponse, ClientError> {
-        Ok(self.rpc.stats(self.request(pb::StatsRequest {})).await?.into_inner())
+        Ok(self
+            .rpc
+            .stats(self.request(pb::StatsRequest {}))
+            .await?
+            .into_inner())
     }
 
     /// Cluster membership as the node sees it.
     pub async fn cluster_info(&mut self) -> Result<pb::ClusterInfoResponse, ClientError> {
-        Ok(self.rpc.cluster_info(self.request(pb::ClusterInfoRequest {})).await?.into_inner())
+        Ok(self
+            .rpc
+            .cluster_info(self.request(pb::ClusterInfoRequest {}))
+            .await?
+            .into_inner())
     }
 
     /// Standard gRPC health check of the KvCache service; true when SERVING.
     pub async fn health(&mut self) -> Result<bool, ClientError> {
-        let req = tonic_health::pb::HealthCheckRequest { service: "kvshare.v1.KvCache".into() };
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: "kvshare.v1.KvCache".into(),
+        };
         let resp = self.health.check(self.request(req)).await?.into_inner();
         Ok(resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
     }
@@ -501,15 +584,29 @@ fn rejection_from_status(status: tonic::Status) -> ClientError {
     let Some(resp) = kvshare_proto::rpc::decode_put_details(status.details()) else {
         return status.into();
     };
-    let Ok(outcomes) = resp.outcomes.iter().map(outcome_from_pb).collect::<Result<Vec<_>, _>>() else {
+    let Ok(outcomes) = resp
+        .outcomes
+        .iter()
+        .map(outcome_from_pb)
+        .collect::<Result<Vec<_>, _>>()
+    else {
         return status.into();
     };
-    let first = outcomes.iter().enumerate().find_map(|(i, o)| match &o.status {
-        PutStatus::Rejected { code, reason } => Some((i, o.key, *code, reason.clone())),
-        _ => None,
-    });
+    let first = outcomes
+        .iter()
+        .enumerate()
+        .find_map(|(i, o)| match &o.status {
+            PutStatus::Rejected { code, reason } => Some((i, o.key, *code, reason.clone())),
+            _ => None,
+        });
     match first {
-        Some((index, key, code, reason)) => ClientError::Rejected { index, key, code, reason, outcomes },
+        Some((index, key, code, reason)) => ClientError::Rejected {
+            index,
+            key,
+            code,
+            reason,
+            outcomes,
+        },
         None => status.into(),
     }
 }

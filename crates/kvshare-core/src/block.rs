@@ -54,7 +54,9 @@ impl BlockHeader {
             )));
         }
         if p.payload_len == 0 {
-            return Err(CoreError::InvalidHeader("header.payload_len must be > 0".into()));
+            return Err(CoreError::InvalidHeader(
+                "header.payload_len must be > 0".into(),
+            ));
         }
         Ok(BlockHeader {
             namespace,
@@ -90,7 +92,12 @@ pub struct EncodedBlock {
 
 impl EncodedBlock {
     /// Encodes raw K/V bytes of one block.
-    pub fn encode(namespace: BlockKey, layout: KvLayout, codec: Codec, raw: &[u8]) -> Result<Self, CoreError> {
+    pub fn encode(
+        namespace: BlockKey,
+        layout: KvLayout,
+        codec: Codec,
+        raw: &[u8],
+    ) -> Result<Self, CoreError> {
         if raw.len() as u64 != layout.block_bytes() {
             return Err(CoreError::InvalidInput(format!(
                 "block has {} raw bytes but the layout needs {}",
@@ -121,10 +128,16 @@ impl EncodedBlock {
                 self.header.payload_len
             )));
         }
-        let raw = self.header.codec.decode(&self.payload, self.header.raw_len as usize)?;
+        let raw = self
+            .header
+            .codec
+            .decode(&self.payload, self.header.raw_len as usize)?;
         let actual = checksum(&raw);
         if actual != self.header.checksum {
-            return Err(CoreError::ChecksumMismatch { expected: self.header.checksum, actual });
+            return Err(CoreError::ChecksumMismatch {
+                expected: self.header.checksum,
+                actual,
+            });
         }
         Ok(raw)
     }
@@ -141,23 +154,38 @@ mod tests {
     use crate::layout::DType;
 
     fn layout() -> KvLayout {
-        KvLayout { num_layers: 2, num_kv_heads: 2, head_dim: 8, dtype: DType::F16, tokens_per_block: 4 }
+        KvLayout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 8,
+            dtype: DType::F16,
+            tokens_per_block: 4,
+        }
     }
 
     #[test]
     fn header_round_trips_and_validates() {
-        let raw: Vec<u8> = (0..layout().block_bytes()).map(|i| (i % 251) as u8).collect();
-        let b = EncodedBlock::encode(BlockKey([3; 32]), layout(), Codec::BytePlaneZstd, &raw).expect("enc");
+        let raw: Vec<u8> = (0..layout().block_bytes())
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let b = EncodedBlock::encode(BlockKey([3; 32]), layout(), Codec::BytePlaneZstd, &raw)
+            .expect("enc");
         let p = b.header.to_proto();
         assert_eq!(BlockHeader::from_proto(&p), Ok(b.header));
         assert_eq!(b.decode().expect("dec"), raw);
 
         let mut bad = p.clone();
         bad.raw_len += 1;
-        assert!(matches!(BlockHeader::from_proto(&bad), Err(CoreError::InvalidHeader(_))));
+        assert!(matches!(
+            BlockHeader::from_proto(&bad),
+            Err(CoreError::InvalidHeader(_))
+        ));
         let mut bad = p.clone();
         bad.codec = 9;
-        assert_eq!(BlockHeader::from_proto(&bad), Err(CoreError::UnknownCodec(9)));
+        assert_eq!(
+            BlockHeader::from_proto(&bad),
+            Err(CoreError::UnknownCodec(9))
+        );
         let mut bad = p;
         bad.namespace = Bytes::from_static(b"short");
         assert!(BlockHeader::from_proto(&bad).is_err());
@@ -166,8 +194,12 @@ mod tests {
     #[test]
     fn checksum_mismatch_is_reported() {
         let raw = vec![1u8; layout().block_bytes() as usize];
-        let mut b = EncodedBlock::encode(BlockKey([3; 32]), layout(), Codec::None, &raw).expect("enc");
+        let mut b =
+            EncodedBlock::encode(BlockKey([3; 32]), layout(), Codec::None, &raw).expect("enc");
         b.header.checksum ^= 1;
-        assert!(matches!(b.decode(), Err(CoreError::ChecksumMismatch { .. })));
+        assert!(matches!(
+            b.decode(),
+            Err(CoreError::ChecksumMismatch { .. })
+        ));
     }
 }

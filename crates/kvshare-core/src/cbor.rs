@@ -91,7 +91,10 @@ mod tests {
         assert_eq!(CborValue::Uint(23).encode(), [0x17]);
         assert_eq!(CborValue::Uint(24).encode(), [0x18, 0x18]);
         assert_eq!(CborValue::Uint(1000).encode(), [0x19, 0x03, 0xe8]);
-        assert_eq!(CborValue::Uint(1_000_000).encode(), [0x1a, 0x00, 0x0f, 0x42, 0x40]);
+        assert_eq!(
+            CborValue::Uint(1_000_000).encode(),
+            [0x1a, 0x00, 0x0f, 0x42, 0x40]
+        );
         assert_eq!(
             CborValue::Uint(1_000_000_000_000).encode(),
             [0x1b, 0x00, 0x00, 0x00, 0xe8, 0xd4, 0xa5, 0x10, 0x00]
@@ -99,7 +102,10 @@ mod tests {
         assert_eq!(CborValue::int(-1).encode(), [0x20]);
         assert_eq!(CborValue::int(-1000).encode(), [0x39, 0x03, 0xe7]);
         assert_eq!(CborValue::Text("a".into()).encode(), [0x61, 0x61]);
-        assert_eq!(CborValue::Bytes(vec![1, 2, 3, 4]).encode(), [0x44, 1, 2, 3, 4]);
+        assert_eq!(
+            CborValue::Bytes(vec![1, 2, 3, 4]).encode(),
+            [0x44, 1, 2, 3, 4]
+        );
         assert_eq!(
             CborValue::Array(vec![
                 CborValue::Uint(1),

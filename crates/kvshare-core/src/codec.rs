@@ -38,7 +38,12 @@ pub enum Codec {
 
 impl Codec {
     /// All codecs, in wire order.
-    pub const ALL: [Codec; 4] = [Codec::None, Codec::Lz4, Codec::BytePlaneLz4, Codec::BytePlaneZstd];
+    pub const ALL: [Codec; 4] = [
+        Codec::None,
+        Codec::Lz4,
+        Codec::BytePlaneLz4,
+        Codec::BytePlaneZstd,
+    ];
 
     /// Converts from the wire enum value.
     pub fn from_proto(v: i32) -> Result<Self, CoreError> {
@@ -76,9 +81,11 @@ impl Codec {
         Codec::ALL
             .into_iter()
             .find(|c| c.name() == s)
-            .ok_or_else(|| CoreError::InvalidInput(format!(
-                "unknown codec {s:?}; expected none, lz4, byteplane-lz4 or byteplane-zstd"
-            )))
+            .ok_or_else(|| {
+                CoreError::InvalidInput(format!(
+                    "unknown codec {s:?}; expected none, lz4, byteplane-lz4 or byteplane-zstd"
+                ))
+            })
     }
 
     /// Encodes `raw`. `width` is the element size in bytes (used by byte-plane codecs; 1..=8).
@@ -161,7 +168,9 @@ fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
     for (i, plane) in planes.iter().enumerate() {
         let compressed = match coder {
             PlaneCoder::Lz4 => Some((MODE_LZ4, lz4_flex::block::compress(plane))),
-            PlaneCoder::Zstd => zstd::bulk::compress(plane, ZSTD_LEVEL).ok().map(|c| (MODE_ZSTD, c)),
+            PlaneCoder::Zstd => zstd::bulk::compress(plane, ZSTD_LEVEL)
+                .ok()
+                .map(|c| (MODE_ZSTD, c)),
         };
         let (mode, data): (u8, &[u8]) = match &compressed {
             Some((m, c)) if c.len() < plane.len() => (*m, c),
@@ -215,7 +224,12 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
     for i in 0..width {
         let d = 2 + 5 * i;
         let mode = payload[d];
-        let len = u32::from_le_bytes([payload[d + 1], payload[d + 2], payload[d + 3], payload[d + 4]]) as usize;
+        let len = u32::from_le_bytes([
+            payload[d + 1],
+            payload[d + 2],
+            payload[d + 3],
+            payload[d + 4],
+        ]) as usize;
         let end = pos
             .checked_add(len)
             .filter(|&e| e <= payload.len() - tail_len)
@@ -224,7 +238,9 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
         match mode {
             MODE_RAW => {
                 if len != n {
-                    return Err(corrupt(format!("raw plane {i} has {len} bytes, expected {n}")));
+                    return Err(corrupt(format!(
+                        "raw plane {i} has {len} bytes, expected {n}"
+                    )));
                 }
                 plane.copy_from_slice(data);
             }
@@ -241,7 +257,9 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
                     .decompress_to_buffer(data, &mut plane[..])
                     .map_err(|e| corrupt(format!("zstd plane {i}: {e}")))?;
                 if got != n {
-                    return Err(corrupt(format!("zstd plane {i} decodes to {got} bytes, expected {n}")));
+                    return Err(corrupt(format!(
+                        "zstd plane {i} decodes to {got} bytes, expected {n}"
+                    )));
                 }
             }
             m => return Err(corrupt(format!("plane {i} has unknown mode {m}"))),
@@ -273,8 +291,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn kv_sample() -> Vec<u8> {
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/kv-bf16-256tok.bin"))
-            .expect("tests/data/kv-bf16-256tok.bin")
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/data/kv-bf16-256tok.bin"
+        ))
+        .expect("tests/data/kv-bf16-256tok.bin")
     }
 
     #[test]

@@ -10,13 +10,17 @@ pub enum CoreError {
     #[error("invalid key: {0}")]
     InvalidKey(String),
     /// The codec id is unknown.
-    #[error("unknown codec {0}; known codecs: 1 (none), 2 (lz4), 3 (byteplane-lz4), 4 (byteplane-zstd)")]
+    #[error(
+        "unknown codec {0}; known codecs: 1 (none), 2 (lz4), 3 (byteplane-lz4), 4 (byteplane-zstd)"
+    )]
     UnknownCodec(i32),
     /// An encoded payload is malformed or does not decode to the declared length.
     #[error("corrupt payload: {0}")]
     Corrupt(String),
     /// The raw bytes do not match the header checksum.
-    #[error("checksum mismatch: header says {expected:#018x}, decoded bytes hash to {actual:#018x}")]
+    #[error(
+        "checksum mismatch: header says {expected:#018x}, decoded bytes hash to {actual:#018x}"
+    )]
     ChecksumMismatch {
         /// Checksum in the header.
         expected: u64,

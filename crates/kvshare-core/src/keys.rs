@@ -35,8 +35,8 @@ impl BlockKey {
 
     /// Parses 64 hex digits.
     pub fn from_hex(s: &str) -> Result<Self, CoreError> {
-        let v = hex::decode(s.trim())
-            .map_err(|e| CoreError::InvalidKey(format!("not hex: {e}")))?;
+        let v =
+            hex::decode(s.trim()).map_err(|e| CoreError::InvalidKey(format!("not hex: {e}")))?;
         Self::from_slice(&v)
     }
 
@@ -144,10 +144,19 @@ pub fn chained_block_key(parent: &BlockKey, tokens: &[u32]) -> BlockKey {
 }
 
 /// Key of one block given its parent (vLLM `sha256_cbor` scheme).
-pub fn vllm_block_key(parent: &BlockKey, tokens: &[u32], extra: Option<Vec<CborValue>>) -> BlockKey {
+pub fn vllm_block_key(
+    parent: &BlockKey,
+    tokens: &[u32],
+    extra: Option<Vec<CborValue>>,
+) -> BlockKey {
     let item = CborValue::Array(vec![
         CborValue::Bytes(parent.0.to_vec()),
-        CborValue::Array(tokens.iter().map(|&t| CborValue::Uint(u64::from(t))).collect()),
+        CborValue::Array(
+            tokens
+                .iter()
+                .map(|&t| CborValue::Uint(u64::from(t)))
+                .collect(),
+        ),
         extra.map_or(CborValue::Null, CborValue::Array),
     ]);
     sha256(&item.encode())
@@ -164,7 +173,9 @@ pub fn block_keys(
     tokens_per_block: usize,
 ) -> Result<Vec<BlockKey>, CoreError> {
     if tokens_per_block == 0 {
-        return Err(CoreError::InvalidInput("tokens_per_block must be > 0".into()));
+        return Err(CoreError::InvalidInput(
+            "tokens_per_block must be > 0".into(),
+        ));
     }
     let mut keys = Vec::with_capacity(tokens.len() / tokens_per_block);
     match scheme {
@@ -212,7 +223,11 @@ mod tests {
         let v: Vectors = serde_json::from_str(text).expect("vectors parse");
         assert!(!v.cases.is_empty());
         for case in v.cases {
-            assert!(case.extra_keys.is_none(), "{}: extra keys not modelled here", case.name);
+            assert!(
+                case.extra_keys.is_none(),
+                "{}: extra keys not modelled here",
+                case.name
+            );
             let params = VllmHashParams {
                 python_hash_seed: case.pythonhashseed.clone(),
                 ..Default::default()
@@ -237,23 +252,44 @@ mod tests {
         let tokens: Vec<u32> = (0..32).collect();
         let keys = block_keys(&KeyScheme::Chained, &BlockKey([0; 32]), &tokens, 16).expect("hash");
         assert_eq!(keys.len(), 2);
-        assert_eq!(keys[0], chained_block_key(&BlockKey([0; 32]), &tokens[..16]));
+        assert_eq!(
+            keys[0],
+            chained_block_key(&BlockKey([0; 32]), &tokens[..16])
+        );
         assert_eq!(keys[1], chained_block_key(&keys[0], &tokens[16..]));
         assert_eq!(keys[0].to_hex(), CHAINED_VECTOR_0);
         assert_eq!(keys[1].to_hex(), CHAINED_VECTOR_1);
     }
 
-    const CHAINED_VECTOR_0: &str = "a841d401cab294cf85356f0c992cb370d3f8a391c87ee6a8e4683948232ce47d";
-    const CHAINED_VECTOR_1: &str = "f37724bb74b27d6aee8c424175eb01c28adc1f90cfc5ea28f120f663c3497d80";
+    const CHAINED_VECTOR_0: &str =
+        "a841d401cab294cf85356f0c992cb370d3f8a391c87ee6a8e4683948232ce47d";
+    const CHAINED_VECTOR_1: &str =
+        "f37724bb74b27d6aee8c424175eb01c28adc1f90cfc5ea28f120f663c3497d80";
 
     #[test]
     fn salt_changes_block_zero_and_thus_the_chain() {
         let tokens: Vec<u32> = (0..48).collect();
-        let plain = VllmHashParams { python_hash_seed: "0".into(), ..Default::default() };
-        let salted = VllmHashParams { cache_salt: Some("tenant-a".into()), ..plain.clone() };
+        let plain = VllmHashParams {
+            python_hash_seed: "0".into(),
+            ..Default::default()
+        };
+        let salted = VllmHashParams {
+            cache_salt: Some("tenant-a".into()),
+            ..plain.clone()
+        };
         assert_eq!(salted.extra_keys(1), None);
-        let a = block_keys(&KeyScheme::VllmSha256Cbor(plain), &BlockKey([0; 32]), &tokens, 16);
-        let b = block_keys(&KeyScheme::VllmSha256Cbor(salted), &BlockKey([0; 32]), &tokens, 16);
+        let a = block_keys(
+            &KeyScheme::VllmSha256Cbor(plain),
+            &BlockKey([0; 32]),
+            &tokens,
+            16,
+        );
+        let b = block_keys(
+            &KeyScheme::VllmSha256Cbor(salted),
+            &BlockKey([0; 32]),
+            &tokens,
+            16,
+        );
         let (a, b) = (a.expect("a"), b.expect("b"));
         assert!(a.iter().zip(&b).all(|(x, y)| x != y));
     }
@@ -268,9 +304,15 @@ mod tests {
         };
         assert_eq!(
             p.extra_keys(0),
-            Some(vec![CborValue::Text("adapter".into()), CborValue::Text("salt".into())])
+            Some(vec![
+                CborValue::Text("adapter".into()),
+                CborValue::Text("salt".into())
+            ])
         );
-        assert_eq!(p.extra_keys(3), Some(vec![CborValue::Text("adapter".into())]));
+        assert_eq!(
+            p.extra_keys(3),
+            Some(vec![CborValue::Text("adapter".into())])
+        );
     }
 
     proptest! {

@@ -125,7 +125,9 @@ impl KvLayout {
         ];
         for (name, v) in dims {
             if v == 0 {
-                return Err(CoreError::InvalidLayout(format!("layout.{name} must be > 0")));
+                return Err(CoreError::InvalidLayout(format!(
+                    "layout.{name} must be > 0"
+                )));
             }
         }
         if self.block_bytes() > MAX_LAYOUT_BLOCK_BYTES {

@@ -72,7 +72,12 @@ impl Namespace {
 
     /// Keys of every full block of `tokens` in this namespace.
     pub fn block_keys(&self, tokens: &[u32]) -> Result<Vec<BlockKey>, CoreError> {
-        block_keys(&self.scheme, &self.digest(), tokens, self.layout.tokens_per_block as usize)
+        block_keys(
+            &self.scheme,
+            &self.digest(),
+            tokens,
+            self.layout.tokens_per_block as usize,
+        )
     }
 
     /// Tokens per block.
@@ -89,7 +94,13 @@ mod tests {
     fn ns() -> Namespace {
         Namespace::new(
             "m",
-            KvLayout { num_layers: 2, num_kv_heads: 2, head_dim: 4, dtype: DType::F16, tokens_per_block: 4 },
+            KvLayout {
+                num_layers: 2,
+                num_kv_heads: 2,
+                head_dim: 4,
+                dtype: DType::F16,
+                tokens_per_block: 4,
+            },
         )
     }
 

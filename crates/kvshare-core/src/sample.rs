@@ -17,13 +17,17 @@ impl<'a> KvSample<'a> {
     /// Wraps `data`; its length must be a whole number of tokens of `layout`.
     pub fn new(data: &'a [u8], layout: KvLayout) -> Result<Self, CoreError> {
         let per_token = layout.token_bytes() as usize;
-        if per_token == 0 || data.len() % per_token != 0 {
+        if per_token == 0 || !data.len().is_multiple_of(per_token) {
             return Err(CoreError::InvalidInput(format!(
                 "sample of {} bytes is not a whole number of {per_token}-byte tokens",
                 data.len()
             )));
         }
-        Ok(KvSample { data, layout, tokens: data.len() / per_token })
+        Ok(KvSample {
+            data,
+            layout,
+            tokens: data.len() / per_token,
+        })
     }
 
     /// Positions in the sample.
@@ -56,7 +60,13 @@ mod tests {
 
     #[test]
     fn gathers_rows_per_layer_and_kv() {
-        let layout = KvLayout { num_layers: 2, num_kv_heads: 1, head_dim: 1, dtype: DType::U8, tokens_per_block: 2 };
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 1,
+            dtype: DType::U8,
+            tokens_per_block: 2,
+        };
         // 2 layers x 2 (k,v) x 3 tokens, one byte each.
         let data: Vec<u8> = (0..12).collect();
         let s = KvSample::new(&data, layout).expect("sample");

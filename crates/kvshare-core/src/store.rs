@@ -167,7 +167,10 @@ impl BlockStore {
     ) -> Result<InsertOutcome, CoreError> {
         let charge = Self::charge_of(&block);
         if charge > self.capacity {
-            return Err(CoreError::TooLarge { size: charge, limit: self.capacity });
+            return Err(CoreError::TooLarge {
+                size: charge,
+                limit: self.capacity,
+            });
         }
         let mut g = self.inner.lock();
         if g.map.promote(&key).then_some(()).is_some() || g.map.contains(&key) {
@@ -182,16 +185,30 @@ impl BlockStore {
         }
         if g.used + charge > self.capacity {
             // Unreachable while charge <= capacity (an empty store has room), kept as a guard.
-            return Err(CoreError::TooLarge { size: charge, limit: self.capacity - g.used });
+            return Err(CoreError::TooLarge {
+                size: charge,
+                limit: self.capacity - g.used,
+            });
         }
         let parent = parent.filter(|p| *p != key.key);
         if let Some(p) = parent
-            && let Some(pe) = g.map.peek_mut(&StoreKey { namespace: key.namespace, key: p })
+            && let Some(pe) = g.map.peek_mut(&StoreKey {
+                namespace: key.namespace,
+                key: p,
+            })
         {
             pe.children.push(key.key);
         }
         let raw = block.header.raw_len;
-        g.map.put(key, Entry { block, charge, parent, children: Vec::new() });
+        g.map.put(
+            key,
+            Entry {
+                block,
+                charge,
+                parent,
+                children: Vec::new(),
+            },
+        );
         g.used += charge;
         g.raw_bytes += raw;
         let ns = g.namespaces.entry(key.namespace).or_default();
@@ -203,12 +220,19 @@ impl BlockStore {
 
     /// Evicts one block: the least recently used, or the deepest stored descendant of it.
     fn evict_one(&self, g: &mut Inner) -> bool {
-        let Some((&lru_key, _)) = g.map.peek_lru() else { return false };
+        let Some((&lru_key, _)) = g.map.peek_lru() else {
+            return false;
+        };
         let mut victim = lru_key;
         for _ in 0..MAX_TAIL_WALK {
             let next = g.map.peek(&victim).and_then(|e| e.children.last().copied());
             match next {
-                Some(child) => victim = StoreKey { namespace: victim.namespace, key: child },
+                Some(child) => {
+                    victim = StoreKey {
+                        namespace: victim.namespace,
+                        key: child,
+                    }
+                }
                 None => break,
             }
         }
@@ -218,17 +242,25 @@ impl BlockStore {
     }
 
     fn remove_locked(&self, g: &mut Inner, key: &StoreKey) -> bool {
-        let Some(e) = g.map.pop(key) else { return false };
+        let Some(e) = g.map.pop(key) else {
+            return false;
+        };
         g.used -= e.charge;
         g.raw_bytes -= e.block.header.raw_len;
         if let Some(p) = e.parent
-            && let Some(pe) = g.map.peek_mut(&StoreKey { namespace: key.namespace, key: p })
+            && let Some(pe) = g.map.peek_mut(&StoreKey {
+                namespace: key.namespace,
+                key: p,
+            })
         {
             pe.children.retain(|c| *c != key.key);
         }
         // Orphaned children keep no pointer to a parent that is gone.
         for c in &e.children {
-            if let Some(ce) = g.map.peek_mut(&StoreKey { namespace: key.namespace, key: *c }) {
+            if let Some(ce) = g.map.peek_mut(&StoreKey {
+                namespace: key.namespace,
+                key: *c,
+            }) {
                 ce.parent = None;
             }
         }
@@ -260,7 +292,12 @@ impl BlockStore {
         let mut g = self.inner.lock();
         let hit = keys
             .iter()
-            .take_while(|k| g.map.contains(&StoreKey { namespace, key: **k }))
+            .take_while(|k| {
+                g.map.contains(&StoreKey {
+                    namespace,
+                    key: **k,
+                })
+            })
             .count();
         for k in keys[..hit].iter().rev() {
             g.map.promote(&StoreKey { namespace, key: *k });
@@ -272,7 +309,11 @@ impl BlockStore {
     }
 
     /// Fetches blocks, marking hits used (last key first, as for lookups). `None` marks a miss.
-    pub fn get_many(&self, namespace: BlockKey, keys: &[BlockKey]) -> Vec<Option<Arc<EncodedBlock>>> {
+    pub fn get_many(
+        &self,
+        namespace: BlockKey,
+        keys: &[BlockKey],
+    ) -> Vec<Option<Arc<EncodedBlock>>> {
         let mut g = self.inner.lock();
         let mut out = vec![None; keys.len()];
         let mut hits = 0;
@@ -326,13 +367,22 @@ mod tests {
     const NS: BlockKey = BlockKey([1; 32]);
 
     fn block(seed: u8) -> Arc<EncodedBlock> {
-        let layout = KvLayout { num_layers: 1, num_kv_heads: 1, head_dim: 372, dtype: DType::U8, tokens_per_block: 1 };
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 372,
+            dtype: DType::U8,
+            tokens_per_block: 1,
+        };
         let raw = vec![seed; 744];
         Arc::new(EncodedBlock::encode(NS, layout, Codec::None, &raw).expect("encode"))
     }
 
     fn key(i: u8) -> StoreKey {
-        StoreKey { namespace: NS, key: BlockKey([i; 32]) }
+        StoreKey {
+            namespace: NS,
+            key: BlockKey([i; 32]),
+        }
     }
 
     // Each test block is charged 744 + 256 = 1000 bytes.
@@ -340,21 +390,33 @@ mod tests {
     fn evicts_least_recently_used_and_respects_capacity() {
         let s = BlockStore::new(3_000);
         for i in 0..3 {
-            assert_eq!(s.insert(key(i), None, block(i)), Ok(InsertOutcome::Stored { evicted: 0 }));
+            assert_eq!(
+                s.insert(key(i), None, block(i)),
+                Ok(InsertOutcome::Stored { evicted: 0 })
+            );
         }
         assert!(s.get(&key(0)).is_some()); // 0 is now most recent; 1 is LRU
-        assert_eq!(s.insert(key(3), None, block(3)), Ok(InsertOutcome::Stored { evicted: 1 }));
+        assert_eq!(
+            s.insert(key(3), None, block(3)),
+            Ok(InsertOutcome::Stored { evicted: 1 })
+        );
         assert!(!s.contains(&key(1)));
         assert!(s.contains(&key(0)));
         assert_eq!(s.used_bytes(), 3_000);
         assert_eq!(s.evictions(), 1);
-        assert_eq!(s.insert(key(3), None, block(3)), Ok(InsertOutcome::AlreadyPresent));
+        assert_eq!(
+            s.insert(key(3), None, block(3)),
+            Ok(InsertOutcome::AlreadyPresent)
+        );
     }
 
     #[test]
     fn too_large_is_rejected() {
         let s = BlockStore::new(999);
-        assert!(matches!(s.insert(key(0), None, block(0)), Err(CoreError::TooLarge { .. })));
+        assert!(matches!(
+            s.insert(key(0), None, block(0)),
+            Err(CoreError::TooLarge { .. })
+        ));
         assert_eq!(s.used_bytes(), 0);
     }
 
@@ -386,7 +448,11 @@ mod tests {
         let keys: Vec<BlockKey> = [0u8, 1, 2, 7, 3].iter().map(|i| key(*i).key).collect();
         assert_eq!(s.lookup_prefix(NS, &keys), 3);
         assert_eq!(s.lookup_prefix(NS, &keys[3..]), 0);
-        assert_eq!(s.lookup_prefix(BlockKey([2; 32]), &keys), 0, "other namespace");
+        assert_eq!(
+            s.lookup_prefix(BlockKey([2; 32]), &keys),
+            0,
+            "other namespace"
+        );
         let order = s.keys_lru_order();
         // 3 was not touched; then tail-first promotion leaves 0 most recent.
         assert_eq!(order.last(), Some(&key(0)));
@@ -424,7 +490,10 @@ mod tests {
                     for i in 0..2_000u32 {
                         let mut k = [t; 32];
                         k[..4].copy_from_slice(&i.to_le_bytes());
-                        let sk = StoreKey { namespace: NS, key: BlockKey(k) };
+                        let sk = StoreKey {
+                            namespace: NS,
+                            key: BlockKey(k),
+                        };
                         s.insert(sk, None, block(t)).expect("insert");
                     }
                 })

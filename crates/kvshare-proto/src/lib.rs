@@ -66,7 +66,11 @@ pub mod rpc {
         #[test]
         fn put_details_round_trip() {
             let resp = crate::v1::PutResponse {
-                outcomes: vec![crate::v1::BlockOutcome { code: 3, reason: "x".into(), ..Default::default() }],
+                outcomes: vec![crate::v1::BlockOutcome {
+                    code: 3,
+                    reason: "x".into(),
+                    ..Default::default()
+                }],
             };
             let d = encode_put_details(3, "m", &resp);
             assert_eq!(decode_put_details(&d), Some(resp));

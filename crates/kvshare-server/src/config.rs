@@ -12,7 +12,11 @@ fn size_arg(s: &str) -> Result<u64, String> {
 
 /// Configuration of one cache node (`kvshared --help` lists every flag).
 #[derive(Debug, Clone, Parser)]
-#[command(name = "kvshared", version, about = "kvshare cache node: a gRPC KV-cache block store with a hard memory cap")]
+#[command(
+    name = "kvshared",
+    version,
+    about = "kvshare cache node: a gRPC KV-cache block store with a hard memory cap"
+)]
 pub struct ServerConfig {
     /// Stable node id (defaults to the host name; on Kubernetes, the pod name).
     #[arg(long, env = "KVSHARE_NODE_ID")]
@@ -84,7 +88,12 @@ impl ServerConfig {
         self.node_id
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            })
             .unwrap_or_else(|| "kvshare-node".into())
     }
 }
@@ -95,7 +104,14 @@ mod tests {
 
     #[test]
     fn flags_parse() {
-        let c = ServerConfig::try_parse_from(["kvshared", "--capacity", "8GiB", "--max-block-size", "4MiB"]).expect("parse");
+        let c = ServerConfig::try_parse_from([
+            "kvshared",
+            "--capacity",
+            "8GiB",
+            "--max-block-size",
+            "4MiB",
+        ])
+        .expect("parse");
         assert_eq!(c.capacity, 8 << 30);
         assert_eq!(c.max_block_size, 4 << 20);
         assert!(ServerConfig::try_parse_from(["kvshared", "--capacity", "lots"]).is_err());

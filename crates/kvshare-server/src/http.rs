@@ -86,8 +86,16 @@ impl StatsJson {
         let payload = s.stored_payload_bytes;
         let lookups_total = s.hits + s.misses;
         StatsJson {
-            compression_ratio: if payload > 0 { s.stored_raw_bytes as f64 / payload as f64 } else { 0.0 },
-            hit_rate: if lookups_total > 0 { s.hits as f64 / lookups_total as f64 } else { 0.0 },
+            compression_ratio: if payload > 0 {
+                s.stored_raw_bytes as f64 / payload as f64
+            } else {
+                0.0
+            },
+            hit_rate: if lookups_total > 0 {
+                s.hits as f64 / lookups_total as f64
+            } else {
+                0.0
+            },
             node_id: s.node_id,
             capacity_bytes: s.capacity_bytes,
             stored_bytes: s.stored_bytes,
@@ -128,7 +136,10 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
     m.stored_raw_bytes.set(s.raw_bytes as i64);
     m.capacity_bytes.set(s.capacity_bytes as i64);
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         m.encode(),
     )
 }

@@ -110,10 +110,16 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     }
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
-        .map_err(|source| ServerError::Bind { addr: config.grpc_addr, source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
     let http_listener = TcpListener::bind(config.http_addr)
         .await
-        .map_err(|source| ServerError::Bind { addr: config.http_addr, source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let node_id = config.resolved_node_id();
@@ -124,7 +130,9 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         store: BlockStore::new(config.capacity),
         metrics: metrics::Metrics::new(),
         max_block_size: config.max_block_size,
-        get_chunk_size: config.get_chunk_size.clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64) as usize,
+        get_chunk_size: config
+            .get_chunk_size
+            .clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64) as usize,
         max_keys: config.max_keys.max(1),
         grpc_addr: grpc_addr.to_string(),
         http_addr: http_addr.to_string(),
@@ -161,11 +169,16 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
             .add_service(kv)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
                 let _ = grpc_rx.wait_for(|v| *v).await;
-                reporter.set_not_serving::<KvCacheServer<KvCacheService>>().await;
+                reporter
+                    .set_not_serving::<KvCacheServer<KvCacheService>>()
+                    .await;
             }),
     );
     let mut http_rx = shutdown_rx;
-    let app = http::router(http::HttpState { node: state.clone(), ready: ready.clone() });
+    let app = http::router(http::HttpState {
+        node: state.clone(),
+        ready: ready.clone(),
+    });
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {
@@ -179,5 +192,13 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         std::fs::write(path, body.to_string())?;
     }
     info!(%node_id, grpc = %grpc_addr, http = %http_addr, capacity = config.capacity, "kvshare node listening");
-    Ok(NodeHandle { grpc_addr, http_addr, state, shutdown: shutdown_tx, grpc_task, http_task, ready })
+    Ok(NodeHandle {
+        grpc_addr,
+        http_addr,
+        state,
+        shutdown: shutdown_tx,
+        grpc_task,
+        http_task,
+        ready,
+    })
 }

@@ -13,12 +13,17 @@ async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log_level)
         .with_context(|| format!("invalid --log-level {:?}", config.log_level))?;
     if config.log_format == "json" {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let drain = Duration::from_secs(config.drain_seconds);
-    let node = kvshare_server::start(config).await.context("starting kvshared")?;
+    let node = kvshare_server::start(config)
+        .await
+        .context("starting kvshared")?;
     wait_for_signal().await?;
     tracing::info!("shutdown requested; draining in-flight requests");
     node.shutdown(drain).await.context("shutting down")?;

@@ -114,18 +114,62 @@ impl Metrics {
         };
         registry.register("lookups", "Lookup RPCs served", m.lookups.clone());
         registry.register("hits", "Blocks found by lookups and gets", m.hits.clone());
-        registry.register("misses", "Blocks not found by lookups (first miss) and gets", m.misses.clone());
-        registry.register("put_blocks", "Blocks received by Put, by outcome", m.puts.clone());
-        registry.register("received_bytes", "Encoded payload bytes received by Put", m.received_bytes.clone());
-        registry.register("sent_bytes", "Encoded payload bytes sent by Get", m.sent_bytes.clone());
-        registry.register("deleted_blocks", "Blocks removed by Delete", m.deletes.clone());
-        registry.register("rpcs", "RPCs handled, by method and gRPC status code", m.rpcs.clone());
-        registry.register("rpc_duration_seconds", "RPC handling time", m.rpc_duration.clone());
-        registry.register("evictions", "Blocks evicted to stay under capacity", m.evictions.clone());
-        registry.register("stored_bytes", "Bytes stored (payload plus index overhead)", m.stored_bytes.clone());
+        registry.register(
+            "misses",
+            "Blocks not found by lookups (first miss) and gets",
+            m.misses.clone(),
+        );
+        registry.register(
+            "put_blocks",
+            "Blocks received by Put, by outcome",
+            m.puts.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Encoded payload bytes received by Put",
+            m.received_bytes.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Encoded payload bytes sent by Get",
+            m.sent_bytes.clone(),
+        );
+        registry.register(
+            "deleted_blocks",
+            "Blocks removed by Delete",
+            m.deletes.clone(),
+        );
+        registry.register(
+            "rpcs",
+            "RPCs handled, by method and gRPC status code",
+            m.rpcs.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "RPC handling time",
+            m.rpc_duration.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Blocks evicted to stay under capacity",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "stored_bytes",
+            "Bytes stored (payload plus index overhead)",
+            m.stored_bytes.clone(),
+        );
         registry.register("stored_blocks", "Blocks stored", m.stored_blocks.clone());
-        registry.register("stored_raw_bytes", "Raw bytes the stored blocks decode to", m.stored_raw_bytes.clone());
-        registry.register("capacity_bytes", "Configured capacity in bytes", m.capacity_bytes.clone());
+        registry.register(
+            "stored_raw_bytes",
+            "Raw bytes the stored blocks decode to",
+            m.stored_raw_bytes.clone(),
+        );
+        registry.register(
+            "capacity_bytes",
+            "Configured capacity in bytes",
+            m.capacity_bytes.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -139,9 +183,14 @@ impl Metrics {
 
     /// Records one finished RPC.
     pub fn observe_rpc(&self, method: Method, code: tonic::Code, seconds: f64) {
-        self.rpc_duration.get_or_create(&MethodLabels { method }).observe(seconds);
+        self.rpc_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(seconds);
         self.rpcs
-            .get_or_create(&RpcLabels { method, code: format!("{code:?}") })
+            .get_or_create(&RpcLabels {
+                method,
+                code: format!("{code:?}"),
+            })
             .inc();
     }
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use kvshare_core::{BlockHeader, BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey};
+use kvshare_core::{
+    BlockHeader, BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey,
+};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -67,7 +69,9 @@ fn parse_namespace(b: &[u8]) -> Result<BlockKey, Status> {
 
 fn parse_keys(keys: &[Bytes], max: usize) -> Result<Vec<BlockKey>, Status> {
     if keys.is_empty() {
-        return Err(Status::invalid_argument("keys is empty: send at least one 32-byte block key"));
+        return Err(Status::invalid_argument(
+            "keys is empty: send at least one 32-byte block key",
+        ));
     }
     if keys.len() > max {
         return Err(Status::invalid_argument(format!(
@@ -79,7 +83,10 @@ fn parse_keys(keys: &[Bytes], max: usize) -> Result<Vec<BlockKey>, Status> {
         .enumerate()
         .map(|(i, k)| {
             BlockKey::from_slice(k).map_err(|_| {
-                Status::invalid_argument(format!("keys[{i}] must be 32 bytes, got {} bytes", k.len()))
+                Status::invalid_argument(format!(
+                    "keys[{i}] must be 32 bytes, got {} bytes",
+                    k.len()
+                ))
             })
         })
         .collect()
@@ -136,7 +143,11 @@ impl PutRun {
     fn reject(&mut self, index: usize, key: &BlockKey, code: Code, reason: String) {
         debug!(block = index, key = %short(key), ?code, %reason, "put rejected");
         if self.first_rejection.is_none() {
-            self.first_rejection = Some((index, code, format!("block {index} (key {}): {reason}", short(key))));
+            self.first_rejection = Some((
+                index,
+                code,
+                format!("block {index} (key {}): {reason}", short(key)),
+            ));
         }
         self.outcomes.push(pb::BlockOutcome {
             key: Bytes::copy_from_slice(&key.0),
@@ -155,13 +166,17 @@ impl PutRun {
             .filter(|o| o.status != OutcomeStatus::Rejected as i32)
             .count();
         let total = self.outcomes.len();
-        let resp = pb::PutResponse { outcomes: self.outcomes };
+        let resp = pb::PutResponse {
+            outcomes: self.outcomes,
+        };
         let (code, msg) = match (stream_error, self.first_rejection) {
             (Some(s), _) => (s.code(), s.message().to_string()),
             (None, Some((_, code, msg))) => (code, msg),
             (None, None) => return Ok(resp),
         };
-        let msg = format!("{msg} ({stored} of {total} completed blocks accepted; details carry every outcome)");
+        let msg = format!(
+            "{msg} ({stored} of {total} completed blocks accepted; details carry every outcome)"
+        );
         let details = kvshare_proto::rpc::encode_put_details(code as i32, &msg, &resp);
         Err(Status::with_details(code, msg, Bytes::from(details)))
     }
@@ -197,16 +212,22 @@ impl NodeState {
             rejected: false,
             _permit: None,
         };
-        let parsed = BlockHeader::from_proto(header_pb).map_err(|e| (core_to_status(&e), e.to_string()));
+        let parsed =
+            BlockHeader::from_proto(header_pb).map_err(|e| (core_to_status(&e), e.to_string()));
         let parent = if msg.parent_key.is_empty() {
             Ok(None)
         } else {
-            BlockKey::from_slice(&msg.parent_key).map(Some).map_err(|_| {
-                (
-                    Code::InvalidArgument,
-                    format!("parent_key must be empty or 32 bytes, got {} bytes", msg.parent_key.len()),
-                )
-            })
+            BlockKey::from_slice(&msg.parent_key)
+                .map(Some)
+                .map_err(|_| {
+                    (
+                        Code::InvalidArgument,
+                        format!(
+                            "parent_key must be empty or 32 bytes, got {} bytes",
+                            msg.parent_key.len()
+                        ),
+                    )
+                })
         };
         match parsed.and_then(|h| parent.map(|par| (h, par))) {
             Ok((h, par)) => {
@@ -220,7 +241,12 @@ impl NodeState {
                         format!("block {index} (key {}): {reason}", short(&key)),
                     ));
                 }
-                self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::rejected }).inc();
+                self.metrics
+                    .puts
+                    .get_or_create(&PutLabels {
+                        outcome: PutOutcome::rejected,
+                    })
+                    .inc();
                 run.reject(index, &key, code, reason);
                 p.rejected = true;
             }
@@ -262,18 +288,21 @@ impl NodeState {
         }
         // Budget for the buffered payload plus the decode buffer used to verify it.
         let kib = ((h.payload_len + h.raw_len) / 1024 + 1).min(u64::from(self.inflight_kib)) as u32;
-        let permit = tokio::time::timeout(self.put_wait, self.inflight.clone().acquire_many_owned(kib))
-            .await
-            .map_err(|_| {
-                (
-                    Code::ResourceExhausted,
-                    format!(
-                        "node busy: more than {} KiB of uploads in flight for {:?}; retry later",
-                        self.inflight_kib, self.put_wait
-                    ),
-                )
-            })?
-            .map_err(|_| (Code::Unavailable, "node is shutting down".to_string()))?;
+        let permit = tokio::time::timeout(
+            self.put_wait,
+            self.inflight.clone().acquire_many_owned(kib),
+        )
+        .await
+        .map_err(|_| {
+            (
+                Code::ResourceExhausted,
+                format!(
+                    "node busy: more than {} KiB of uploads in flight for {:?}; retry later",
+                    self.inflight_kib, self.put_wait
+                ),
+            )
+        })?
+        .map_err(|_| (Code::Unavailable, "node is shutting down".to_string()))?;
         p._permit = Some(permit);
         Ok(())
     }
@@ -281,9 +310,17 @@ impl NodeState {
     /// Verifies and stores a complete block.
     async fn complete(self: &Arc<Self>, p: PendingBlock, run: &mut PutRun) {
         let Some(header) = p.header else { return };
-        let sk = StoreKey { namespace: header.namespace, key: p.key };
+        let sk = StoreKey {
+            namespace: header.namespace,
+            key: p.key,
+        };
         if self.store.contains(&sk) {
-            self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::already_present }).inc();
+            self.metrics
+                .puts
+                .get_or_create(&PutLabels {
+                    outcome: PutOutcome::already_present,
+                })
+                .inc();
             run.outcome(&p.key, OutcomeStatus::AlreadyPresent);
             return;
         }
@@ -306,29 +343,55 @@ impl NodeState {
             Err(e) => Err(CoreError::Corrupt(format!("verification task failed: {e}"))),
         };
         if let Err(e) = verified {
-            self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::rejected }).inc();
+            self.metrics
+                .puts
+                .get_or_create(&PutLabels {
+                    outcome: PutOutcome::rejected,
+                })
+                .inc();
             run.reject(p.index, &p.key, core_to_status(&e), e.to_string());
             return;
         }
         match self.store.insert(sk, p.parent, block) {
             Ok(InsertOutcome::Stored { evicted }) => {
                 self.metrics.evictions.inc_by(evicted);
-                self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::stored }).inc();
+                self.metrics
+                    .puts
+                    .get_or_create(&PutLabels {
+                        outcome: PutOutcome::stored,
+                    })
+                    .inc();
                 run.outcome(&p.key, OutcomeStatus::Stored);
             }
             Ok(InsertOutcome::AlreadyPresent) => {
-                self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::already_present }).inc();
+                self.metrics
+                    .puts
+                    .get_or_create(&PutLabels {
+                        outcome: PutOutcome::already_present,
+                    })
+                    .inc();
                 run.outcome(&p.key, OutcomeStatus::AlreadyPresent);
             }
             Err(e) => {
-                self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::rejected }).inc();
+                self.metrics
+                    .puts
+                    .get_or_create(&PutLabels {
+                        outcome: PutOutcome::rejected,
+                    })
+                    .inc();
                 run.reject(p.index, &p.key, core_to_status(&e), e.to_string());
             }
         }
     }
 
-    async fn put_stream(self: &Arc<Self>, mut stream: Streaming<pb::PutRequest>) -> Result<PutResponse, Status> {
-        let mut run = PutRun { outcomes: Vec::new(), first_rejection: None };
+    async fn put_stream(
+        self: &Arc<Self>,
+        mut stream: Streaming<pb::PutRequest>,
+    ) -> Result<PutResponse, Status> {
+        let mut run = PutRun {
+            outcomes: Vec::new(),
+            first_rejection: None,
+        };
         let mut pending: Option<PendingBlock> = None;
         let mut blocks = 0usize;
         loop {
@@ -374,7 +437,12 @@ impl NodeState {
                     if p.rejected {
                         // Already reported by start_block.
                     } else if let Err((code, reason)) = self.admit(&mut p).await {
-                        self.metrics.puts.get_or_create(&PutLabels { outcome: PutOutcome::rejected }).inc();
+                        self.metrics
+                            .puts
+                            .get_or_create(&PutLabels {
+                                outcome: PutOutcome::rejected,
+                            })
+                            .inc();
                         run.reject(p.index, &p.key, code, reason);
                         p.rejected = true;
                     }
@@ -458,9 +526,16 @@ impl NodeState {
     }
 }
 
-fn finish<T>(state: &NodeState, method: Method, t0: Instant, r: Result<T, Status>) -> Result<T, Status> {
+fn finish<T>(
+    state: &NodeState,
+    method: Method,
+    t0: Instant,
+    r: Result<T, Status>,
+) -> Result<T, Status> {
     let code = r.as_ref().err().map_or(Code::Ok, Status::code);
-    state.metrics.observe_rpc(method, code, t0.elapsed().as_secs_f64());
+    state
+        .metrics
+        .observe_rpc(method, code, t0.elapsed().as_secs_f64());
     r
 }
 
@@ -469,7 +544,10 @@ pub type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetResponse, Status>> 
 
 #[tonic::async_trait]
 impl pb::kv_cache_server::KvCache for KvCacheService {
-    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
+    async fn lookup(
+        &self,
+        request: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
         let t0 = Instant::now();
         let s = &self.state;
         let r = (|| {
@@ -484,21 +562,35 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
             }
             Ok(Response::new(pb::LookupResponse {
                 hit_blocks: hit as u32,
-                nodes: if hit > 0 { vec![s.node_id.clone()] } else { vec![] },
+                nodes: if hit > 0 {
+                    vec![s.node_id.clone()]
+                } else {
+                    vec![]
+                },
             }))
         })();
         finish(s, Method::lookup, t0, r)
     }
 
-    async fn put(&self, request: Request<Streaming<pb::PutRequest>>) -> Result<Response<pb::PutResponse>, Status> {
+    async fn put(
+        &self,
+        request: Request<Streaming<pb::PutRequest>>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
         let t0 = Instant::now();
-        let r = self.state.put_stream(request.into_inner()).await.map(Response::new);
+        let r = self
+            .state
+            .put_stream(request.into_inner())
+            .await
+            .map(Response::new);
         finish(&self.state, Method::put, t0, r)
     }
 
     type GetStream = GetStream;
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
         let t0 = Instant::now();
         let s = &self.state;
         let r = (|| {
@@ -553,7 +645,10 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         finish(s, Method::get, t0, r)
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let t0 = Instant::now();
         let s = &self.state;
         let r = (|| {
@@ -562,15 +657,25 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
             let keys = parse_keys(&req.keys, s.max_keys)?;
             let deleted = keys
                 .iter()
-                .filter(|k| s.store.remove(&StoreKey { namespace: ns, key: **k }))
+                .filter(|k| {
+                    s.store.remove(&StoreKey {
+                        namespace: ns,
+                        key: **k,
+                    })
+                })
                 .count();
             s.metrics.deletes.inc_by(deleted as u64);
-            Ok(Response::new(pb::DeleteResponse { deleted: deleted as u32 }))
+            Ok(Response::new(pb::DeleteResponse {
+                deleted: deleted as u32,
+            }))
         })();
         finish(s, Method::delete, t0, r)
     }
 
-    async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
         let t0 = Instant::now();
         let r = Ok(Response::new(self.state.stats()));
         finish(&self.state, Method::stats, t0, r)

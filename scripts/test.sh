@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of kvshare: formatting, lints, Rust unit and integration tests, and the
+# Python interop tests (grpcio against a real kvshared). Installs what it needs first.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+scripts/bootstrap.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== python interop tests"
+cargo build --locked --bin kvshared
+scripts/python-tests.sh
