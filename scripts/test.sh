@@ -15,5 +15,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== python interop tests"
-cargo build --locked --bin kvshared
+cargo build --locked -p kvshare-server --bin kvshared
 scripts/python-tests.sh
