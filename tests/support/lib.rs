@@ -99,3 +99,138 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Path of the `kvshared` binary: `$KVSHARED_BIN`, else next to the test executable (built by
+/// `cargo test --workspace`), else built now with cargo.
+pub fn kvshared_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KVSHARED_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("kvshared");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "kvshare-server", "--bin", "kvshared"])
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo build kvshared");
+        assert!(status.success(), "building kvshared failed");
+    }
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `kvshared` child process; killed (SIGKILL) when dropped.
+pub struct NodeProcess {
+    /// Node id.
+    pub node_id: String,
+    /// gRPC address.
+    pub grpc: String,
+    /// HTTP address.
+    pub http: String,
+    child: Option<std::process::Child>,
+}
+
+impl NodeProcess {
+    /// Starts `kvshared` with the given ports, peers and extra flags, and waits until it listens.
+    pub fn start(
+        node_id: &str,
+        grpc_port: u16,
+        http_port: u16,
+        peers: &[String],
+        extra: &[&str],
+    ) -> Self {
+        let grpc = format!("127.0.0.1:{grpc_port}");
+        let http = format!("127.0.0.1:{http_port}");
+        let child = std::process::Command::new(kvshared_bin())
+            .args([
+                "--node-id",
+                node_id,
+                "--grpc-addr",
+                &grpc,
+                "--http-addr",
+                &http,
+            ])
+            .args(["--peers", &peers.join(",")])
+            .args([
+                "--peer-health-interval-ms",
+                "200",
+                "--peer-health-timeout-ms",
+                "300",
+                "--log-level",
+                "warn",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn kvshared");
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(&grpc).is_err() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "{node_id} did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        NodeProcess {
+            node_id: node_id.into(),
+            grpc,
+            http,
+            child: Some(child),
+        }
+    }
+
+    /// gRPC endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Kills the process with SIGKILL (no graceful shutdown) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the node at `endpoint` sees `healthy` members (itself included) in ClusterInfo.
+pub async fn wait_for_members(endpoint: &str, healthy: usize) {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(mut c) = kvshare_client::KvClient::connect(endpoint, Default::default()).await
+            && let Ok(info) = c.cluster_info().await
+            && info.members.iter().filter(|m| m.healthy).count() == healthy
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "{endpoint} never saw {healthy} healthy members"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Value of a Prometheus counter/gauge line `name{labels} value` (sum over matching lines).
+pub fn metric_value(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -18,10 +18,15 @@
 
 #![warn(missing_docs)]
 
+pub mod cluster;
+
+pub use cluster::ClusterClient;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvshare_core::{BlockHeader, BlockKey, Codec, CoreError, EncodedBlock, Namespace};
+use kvshare_core::wire::{GetAssembler, put_chunks};
+use kvshare_core::{BlockKey, Codec, CoreError, EncodedBlock, Namespace};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
 use pb::kv_cache_client::KvCacheClient;
@@ -207,9 +212,15 @@ pub struct KvClient {
     health: HealthClient<Channel>,
     opts: ClientOptions,
     endpoint: String,
+    hop_local: bool,
 }
 
-fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, ClientError> {
+/// Metadata header asking a node to answer from its own store (see the proto).
+pub const HOP_HEADER: &str = "x-kvshare-hop";
+/// Value of [`HOP_HEADER`].
+pub const HOP_LOCAL: &str = "local";
+
+pub(crate) fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, ClientError> {
     let key = BlockKey::from_slice(&o.key)
         .map_err(|_| ClientError::Protocol(format!("outcome key has {} bytes", o.key.len())))?;
     let status = match OutcomeStatus::try_from(o.status) {
@@ -262,6 +273,7 @@ impl KvClient {
             health: HealthClient::new(channel),
             opts,
             endpoint: endpoint.to_string(),
+            hop_local: false,
         }
     }
 
@@ -278,7 +290,20 @@ impl KvClient {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.opts.timeout);
+        if self.hop_local {
+            r.metadata_mut().insert(
+                HOP_HEADER,
+                tonic::metadata::MetadataValue::from_static(HOP_LOCAL),
+            );
+        }
         r
+    }
+
+    /// A client whose requests are answered from the node's own store, never forwarded
+    /// (how a smart client talks to a key's owner directly).
+    pub fn hop_local(mut self) -> Self {
+        self.hop_local = true;
+        self
     }
 
     /// Longest cached prefix of `tokens` in `ns`, in blocks.
@@ -307,6 +332,7 @@ impl KvClient {
         let req = pb::LookupRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
             keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+            per_key: false,
         };
         let resp = self.rpc.lookup(self.request(req)).await?.into_inner();
         let hit = resp.hit_blocks as usize;
@@ -317,6 +343,28 @@ impl KvClient {
             )));
         }
         Ok(hit)
+    }
+
+    /// Whether each key is stored (on any owner, or on this node alone for a hop-local client).
+    pub async fn presence(
+        &mut self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<Vec<bool>, ClientError> {
+        let req = pb::LookupRequest {
+            namespace: Bytes::copy_from_slice(&namespace.0),
+            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+            per_key: true,
+        };
+        let resp = self.rpc.lookup(self.request(req)).await?.into_inner();
+        if resp.present.len() != keys.len() {
+            return Err(ClientError::Protocol(format!(
+                "{} presence flags for {} keys",
+                resp.present.len(),
+                keys.len()
+            )));
+        }
+        Ok(resp.present)
     }
 
     /// Compresses and uploads the first `blocks.len()` full blocks of `tokens`; `blocks[i]` is
@@ -337,16 +385,7 @@ impl KvClient {
             ))
             .into());
         }
-        let digest = ns.digest();
-        let mut items = Vec::with_capacity(blocks.len());
-        for (i, raw) in blocks.iter().enumerate() {
-            let block = EncodedBlock::encode(digest, ns.layout, self.opts.codec, raw.as_ref())?;
-            items.push(PutItem {
-                key: keys[i],
-                parent: i.checked_sub(1).map(|p| keys[p]),
-                block,
-            });
-        }
+        let items = encode_prefix(ns, &keys, blocks, self.opts.codec)?;
         self.put_blocks(items).await
     }
 
@@ -363,30 +402,12 @@ impl KvClient {
         for item in &items {
             raw_bytes += item.block.header.raw_len;
             wire_bytes += item.block.payload.len() as u64;
-            let key = Bytes::copy_from_slice(&item.key.0);
-            let parent = item
-                .parent
-                .map(|p| Bytes::copy_from_slice(&p.0))
-                .unwrap_or_default();
-            let payload = &item.block.payload;
-            let mut off = 0;
-            loop {
-                let end = (off + chunk).min(payload.len());
-                msgs.push(pb::PutRequest {
-                    key: key.clone(),
-                    header: (off == 0).then(|| item.block.header.to_proto()),
-                    data: payload.slice(off..end),
-                    parent_key: if off == 0 {
-                        parent.clone()
-                    } else {
-                        Bytes::new()
-                    },
-                });
-                off = end;
-                if off >= payload.len() {
-                    break;
-                }
-            }
+            msgs.extend(put_chunks(
+                &item.key,
+                item.parent.as_ref(),
+                &item.block,
+                chunk,
+            ));
         }
         let req = self.request(tokio_stream::iter(msgs));
         match self.rpc.put(req).await {
@@ -421,73 +442,13 @@ impl KvClient {
             keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
         };
         let mut stream = self.rpc.get(self.request(req)).await?.into_inner();
-        let mut out: Vec<Option<EncodedBlock>> = Vec::with_capacity(keys.len());
-        let mut cur: Option<(BlockHeader, Vec<Bytes>, u64)> = None;
+        let mut asm = GetAssembler::new(keys);
         while let Some(msg) = stream.message().await? {
-            let idx = msg.index as usize;
-            if idx != out.len() || idx >= keys.len() || msg.key.as_ref() != keys[idx].0.as_slice() {
-                return Err(ClientError::Protocol(format!(
-                    "got a chunk for index {idx} while expecting block {} of {}",
-                    out.len(),
-                    keys.len()
-                )));
-            }
-            if !msg.found {
-                out.push(None);
-                continue;
-            }
-            let (header, mut chunks, mut got) = match cur.take() {
-                Some(c) => c,
-                None => {
-                    let h = msg.header.as_ref().ok_or_else(|| {
-                        ClientError::Protocol(format!("first chunk of block {idx} has no header"))
-                    })?;
-                    let header =
-                        BlockHeader::from_proto(h).map_err(|source| ClientError::Corrupt {
-                            index: idx,
-                            key: keys[idx],
-                            source,
-                        })?;
-                    (header, Vec::new(), 0)
-                }
-            };
-            if msg.offset != got {
-                return Err(ClientError::Protocol(format!(
-                    "block {idx}: chunk at offset {} but {got} bytes received",
-                    msg.offset
-                )));
-            }
-            got += msg.data.len() as u64;
-            chunks.push(msg.data);
-            if msg.last {
-                if got != header.payload_len {
-                    return Err(ClientError::Corrupt {
-                        index: idx,
-                        key: keys[idx],
-                        source: CoreError::Corrupt(format!(
-                            "received {got} payload bytes, header says {}",
-                            header.payload_len
-                        )),
-                    });
-                }
-                let payload = if chunks.len() == 1 {
-                    chunks.pop().unwrap_or_default()
-                } else {
-                    Bytes::from(chunks.concat())
-                };
-                out.push(Some(EncodedBlock { header, payload }));
-            } else {
-                cur = Some((header, chunks, got));
-            }
+            asm.push(msg)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
         }
-        if out.len() != keys.len() {
-            return Err(ClientError::Protocol(format!(
-                "stream ended after {} of {} blocks",
-                out.len(),
-                keys.len()
-            )));
-        }
-        Ok(out)
+        asm.finish()
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Fetches, decodes and verifies the cached leading blocks of `tokens`: the raw K/V of
@@ -499,30 +460,8 @@ impl KvClient {
         tokens: &[u32],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
         let keys = ns.block_keys(tokens)?;
-        let digest = ns.digest();
-        let blocks = self.get_blocks(&digest, &keys).await?;
-        let mut out = Vec::new();
-        for (i, b) in blocks.into_iter().enumerate() {
-            let Some(b) = b else { break };
-            if b.header.namespace != digest || b.header.layout != ns.layout {
-                return Err(ClientError::Corrupt {
-                    index: i,
-                    key: keys[i],
-                    source: CoreError::InvalidHeader(
-                        "block header does not match the namespace".into(),
-                    ),
-                });
-            }
-            let raw = decode_blocking(b)
-                .await
-                .map_err(|source| ClientError::Corrupt {
-                    index: i,
-                    key: keys[i],
-                    source,
-                })?;
-            out.push(raw);
-        }
-        Ok(out)
+        let blocks = self.get_blocks(&ns.digest(), &keys).await?;
+        decode_prefix(ns, &keys, blocks).await
     }
 
     /// Deletes blocks; returns how many existed.
@@ -571,6 +510,59 @@ impl KvClient {
     }
 }
 
+/// Encodes the raw K/V of the first `blocks.len()` blocks of a prefix whose keys are `keys`.
+pub fn encode_prefix<B: AsRef<[u8]>>(
+    ns: &Namespace,
+    keys: &[BlockKey],
+    blocks: &[B],
+    codec: Codec,
+) -> Result<Vec<PutItem>, ClientError> {
+    let digest = ns.digest();
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let block = EncodedBlock::encode(digest, ns.layout, codec, raw.as_ref())?;
+            Ok(PutItem {
+                key: keys[i],
+                parent: i.checked_sub(1).map(|p| keys[p]),
+                block,
+            })
+        })
+        .collect()
+}
+
+/// Checks fetched blocks against the namespace and decodes the leading run of present blocks.
+pub async fn decode_prefix(
+    ns: &Namespace,
+    keys: &[BlockKey],
+    blocks: Vec<Option<EncodedBlock>>,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let digest = ns.digest();
+    let mut out = Vec::new();
+    for (i, b) in blocks.into_iter().enumerate() {
+        let Some(b) = b else { break };
+        if b.header.namespace != digest || b.header.layout != ns.layout {
+            return Err(ClientError::Corrupt {
+                index: i,
+                key: keys[i],
+                source: CoreError::InvalidHeader(
+                    "block header does not match the namespace".into(),
+                ),
+            });
+        }
+        let raw = decode_blocking(b)
+            .await
+            .map_err(|source| ClientError::Corrupt {
+                index: i,
+                key: keys[i],
+                source,
+            })?;
+        out.push(raw);
+    }
+    Ok(out)
+}
+
 /// Decodes a block off the async runtime (decompression is CPU work).
 pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
     match tokio::task::spawn_blocking(move || b.decode()).await {
@@ -580,7 +572,7 @@ pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
 }
 
 /// Turns a failed Put's status into [`ClientError::Rejected`] when it carries outcomes.
-fn rejection_from_status(status: tonic::Status) -> ClientError {
+pub(crate) fn rejection_from_status(status: tonic::Status) -> ClientError {
     let Some(resp) = kvshare_proto::rpc::decode_put_details(status.details()) else {
         return status.into();
     };

@@ -4,6 +4,8 @@
 //!   SHA-256 scheme and vLLM's `sha256_cbor`).
 //! - [`codec`] and [`block`]: block encodings (LZ4, byte-plane LZ4/zstd), checksums, headers.
 //! - [`store`]: the byte-bounded, chain-aware LRU block store.
+//! - [`placement`]: rendezvous hashing of keys over cluster members.
+//! - [`wire`]: chunking blocks into gRPC messages and reassembling them.
 //! - [`size`]: human byte sizes (`8GiB`).
 //! - [`sample`]: real K/V activations cut into blocks (tests, demo, benchmarks).
 
@@ -16,9 +18,11 @@ pub mod error;
 pub mod keys;
 pub mod layout;
 pub mod namespace;
+pub mod placement;
 pub mod sample;
 pub mod size;
 pub mod store;
+pub mod wire;
 
 pub use block::{BlockHeader, EncodedBlock};
 pub use codec::{Codec, checksum};

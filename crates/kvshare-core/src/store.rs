@@ -173,7 +173,7 @@ impl BlockStore {
             });
         }
         let mut g = self.inner.lock();
-        if g.map.promote(&key).then_some(()).is_some() || g.map.contains(&key) {
+        if g.map.promote(&key) {
             return Ok(InsertOutcome::AlreadyPresent);
         }
         let mut evicted = 0;
@@ -306,6 +306,23 @@ impl BlockStore {
             g.namespaces.entry(namespace).or_default().hits += hit as u64;
         }
         hit
+    }
+
+    /// Whether each of `keys` is stored in `namespace`. Hits are marked used, last key first.
+    pub fn presence(&self, namespace: BlockKey, keys: &[BlockKey]) -> Vec<bool> {
+        let mut g = self.inner.lock();
+        let mut out = vec![false; keys.len()];
+        let mut hits = 0;
+        for (i, k) in keys.iter().enumerate().rev() {
+            if g.map.promote(&StoreKey { namespace, key: *k }) {
+                out[i] = true;
+                hits += 1;
+            }
+        }
+        if hits > 0 {
+            g.namespaces.entry(namespace).or_default().hits += hits;
+        }
+        out
     }
 
     /// Fetches blocks, marking hits used (last key first, as for lookups). `None` marks a miss.

@@ -68,6 +68,45 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_PORT_FILE")]
     pub port_file: Option<PathBuf>,
 
+    /// Static peers: gRPC addresses (host:port) of the other nodes, comma-separated. Listing this
+    /// node's own address too is fine (it is recognised by its node id).
+    #[arg(long, env = "KVSHARE_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// DNS name resolving to every node's address (e.g. a Kubernetes headless Service),
+    /// as NAME:PORT; re-resolved every --dns-interval-ms.
+    #[arg(long, env = "KVSHARE_PEERS_DNS")]
+    pub peers_dns: Option<String>,
+
+    /// Replicas per block (default: 2 when the node has peers, else 1).
+    #[arg(long, env = "KVSHARE_REPLICAS")]
+    pub replicas: Option<usize>,
+
+    /// Address other nodes and smart clients reach this node's gRPC port at (default: the
+    /// listen address, or HOSTNAME:port when listening on all interfaces).
+    #[arg(long, env = "KVSHARE_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Interval between health checks of each peer (milliseconds).
+    #[arg(long, env = "KVSHARE_PEER_HEALTH_INTERVAL_MS", default_value_t = 1_000)]
+    pub peer_health_interval_ms: u64,
+
+    /// Deadline of one peer health check (milliseconds).
+    #[arg(long, env = "KVSHARE_PEER_HEALTH_TIMEOUT_MS", default_value_t = 500)]
+    pub peer_health_timeout_ms: u64,
+
+    /// Consecutive failed checks (or forwarded requests) that mark a peer down.
+    #[arg(long, env = "KVSHARE_PEER_FAILURE_THRESHOLD", default_value_t = 2)]
+    pub peer_failure_threshold: u32,
+
+    /// Deadline of a request forwarded to a peer (milliseconds).
+    #[arg(long, env = "KVSHARE_FORWARD_TIMEOUT_MS", default_value_t = 5_000)]
+    pub forward_timeout_ms: u64,
+
+    /// Interval between DNS resolutions of --peers-dns (milliseconds).
+    #[arg(long, env = "KVSHARE_DNS_INTERVAL_MS", default_value_t = 10_000)]
+    pub dns_interval_ms: u64,
+
     /// Seconds to wait for in-flight requests on SIGTERM before exiting anyway.
     #[arg(long, env = "KVSHARE_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,

@@ -135,6 +135,11 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
     m.stored_blocks.set(s.blocks as i64);
     m.stored_raw_bytes.set(s.raw_bytes as i64);
     m.capacity_bytes.set(s.capacity_bytes as i64);
+    for (peer, up) in node.cluster.peer_health() {
+        m.peer_up
+            .get_or_create(&crate::metrics::PeerLabels { peer })
+            .set(i64::from(up));
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -7,9 +7,12 @@
 
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;
+mod put;
+mod routing;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -124,6 +127,44 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let http_addr = http_listener.local_addr()?;
     let node_id = config.resolved_node_id();
 
+    let advertise = config.advertise_addr.clone().unwrap_or_else(|| {
+        if grpc_addr.ip().is_unspecified() {
+            format!("{}:{}", node_id, grpc_addr.port())
+        } else {
+            grpc_addr.to_string()
+        }
+    });
+    let http_advertise = if http_addr.ip().is_unspecified() {
+        format!(
+            "{}:{}",
+            advertise
+                .rsplit_once(':')
+                .map_or(advertise.as_str(), |(h, _)| h),
+            http_addr.port()
+        )
+    } else {
+        http_addr.to_string()
+    };
+    let cluster = cluster::Cluster::new(
+        node_id.clone(),
+        advertise.clone(),
+        http_advertise.clone(),
+        cluster::ClusterConfig {
+            peers: config
+                .peers
+                .iter()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            peers_dns: config.peers_dns.clone(),
+            replicas: config.replicas,
+            health_interval: Duration::from_millis(config.peer_health_interval_ms.max(10)),
+            health_timeout: Duration::from_millis(config.peer_health_timeout_ms.max(10)),
+            failure_threshold: config.peer_failure_threshold.max(1),
+            forward_timeout: Duration::from_millis(config.forward_timeout_ms.max(10)),
+            dns_interval: Duration::from_millis(config.dns_interval_ms.max(100)),
+        },
+    );
     let inflight_kib = (config.max_inflight_put / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
     let state = Arc::new(NodeState {
         node_id: node_id.clone(),
@@ -134,12 +175,13 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
             .get_chunk_size
             .clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64) as usize,
         max_keys: config.max_keys.max(1),
-        grpc_addr: grpc_addr.to_string(),
-        http_addr: http_addr.to_string(),
+        grpc_addr: advertise,
+        http_addr: http_advertise,
         started: Instant::now(),
         inflight: Arc::new(Semaphore::new(inflight_kib as usize)),
         put_wait: Duration::from_millis(config.put_wait_ms),
         inflight_kib,
+        cluster: cluster.clone(),
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -174,6 +216,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
                     .await;
             }),
     );
+    tokio::spawn(cluster.run(shutdown_rx.clone()));
     let mut http_rx = shutdown_rx;
     let app = http::router(http::HttpState {
         node: state.clone(),

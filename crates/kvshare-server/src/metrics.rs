@@ -51,6 +51,27 @@ pub struct RpcLabels {
     pub code: String,
 }
 
+/// Labels of forwarded requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    /// The RPC forwarded.
+    pub method: Method,
+}
+
+/// Labels of replica writes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `failed`.
+    pub result: String,
+}
+
+/// Labels of peer health.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// Peer node id (or address while its id is unknown).
+    pub peer: String,
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -89,6 +110,16 @@ pub struct Metrics {
     pub rpc_duration: HistogramFamily,
     /// RPCs by method and status code.
     pub rpcs: Family<RpcLabels, Counter>,
+    /// Requests this node sent to peers on behalf of a client.
+    pub forwarded: Family<ForwardLabels, Counter>,
+    /// Requests served for peers or smart clients from the local store only (x-kvshare-hop).
+    pub peer_requests: Family<MethodLabels, Counter>,
+    /// Block writes to remote replicas.
+    pub replica_writes: Family<ResultLabels, Counter>,
+    /// Blocks served by a replica other than the first owner.
+    pub failovers: Counter,
+    /// 1 when a peer is healthy, 0 when marked down.
+    pub peer_up: Family<PeerLabels, Gauge>,
 }
 
 impl Metrics {
@@ -110,6 +141,11 @@ impl Metrics {
             capacity_bytes: Gauge::default(),
             rpc_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             rpcs: Family::default(),
+            forwarded: Family::default(),
+            peer_requests: Family::default(),
+            replica_writes: Family::default(),
+            failovers: Counter::default(),
+            peer_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register("lookups", "Lookup RPCs served", m.lookups.clone());
@@ -169,6 +205,31 @@ impl Metrics {
             "capacity_bytes",
             "Configured capacity in bytes",
             m.capacity_bytes.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "Requests sent to peers on behalf of clients, by method",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "peer_requests",
+            "Requests served from the local store for peers and smart clients",
+            m.peer_requests.clone(),
+        );
+        registry.register(
+            "replica_writes",
+            "Block writes to remote replicas, by result",
+            m.replica_writes.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Blocks served by a replica other than the first owner",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "peer_up",
+            "Whether a peer is healthy (1) or marked down (0)",
+            m.peer_up.clone(),
         );
         Metrics { registry, ..m }
     }

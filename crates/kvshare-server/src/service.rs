@@ -4,18 +4,24 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
-use kvshare_core::{
-    BlockHeader, BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey,
-};
+use kvshare_core::wire::get_chunks;
+use kvshare_core::{BlockKey, BlockStore, CoreError, StoreKey};
 use kvshare_proto::v1 as pb;
-use pb::block_outcome::Status as OutcomeStatus;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, warn};
 
+use crate::cluster::{Cluster, HOP_HEADER, HOP_LOCAL};
 use crate::metrics::{Method, Metrics, PutLabels, PutOutcome};
+use crate::routing;
+
+/// True when the request asks to be answered from this node's store only.
+fn is_local<T>(r: &Request<T>) -> bool {
+    r.metadata()
+        .get(HOP_HEADER)
+        .is_some_and(|v| v.as_bytes() == HOP_LOCAL.as_bytes())
+}
 
 /// Shared state of a node, used by the gRPC service and the HTTP endpoints.
 pub struct NodeState {
@@ -43,6 +49,8 @@ pub struct NodeState {
     pub put_wait: Duration,
     /// Total in-flight budget, KiB.
     pub inflight_kib: u32,
+    /// Membership and placement.
+    pub cluster: Arc<Cluster>,
 }
 
 /// The gRPC service.
@@ -92,403 +100,23 @@ fn parse_keys(keys: &[Bytes], max: usize) -> Result<Vec<BlockKey>, Status> {
         .collect()
 }
 
-fn short(k: &BlockKey) -> String {
+pub(crate) fn short(k: &BlockKey) -> String {
     k.to_hex()[..16].to_string()
 }
 
 /// Upper bound on a payload's size given its raw size: no codec expands beyond this.
-fn max_payload_for(raw_len: u64) -> u64 {
+pub(crate) fn max_payload_for(raw_len: u64) -> u64 {
     raw_len + raw_len / 255 + 128
 }
 
-fn core_to_status(e: &CoreError) -> Code {
+pub(crate) fn core_to_status(e: &CoreError) -> Code {
     match e {
         CoreError::TooLarge { .. } => Code::ResourceExhausted,
         _ => Code::InvalidArgument,
     }
 }
 
-/// A block whose chunks are arriving.
-struct PendingBlock {
-    index: usize,
-    key: BlockKey,
-    parent: Option<BlockKey>,
-    /// None when the header was invalid (the block is then rejected).
-    header: Option<BlockHeader>,
-    /// Payload bytes the block announced.
-    payload_len: u64,
-    chunks: Vec<Bytes>,
-    received: u64,
-    /// A rejected block's remaining chunks are read and dropped.
-    rejected: bool,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-struct PutRun {
-    outcomes: Vec<pb::BlockOutcome>,
-    first_rejection: Option<(usize, Code, String)>,
-}
-
-impl PutRun {
-    fn outcome(&mut self, key: &BlockKey, status: OutcomeStatus) {
-        self.outcomes.push(pb::BlockOutcome {
-            key: Bytes::copy_from_slice(&key.0),
-            status: status as i32,
-            code: 0,
-            reason: String::new(),
-            replicas: u32::from(status != OutcomeStatus::Rejected),
-        });
-    }
-
-    fn reject(&mut self, index: usize, key: &BlockKey, code: Code, reason: String) {
-        debug!(block = index, key = %short(key), ?code, %reason, "put rejected");
-        if self.first_rejection.is_none() {
-            self.first_rejection = Some((
-                index,
-                code,
-                format!("block {index} (key {}): {reason}", short(key)),
-            ));
-        }
-        self.outcomes.push(pb::BlockOutcome {
-            key: Bytes::copy_from_slice(&key.0),
-            status: OutcomeStatus::Rejected as i32,
-            code: code as i32,
-            reason,
-            replicas: 0,
-        });
-    }
-
-    /// Final status: OK with outcomes, or the first rejection with outcomes in the details.
-    fn finish(self, stream_error: Option<Status>) -> Result<PutResponse, Status> {
-        let stored = self
-            .outcomes
-            .iter()
-            .filter(|o| o.status != OutcomeStatus::Rejected as i32)
-            .count();
-        let total = self.outcomes.len();
-        let resp = pb::PutResponse {
-            outcomes: self.outcomes,
-        };
-        let (code, msg) = match (stream_error, self.first_rejection) {
-            (Some(s), _) => (s.code(), s.message().to_string()),
-            (None, Some((_, code, msg))) => (code, msg),
-            (None, None) => return Ok(resp),
-        };
-        let msg = format!(
-            "{msg} ({stored} of {total} completed blocks accepted; details carry every outcome)"
-        );
-        let details = kvshare_proto::rpc::encode_put_details(code as i32, &msg, &resp);
-        Err(Status::with_details(code, msg, Bytes::from(details)))
-    }
-}
-
-type PutResponse = pb::PutResponse;
-
 impl NodeState {
-    /// Reads the first chunk of a block. A header that fails validation rejects the block
-    /// (its chunks are read and dropped, counted by the header's payload_len); a chunk with no
-    /// usable length at all ends the stream.
-    fn start_block(
-        &self,
-        index: usize,
-        key: BlockKey,
-        msg: &pb::PutRequest,
-        run: &mut PutRun,
-    ) -> Result<PendingBlock, Status> {
-        let header_pb = msg.header.as_ref().ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "block {index} (key {}): its first PutRequest has no header; the first chunk of every block carries its BlockHeader",
-                short(&key)
-            ))
-        })?;
-        let mut p = PendingBlock {
-            index,
-            key,
-            parent: None,
-            header: None,
-            payload_len: header_pb.payload_len,
-            chunks: Vec::new(),
-            received: 0,
-            rejected: false,
-            _permit: None,
-        };
-        let parsed =
-            BlockHeader::from_proto(header_pb).map_err(|e| (core_to_status(&e), e.to_string()));
-        let parent = if msg.parent_key.is_empty() {
-            Ok(None)
-        } else {
-            BlockKey::from_slice(&msg.parent_key)
-                .map(Some)
-                .map_err(|_| {
-                    (
-                        Code::InvalidArgument,
-                        format!(
-                            "parent_key must be empty or 32 bytes, got {} bytes",
-                            msg.parent_key.len()
-                        ),
-                    )
-                })
-        };
-        match parsed.and_then(|h| parent.map(|par| (h, par))) {
-            Ok((h, par)) => {
-                p.header = Some(h);
-                p.parent = par;
-            }
-            Err((code, reason)) => {
-                if p.payload_len == 0 || p.payload_len > max_payload_for(self.max_block_size) {
-                    return Err(Status::new(
-                        code,
-                        format!("block {index} (key {}): {reason}", short(&key)),
-                    ));
-                }
-                self.metrics
-                    .puts
-                    .get_or_create(&PutLabels {
-                        outcome: PutOutcome::rejected,
-                    })
-                    .inc();
-                run.reject(index, &key, code, reason);
-                p.rejected = true;
-            }
-        }
-        Ok(p)
-    }
-
-    /// Admits a new block: size limits and in-flight budget. Returns a rejection reason.
-    async fn admit(&self, p: &mut PendingBlock) -> Result<(), (Code, String)> {
-        let Some(h) = &p.header else { return Ok(()) };
-        if h.raw_len > self.max_block_size {
-            return Err((
-                Code::ResourceExhausted,
-                format!(
-                    "block of {} raw bytes exceeds this node's --max-block-size of {} bytes",
-                    h.raw_len, self.max_block_size
-                ),
-            ));
-        }
-        if h.payload_len > max_payload_for(h.raw_len) {
-            return Err((
-                Code::InvalidArgument,
-                format!(
-                    "header.payload_len {} is larger than any codec produces for raw_len {}",
-                    h.payload_len, h.raw_len
-                ),
-            ));
-        }
-        let charge = BlockStore::charge_of_len(h.payload_len);
-        if charge > self.store.capacity() {
-            return Err((
-                Code::ResourceExhausted,
-                format!(
-                    "block of {} bytes exceeds this node's whole capacity of {} bytes",
-                    charge,
-                    self.store.capacity()
-                ),
-            ));
-        }
-        // Budget for the buffered payload plus the decode buffer used to verify it.
-        let kib = ((h.payload_len + h.raw_len) / 1024 + 1).min(u64::from(self.inflight_kib)) as u32;
-        let permit = tokio::time::timeout(
-            self.put_wait,
-            self.inflight.clone().acquire_many_owned(kib),
-        )
-        .await
-        .map_err(|_| {
-            (
-                Code::ResourceExhausted,
-                format!(
-                    "node busy: more than {} KiB of uploads in flight for {:?}; retry later",
-                    self.inflight_kib, self.put_wait
-                ),
-            )
-        })?
-        .map_err(|_| (Code::Unavailable, "node is shutting down".to_string()))?;
-        p._permit = Some(permit);
-        Ok(())
-    }
-
-    /// Verifies and stores a complete block.
-    async fn complete(self: &Arc<Self>, p: PendingBlock, run: &mut PutRun) {
-        let Some(header) = p.header else { return };
-        let sk = StoreKey {
-            namespace: header.namespace,
-            key: p.key,
-        };
-        if self.store.contains(&sk) {
-            self.metrics
-                .puts
-                .get_or_create(&PutLabels {
-                    outcome: PutOutcome::already_present,
-                })
-                .inc();
-            run.outcome(&p.key, OutcomeStatus::AlreadyPresent);
-            return;
-        }
-        let payload = if p.chunks.len() == 1 {
-            p.chunks.into_iter().next().unwrap_or_default()
-        } else {
-            let mut b = BytesMut::with_capacity(p.received as usize);
-            for c in &p.chunks {
-                b.extend_from_slice(c);
-            }
-            b.freeze()
-        };
-        let block = Arc::new(EncodedBlock { header, payload });
-        let verify = {
-            let block = block.clone();
-            tokio::task::spawn_blocking(move || block.decode().map(|_| ()))
-        };
-        let verified = match verify.await {
-            Ok(r) => r,
-            Err(e) => Err(CoreError::Corrupt(format!("verification task failed: {e}"))),
-        };
-        if let Err(e) = verified {
-            self.metrics
-                .puts
-                .get_or_create(&PutLabels {
-                    outcome: PutOutcome::rejected,
-                })
-                .inc();
-            run.reject(p.index, &p.key, core_to_status(&e), e.to_string());
-            return;
-        }
-        match self.store.insert(sk, p.parent, block) {
-            Ok(InsertOutcome::Stored { evicted }) => {
-                self.metrics.evictions.inc_by(evicted);
-                self.metrics
-                    .puts
-                    .get_or_create(&PutLabels {
-                        outcome: PutOutcome::stored,
-                    })
-                    .inc();
-                run.outcome(&p.key, OutcomeStatus::Stored);
-            }
-            Ok(InsertOutcome::AlreadyPresent) => {
-                self.metrics
-                    .puts
-                    .get_or_create(&PutLabels {
-                        outcome: PutOutcome::already_present,
-                    })
-                    .inc();
-                run.outcome(&p.key, OutcomeStatus::AlreadyPresent);
-            }
-            Err(e) => {
-                self.metrics
-                    .puts
-                    .get_or_create(&PutLabels {
-                        outcome: PutOutcome::rejected,
-                    })
-                    .inc();
-                run.reject(p.index, &p.key, core_to_status(&e), e.to_string());
-            }
-        }
-    }
-
-    async fn put_stream(
-        self: &Arc<Self>,
-        mut stream: Streaming<pb::PutRequest>,
-    ) -> Result<PutResponse, Status> {
-        let mut run = PutRun {
-            outcomes: Vec::new(),
-            first_rejection: None,
-        };
-        let mut pending: Option<PendingBlock> = None;
-        let mut blocks = 0usize;
-        loop {
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(s) => {
-                    warn!(status = %s, "put stream broke; a partial block was discarded");
-                    return run.finish(Some(Status::new(
-                        s.code(),
-                        format!("upload stream failed: {}", s.message()),
-                    )));
-                }
-            };
-            let key = match BlockKey::from_slice(&msg.key) {
-                Ok(k) => k,
-                Err(_) => {
-                    return run.finish(Some(Status::invalid_argument(format!(
-                        "PutRequest.key must be 32 bytes, got {} bytes (message for block {})",
-                        msg.key.len(),
-                        pending.as_ref().map_or(blocks, |p| p.index)
-                    ))));
-                }
-            };
-            let mut p = match pending.take() {
-                Some(p) if p.key == key => p,
-                Some(p) => {
-                    return run.finish(Some(Status::invalid_argument(format!(
-                        "block {} (key {}) stopped after {} of {} payload bytes when a chunk for key {} arrived; send a block's chunks consecutively",
-                        p.index,
-                        short(&p.key),
-                        p.received,
-                        p.payload_len,
-                        short(&key)
-                    ))));
-                }
-                None => {
-                    let mut p = match self.start_block(blocks, key, &msg, &mut run) {
-                        Ok(p) => p,
-                        Err(s) => return run.finish(Some(s)),
-                    };
-                    blocks += 1;
-                    if p.rejected {
-                        // Already reported by start_block.
-                    } else if let Err((code, reason)) = self.admit(&mut p).await {
-                        self.metrics
-                            .puts
-                            .get_or_create(&PutLabels {
-                                outcome: PutOutcome::rejected,
-                            })
-                            .inc();
-                        run.reject(p.index, &p.key, code, reason);
-                        p.rejected = true;
-                    }
-                    p
-                }
-            };
-            let n = msg.data.len() as u64;
-            if p.received + n > p.payload_len {
-                return run.finish(Some(Status::invalid_argument(format!(
-                    "block {} (key {}): chunks carry more than header.payload_len = {} bytes",
-                    p.index,
-                    short(&p.key),
-                    p.payload_len
-                ))));
-            }
-            p.received += n;
-            if !p.rejected {
-                self.metrics.received_bytes.inc_by(n);
-                if n > 0 {
-                    p.chunks.push(msg.data);
-                }
-            }
-            if p.received == p.payload_len {
-                if !p.rejected {
-                    self.complete(p, &mut run).await;
-                }
-            } else {
-                pending = Some(p);
-            }
-        }
-        if let Some(p) = pending {
-            let msg = format!(
-                "upload ended in the middle of block {} (key {}): {} of {} payload bytes arrived; the partial block was discarded",
-                p.index,
-                short(&p.key),
-                p.received,
-                p.payload_len
-            );
-            return run.finish(Some(Status::invalid_argument(msg)));
-        }
-        if blocks == 0 {
-            return Err(Status::invalid_argument("Put stream carried no blocks"));
-        }
-        run.finish(None)
-    }
-
     /// Counters and gauges as the Stats RPC reports them.
     pub fn stats(&self) -> pb::StatsResponse {
         let st = self.store.stats();
@@ -550,25 +178,40 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
     ) -> Result<Response<pb::LookupResponse>, Status> {
         let t0 = Instant::now();
         let s = &self.state;
-        let r = (|| {
+        let local = is_local(&request);
+        let r = async {
             let req = request.get_ref();
             let ns = parse_namespace(&req.namespace)?;
             let keys = parse_keys(&req.keys, s.max_keys)?;
-            let hit = s.store.lookup_prefix(ns, &keys);
-            s.metrics.lookups.inc();
-            s.metrics.hits.inc_by(hit as u64);
-            if hit < keys.len() {
-                s.metrics.misses.inc();
+            let view = s.cluster.view();
+            let (present, nodes) = if local || view.is_single() {
+                (s.store.presence(ns, &keys), vec![s.node_id.clone()])
+            } else {
+                let p = routing::lookup(s, &view, ns, &keys).await;
+                (p, view.members.iter().map(|m| m.node_id.clone()).collect())
+            };
+            let hit = present.iter().take_while(|p| **p).count();
+            if local {
+                s.metrics
+                    .peer_requests
+                    .get_or_create(&crate::metrics::MethodLabels {
+                        method: Method::lookup,
+                    })
+                    .inc();
+            } else {
+                s.metrics.lookups.inc();
+                s.metrics.hits.inc_by(hit as u64);
+                if hit < keys.len() {
+                    s.metrics.misses.inc();
+                }
             }
             Ok(Response::new(pb::LookupResponse {
                 hit_blocks: hit as u32,
-                nodes: if hit > 0 {
-                    vec![s.node_id.clone()]
-                } else {
-                    vec![]
-                },
+                nodes: if hit > 0 { nodes } else { vec![] },
+                present: if req.per_key { present } else { vec![] },
             }))
-        })();
+        }
+        .await;
         finish(s, Method::lookup, t0, r)
     }
 
@@ -577,9 +220,19 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         request: Request<Streaming<pb::PutRequest>>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         let t0 = Instant::now();
+        let local = is_local(&request);
+        if local {
+            self.state
+                .metrics
+                .peer_requests
+                .get_or_create(&crate::metrics::MethodLabels {
+                    method: Method::put,
+                })
+                .inc();
+        }
         let r = self
             .state
-            .put_stream(request.into_inner())
+            .put_stream(request.into_inner(), local)
             .await
             .map(Response::new);
         finish(&self.state, Method::put, t0, r)
@@ -593,55 +246,50 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
     ) -> Result<Response<Self::GetStream>, Status> {
         let t0 = Instant::now();
         let s = &self.state;
-        let r = (|| {
+        let local = is_local(&request);
+        let r = async {
             let req = request.get_ref();
             let ns = parse_namespace(&req.namespace)?;
             let keys = parse_keys(&req.keys, s.max_keys)?;
-            let found = s.store.get_many(ns, &keys);
+            let view = s.cluster.view();
+            let found = if local || view.is_single() {
+                s.store.get_many(ns, &keys)
+            } else {
+                routing::get(s, &view, ns, &keys).await
+            };
             let chunk = s.get_chunk_size.max(1);
             let mut msgs = Vec::with_capacity(keys.len());
             let (mut hits, mut misses, mut sent) = (0u64, 0u64, 0u64);
             for (i, (key, block)) in keys.iter().zip(found).enumerate() {
-                let key_bytes = Bytes::copy_from_slice(&key.0);
-                let Some(block) = block else {
-                    misses += 1;
-                    msgs.push(Ok(pb::GetResponse {
-                        index: i as u32,
-                        key: key_bytes,
-                        found: false,
-                        ..Default::default()
-                    }));
-                    continue;
-                };
-                hits += 1;
-                let len = block.payload.len();
-                sent += len as u64;
-                let mut off = 0;
-                loop {
-                    let end = (off + chunk).min(len);
-                    msgs.push(Ok(pb::GetResponse {
-                        index: i as u32,
-                        key: key_bytes.clone(),
-                        found: true,
-                        header: (off == 0).then(|| block.header.to_proto()),
-                        offset: off as u64,
-                        // A slice shares the stored buffer: no copy, and the bytes outlive an
-                        // eviction until this stream has sent them.
-                        data: block.payload.slice(off..end),
-                        last: end == len,
-                    }));
-                    off = end;
-                    if off >= len {
-                        break;
+                match &block {
+                    Some(b) => {
+                        hits += 1;
+                        sent += b.payload.len() as u64;
                     }
+                    None => misses += 1,
                 }
+                msgs.extend(
+                    get_chunks(i as u32, key, block.as_deref(), chunk)
+                        .into_iter()
+                        .map(Ok),
+                );
             }
-            s.metrics.hits.inc_by(hits);
-            s.metrics.misses.inc_by(misses);
+            if local {
+                s.metrics
+                    .peer_requests
+                    .get_or_create(&crate::metrics::MethodLabels {
+                        method: Method::get,
+                    })
+                    .inc();
+            } else {
+                s.metrics.hits.inc_by(hits);
+                s.metrics.misses.inc_by(misses);
+            }
             s.metrics.sent_bytes.inc_by(sent);
             let stream: GetStream = Box::pin(tokio_stream::iter(msgs));
             Ok(Response::new(stream))
-        })();
+        }
+        .await;
         finish(s, Method::get, t0, r)
     }
 
@@ -651,24 +299,28 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let t0 = Instant::now();
         let s = &self.state;
-        let r = (|| {
+        let local = is_local(&request);
+        let r = async {
             let req = request.get_ref();
             let ns = parse_namespace(&req.namespace)?;
             let keys = parse_keys(&req.keys, s.max_keys)?;
-            let deleted = keys
-                .iter()
-                .filter(|k| {
-                    s.store.remove(&StoreKey {
-                        namespace: ns,
-                        key: **k,
+            let view = s.cluster.view();
+            let deleted = if local || view.is_single() {
+                keys.iter()
+                    .filter(|k| {
+                        s.store.remove(&StoreKey {
+                            namespace: ns,
+                            key: **k,
+                        })
                     })
-                })
-                .count();
-            s.metrics.deletes.inc_by(deleted as u64);
-            Ok(Response::new(pb::DeleteResponse {
-                deleted: deleted as u32,
-            }))
-        })();
+                    .count() as u32
+            } else {
+                routing::delete(s, &view, ns, &keys).await
+            };
+            s.metrics.deletes.inc_by(u64::from(deleted));
+            Ok(Response::new(pb::DeleteResponse { deleted }))
+        }
+        .await;
         finish(s, Method::delete, t0, r)
     }
 
@@ -689,14 +341,9 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         let s = &self.state;
         let r = Ok(Response::new(pb::ClusterInfoResponse {
             node_id: s.node_id.clone(),
-            members: vec![pb::Member {
-                node_id: s.node_id.clone(),
-                grpc_addr: s.grpc_addr.clone(),
-                http_addr: s.http_addr.clone(),
-                healthy: true,
-            }],
-            replicas: 1,
-            placement: "rendezvous-xxh3-v1".into(),
+            members: s.cluster.members_info(),
+            replicas: s.cluster.replicas(),
+            placement: kvshare_core::placement::PLACEMENT_NAME.into(),
         }));
         finish(s, Method::cluster_info, t0, r)
     }

@@ -1,0 +1,446 @@
+//! Cluster membership, peer health and placement as seen by one node.
+//!
+//! Members are this node plus its peers: a static `--peers` list, or the addresses a DNS name
+//! (`--peers-dns`, a Kubernetes headless Service) resolves to, re-resolved periodically. Each
+//! node health-checks every peer with `grpc.health.v1` and learns its stable node id through
+//! `ClusterInfo`. A peer that fails `failure_threshold` checks in a row (or forwarded requests)
+//! is marked down and leaves the placement view; it comes back when it answers again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvshare_core::BlockKey;
+use kvshare_core::placement::{self, node_seed};
+use kvshare_proto::v1 as pb;
+use kvshare_proto::v1::kv_cache_client::KvCacheClient;
+use parking_lot::RwLock;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+use tracing::{info, warn};
+
+use crate::MAX_MESSAGE_BYTES;
+
+/// Metadata header that asks a node to answer from its own store, without forwarding.
+pub const HOP_HEADER: &str = "x-kvshare-hop";
+/// Value of [`HOP_HEADER`].
+pub const HOP_LOCAL: &str = "local";
+
+/// Cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Static peer addresses (`host:port` of their gRPC listeners).
+    pub peers: Vec<String>,
+    /// DNS name and port resolving to every node (`name:port`), re-resolved periodically.
+    pub peers_dns: Option<String>,
+    /// Replication factor; `None` picks 2 when there are peers, else 1.
+    pub replicas: Option<usize>,
+    /// Interval between health checks of each peer.
+    pub health_interval: Duration,
+    /// Deadline of one health check, and of connecting to a peer.
+    pub health_timeout: Duration,
+    /// Consecutive failures that mark a peer down.
+    pub failure_threshold: u32,
+    /// Deadline of a request forwarded to a peer.
+    pub forward_timeout: Duration,
+    /// Interval between DNS resolutions.
+    pub dns_interval: Duration,
+}
+
+/// How to reach a member.
+#[derive(Clone)]
+pub enum Target {
+    /// This node.
+    Local,
+    /// A peer, over a shared channel.
+    Remote(KvCacheClient<Channel>),
+}
+
+/// A live member in the placement view.
+#[derive(Clone)]
+pub struct Member {
+    /// Stable node id.
+    pub node_id: String,
+    /// Rendezvous seed of the id.
+    pub seed: u64,
+    /// How to reach it.
+    pub target: Target,
+}
+
+/// The live members, sorted by node id, and the replication factor.
+pub struct View {
+    /// Live members (this node included).
+    pub members: Vec<Member>,
+    /// Seeds of `members`, in the same order.
+    pub seeds: Vec<u64>,
+    /// Replicas per key (at most the number of live members).
+    pub replicas: usize,
+}
+
+impl View {
+    /// Indices into `members` of `key`'s owners, best first.
+    pub fn owners(&self, key: &BlockKey) -> Vec<usize> {
+        placement::owners(&self.seeds, key, self.replicas)
+    }
+
+    /// True when this node is the only live member.
+    pub fn is_single(&self) -> bool {
+        self.members.len() <= 1
+    }
+}
+
+struct Peer {
+    addr: String,
+    node_id: Option<String>,
+    http_addr: String,
+    healthy: bool,
+    failures: u32,
+    last_seen: Option<Instant>,
+    channel: Channel,
+    from_dns: bool,
+}
+
+/// Cluster state of one node.
+pub struct Cluster {
+    /// This node's id.
+    pub self_id: String,
+    self_grpc: String,
+    self_http: String,
+    config: ClusterConfig,
+    peers: RwLock<Vec<Peer>>,
+    view: RwLock<Arc<View>>,
+}
+
+fn lazy_channel(addr: &str, timeout: Duration) -> Option<Channel> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    Some(ep.connect_lazy())
+}
+
+impl Cluster {
+    /// Membership for a node with the given identity and configuration.
+    pub fn new(
+        self_id: String,
+        self_grpc: String,
+        self_http: String,
+        config: ClusterConfig,
+    ) -> Arc<Self> {
+        let peers = config
+            .peers
+            .iter()
+            .filter(|a| **a != self_grpc)
+            .filter_map(|a| {
+                lazy_channel(a, config.health_timeout).map(|channel| Peer {
+                    addr: a.clone(),
+                    node_id: None,
+                    http_addr: String::new(),
+                    healthy: false,
+                    failures: 0,
+                    last_seen: None,
+                    channel,
+                    from_dns: false,
+                })
+            })
+            .collect();
+        let c = Arc::new(Cluster {
+            self_id,
+            self_grpc,
+            self_http,
+            config,
+            peers: RwLock::new(peers),
+            view: RwLock::new(Arc::new(View {
+                members: vec![],
+                seeds: vec![],
+                replicas: 1,
+            })),
+        });
+        c.rebuild_view();
+        c
+    }
+
+    /// The current placement view (cheap: an `Arc`).
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().clone()
+    }
+
+    /// Replication factor in force for a cluster of `n` configured members.
+    fn replicas_for(&self, n: usize) -> usize {
+        self.config
+            .replicas
+            .unwrap_or(if n >= 2 { 2 } else { 1 })
+            .max(1)
+    }
+
+    fn rebuild_view(&self) {
+        let peers = self.peers.read();
+        let configured = 1 + peers
+            .iter()
+            .filter(|p| p.node_id.as_deref() != Some(&self.self_id))
+            .count();
+        let mut members: Vec<Member> = vec![Member {
+            node_id: self.self_id.clone(),
+            seed: node_seed(&self.self_id),
+            target: Target::Local,
+        }];
+        for p in peers.iter() {
+            if let (true, Some(id)) = (p.healthy, &p.node_id)
+                && *id != self.self_id
+                && !members.iter().any(|m| m.node_id == *id)
+            {
+                let client = KvCacheClient::new(p.channel.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                members.push(Member {
+                    node_id: id.clone(),
+                    seed: node_seed(id),
+                    target: Target::Remote(client),
+                });
+            }
+        }
+        members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let replicas = self.replicas_for(configured).min(members.len());
+        let seeds = members.iter().map(|m| m.seed).collect();
+        *self.view.write() = Arc::new(View {
+            members,
+            seeds,
+            replicas,
+        });
+    }
+
+    /// Every known member with its health, for `ClusterInfo`.
+    pub fn members_info(&self) -> Vec<pb::Member> {
+        let mut out = vec![pb::Member {
+            node_id: self.self_id.clone(),
+            grpc_addr: self.self_grpc.clone(),
+            http_addr: self.self_http.clone(),
+            healthy: true,
+            last_seen_seconds_ago: 0,
+        }];
+        for p in self.peers.read().iter() {
+            if p.node_id.as_deref() == Some(&self.self_id) {
+                continue;
+            }
+            out.push(pb::Member {
+                node_id: p
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(|| format!("unknown@{}", p.addr)),
+                grpc_addr: p.addr.clone(),
+                http_addr: p.http_addr.clone(),
+                healthy: p.healthy,
+                last_seen_seconds_ago: p.last_seen.map_or(u64::MAX, |t| t.elapsed().as_secs()),
+            });
+        }
+        out
+    }
+
+    /// Replication factor currently in force.
+    pub fn replicas(&self) -> u32 {
+        self.view().replicas as u32
+    }
+
+    /// Health of every peer: (node id or address, healthy).
+    pub fn peer_health(&self) -> Vec<(String, bool)> {
+        self.peers
+            .read()
+            .iter()
+            .filter(|p| p.node_id.as_deref() != Some(&self.self_id))
+            .map(|p| {
+                (
+                    p.node_id.clone().unwrap_or_else(|| p.addr.clone()),
+                    p.healthy,
+                )
+            })
+            .collect()
+    }
+
+    /// Records a failed request to `node_id` (counts like a failed health check).
+    pub fn report_failure(&self, node_id: &str) {
+        let mut changed = false;
+        {
+            let mut peers = self.peers.write();
+            if let Some(p) = peers
+                .iter_mut()
+                .find(|p| p.node_id.as_deref() == Some(node_id))
+            {
+                p.failures += 1;
+                if p.healthy && p.failures >= self.config.failure_threshold {
+                    p.healthy = false;
+                    changed = true;
+                    warn!(peer = node_id, "peer marked down after failed requests");
+                }
+            }
+        }
+        if changed {
+            self.rebuild_view();
+        }
+    }
+
+    async fn check_peer(
+        channel: Channel,
+        timeout: Duration,
+        need_info: bool,
+    ) -> Result<Option<pb::ClusterInfoResponse>, String> {
+        let mut health = HealthClient::new(channel.clone());
+        let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        req.set_timeout(timeout);
+        let resp = tokio::time::timeout(timeout, health.check(req))
+            .await
+            .map_err(|_| "health check timed out".to_string())?
+            .map_err(|e| e.message().to_string())?;
+        if resp.into_inner().status
+            != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        {
+            return Err("not serving".into());
+        }
+        if !need_info {
+            return Ok(None);
+        }
+        let mut kv = KvCacheClient::new(channel);
+        let mut req = tonic::Request::new(pb::ClusterInfoRequest {});
+        req.set_timeout(timeout);
+        let info = tokio::time::timeout(timeout, kv.cluster_info(req))
+            .await
+            .map_err(|_| "cluster info timed out".to_string())?
+            .map_err(|e| e.message().to_string())?;
+        Ok(Some(info.into_inner()))
+    }
+
+    /// One round of health checks of every peer.
+    pub async fn check_all(&self) {
+        let targets: Vec<(String, Channel, bool)> = self
+            .peers
+            .read()
+            .iter()
+            .map(|p| {
+                (
+                    p.addr.clone(),
+                    p.channel.clone(),
+                    p.node_id.is_none() || !p.healthy,
+                )
+            })
+            .collect();
+        let timeout = self.config.health_timeout;
+        let results =
+            futures::future::join_all(targets.into_iter().map(|(addr, ch, need)| async move {
+                (addr, Self::check_peer(ch, timeout, need).await)
+            }))
+            .await;
+        let mut changed = false;
+        {
+            let mut peers = self.peers.write();
+            for (addr, r) in results {
+                let Some(p) = peers.iter_mut().find(|p| p.addr == addr) else {
+                    continue;
+                };
+                match r {
+                    Ok(info) => {
+                        if let Some(info) = info {
+                            if p.node_id.as_deref() != Some(&info.node_id) {
+                                changed = true;
+                            }
+                            p.node_id = Some(info.node_id.clone());
+                            if let Some(m) = info.members.iter().find(|m| m.node_id == info.node_id)
+                            {
+                                p.http_addr = m.http_addr.clone();
+                            }
+                        }
+                        p.failures = 0;
+                        p.last_seen = Some(Instant::now());
+                        if !p.healthy {
+                            p.healthy = true;
+                            changed = true;
+                            info!(peer = %addr, node = ?p.node_id, "peer up");
+                        }
+                    }
+                    Err(e) => {
+                        p.failures += 1;
+                        if p.healthy && p.failures >= self.config.failure_threshold {
+                            p.healthy = false;
+                            changed = true;
+                            warn!(peer = %addr, node = ?p.node_id, error = %e, "peer marked down");
+                        }
+                    }
+                }
+            }
+        }
+        if changed {
+            self.rebuild_view();
+        }
+    }
+
+    /// Resolves `--peers-dns` and adds or drops peers to match.
+    pub async fn resolve_dns(&self) {
+        let Some(name) = &self.config.peers_dns else {
+            return;
+        };
+        let addrs: Vec<String> = match tokio::net::lookup_host(name.as_str()).await {
+            Ok(a) => a.map(|a| a.to_string()).collect(),
+            Err(e) => {
+                warn!(%name, error = %e, "peer DNS lookup failed; keeping the last known peers");
+                return;
+            }
+        };
+        let mut changed = false;
+        {
+            let mut peers = self.peers.write();
+            let before = peers.len();
+            peers.retain(|p| !p.from_dns || addrs.contains(&p.addr));
+            changed |= peers.len() != before;
+            for a in addrs {
+                if a == self.self_grpc || peers.iter().any(|p| p.addr == a) {
+                    continue;
+                }
+                if let Some(channel) = lazy_channel(&a, self.config.health_timeout) {
+                    info!(peer = %a, "peer discovered by DNS");
+                    peers.push(Peer {
+                        addr: a,
+                        node_id: None,
+                        http_addr: String::new(),
+                        healthy: false,
+                        failures: 0,
+                        last_seen: None,
+                        channel,
+                        from_dns: true,
+                    });
+                }
+            }
+        }
+        if changed {
+            self.rebuild_view();
+        }
+    }
+
+    /// Deadline of forwarded requests.
+    pub fn forward_timeout(&self) -> Duration {
+        self.config.forward_timeout
+    }
+
+    /// Runs health checks (and DNS resolution) until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_dns: Option<Instant> = None;
+        loop {
+            if last_dns.is_none_or(|t| t.elapsed() >= self.config.dns_interval) {
+                self.resolve_dns().await;
+                last_dns = Some(Instant::now());
+            }
+            self.check_all().await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.health_interval) => {}
+                _ = shutdown.wait_for(|v| *v) => return,
+            }
+        }
+    }
+
+    /// Per-peer counts for tests and status: node id -> healthy.
+    pub fn health_map(&self) -> HashMap<String, bool> {
+        self.peer_health().into_iter().collect()
+    }
+}
