@@ -100,24 +100,26 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Path of the `kvshared` binary: `$KVSHARED_BIN`, else next to the test executable (built by
-/// `cargo test --workspace`), else built now with cargo.
+/// Path of the `kvshared` binary: `$KVSHARED_BIN`, else the workspace's own build, brought up
+/// to date with `cargo build` once per test process (a no-op when it is current).
 pub fn kvshared_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     if let Ok(p) = std::env::var("KVSHARED_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("kvshared");
-    if !bin.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "kvshare-server", "--bin", "kvshared"])
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo build kvshared");
-        assert!(status.success(), "building kvshared failed");
-    }
-    bin
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-p", "kvshare-server", "--bin", "kvshared"])
+                .current_dir(repo_root())
+                .status()
+                .expect("cargo build kvshared");
+            assert!(status.success(), "building kvshared failed");
+            dir.join("kvshared")
+        })
+        .clone()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests on one machine).
