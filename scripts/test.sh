@@ -15,5 +15,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== python interop tests"
-cargo build --locked -p kvshare-server --bin kvshared
-scripts/python-tests.sh
+# kvshared was built by cargo test --workspace (kvshare-server has integration tests).
+KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-tests.sh

@@ -50,6 +50,7 @@ async fn lookup(c: &mut KvCacheClient<Channel>, keys: Vec<Bytes>) -> Result<u32,
     c.lookup(pb::LookupRequest {
         namespace: Bytes::from_static(&NS),
         keys,
+        per_key: false,
     })
     .await
     .map(|r| r.into_inner().hit_blocks)
@@ -111,6 +112,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
         .lookup(pb::LookupRequest {
             namespace: Bytes::from_static(b"ns"),
             keys: vec![key(1)],
+            per_key: false,
         })
         .await;
     expect_err(

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kvshare_client::{ClientOptions, KvClient};
-use kvshare_core::{BlockStore, Codec, DType, EncodedBlock, Namespace};
+use kvshare_core::{BlockStore, Codec, DType, Namespace};
 use kvshare_tests::{
     http_get, kv_blocks, kv_sample_bytes, minilm_layout, prompt_tokens, start_node,
 };
@@ -74,26 +74,16 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
             };
             let mut c = KvClient::connect(&endpoint, opts).await.expect("connect");
             let ns = Namespace::new(format!("writer-{w}"), layout);
-            let tokens = prompt_tokens(blocks_per_writer * 4, w as u32);
-            // Upload in batches of 16 blocks, as a worker pushes after each prefill.
-            let keys = ns.block_keys(&tokens).expect("keys");
-            for (batch, chunk) in blocks.chunks(16).enumerate() {
-                let items = chunk
-                    .iter()
-                    .enumerate()
-                    .map(|(j, raw)| {
-                        let i = batch * 16 + j;
-                        kvshare_client::PutItem {
-                            key: keys[i],
-                            parent: i.checked_sub(1).map(|p| keys[p]),
-                            block: EncodedBlock::encode(ns.digest(), layout, Codec::None, raw)
-                                .expect("encode"),
-                        }
-                    })
-                    .collect();
-                let r = c.put_blocks(items).await.expect("put");
+            // One prompt of 16 blocks per put, as a worker pushes after each prefill; each
+            // prompt is its own chain, so eviction takes old prompts tail first.
+            let mut last = (Vec::new(), Vec::new());
+            for (p, chunk) in blocks.chunks(16).enumerate() {
+                let tokens = prompt_tokens(chunk.len() * 4, (w * 10_000 + p) as u32);
+                let r = c.put_prefix(&ns, &tokens, chunk).await.expect("put");
                 assert_eq!(r.stored(), chunk.len());
+                last = (tokens, chunk.to_vec());
             }
+            let (tokens, blocks) = last;
             (ns, tokens, blocks)
         }));
     }
@@ -115,14 +105,12 @@ async fn concurrent_writers_never_push_stored_bytes_over_capacity() {
         .await
         .expect("connect");
     for (ns, tokens, blocks) in &written {
-        let keys = ns.block_keys(tokens).expect("keys");
-        let last = keys.len() - 1;
-        let got = c
-            .get_blocks(&ns.digest(), &keys[last..])
-            .await
-            .expect("get");
-        let block = got[0].as_ref().expect("newest block still stored");
-        assert_eq!(&block.decode().expect("decode"), &blocks[last]);
+        assert_eq!(
+            c.lookup(ns, tokens).await.expect("lookup").hit_blocks,
+            blocks.len()
+        );
+        let got = c.get_prefix(ns, tokens).await.expect("get newest prompt");
+        assert!(&got == blocks, "newest prompt of {ns:?} intact");
     }
 
     // Counters add up: everything pushed was stored; what is gone was evicted.

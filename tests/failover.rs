@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use kvshare_client::{ClientOptions, ClusterClient, KvClient, PutItem};
 use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, Namespace};
-use kvshare_tests::{NodeProcess, free_port, kv_blocks, kv_sample_bytes, minilm_layout, prompt_tokens, wait_for_members};
+use kvshare_tests::{
+    NodeProcess, free_port, kv_blocks, kv_sample_bytes, minilm_layout, prompt_tokens,
+    wait_for_members,
+};
 
 fn items_for(ns: &Namespace, tokens: &[u32], raw: &[Vec<u8>]) -> Vec<PutItem> {
     let keys = ns.block_keys(tokens).expect("keys");
@@ -17,28 +20,47 @@ fn items_for(ns: &Namespace, tokens: &[u32], raw: &[Vec<u8>]) -> Vec<PutItem> {
         .map(|(i, k)| PutItem {
             key: *k,
             parent: i.checked_sub(1).map(|p| keys[p]),
-            block: EncodedBlock::encode(ns.digest(), ns.layout, Codec::Lz4, &raw[i % raw.len()]).expect("encode"),
+            block: EncodedBlock::encode(ns.digest(), ns.layout, Codec::Lz4, &raw[i % raw.len()])
+                .expect("encode"),
         })
         .collect()
 }
 
 /// Either a plain client of one node or the smart client.
 enum Client {
-    Plain(KvClient),
+    Plain(Box<KvClient>),
     Smart(ClusterClient),
 }
 
 impl Client {
-    async fn get(&mut self, ns: &Namespace, keys: &[BlockKey]) -> Result<Vec<Option<EncodedBlock>>, String> {
+    async fn get(
+        &mut self,
+        ns: &Namespace,
+        keys: &[BlockKey],
+    ) -> Result<Vec<Option<EncodedBlock>>, String> {
         match self {
-            Client::Plain(c) => c.get_blocks(&ns.digest(), keys).await.map_err(|e| e.to_string()),
-            Client::Smart(c) => c.get_blocks(&ns.digest(), keys).await.map_err(|e| e.to_string()),
+            Client::Plain(c) => c
+                .get_blocks(&ns.digest(), keys)
+                .await
+                .map_err(|e| e.to_string()),
+            Client::Smart(c) => c
+                .get_blocks(&ns.digest(), keys)
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
     async fn lookup(&mut self, ns: &Namespace, tokens: &[u32]) -> Result<usize, String> {
         match self {
-            Client::Plain(c) => c.lookup(ns, tokens).await.map(|l| l.hit_blocks).map_err(|e| e.to_string()),
-            Client::Smart(c) => c.lookup(ns, tokens).await.map(|l| l.hit_blocks).map_err(|e| e.to_string()),
+            Client::Plain(c) => c
+                .lookup(ns, tokens)
+                .await
+                .map(|l| l.hit_blocks)
+                .map_err(|e| e.to_string()),
+            Client::Smart(c) => c
+                .lookup(ns, tokens)
+                .await
+                .map(|l| l.hit_blocks)
+                .map_err(|e| e.to_string()),
         }
     }
     async fn put(&mut self, items: Vec<PutItem>) -> Result<u32, String> {
@@ -46,15 +68,27 @@ impl Client {
             Client::Plain(c) => c.put_blocks(items).await,
             Client::Smart(c) => c.put_blocks(items).await,
         };
-        r.map(|r| r.outcomes.iter().map(|o| o.replicas).min().unwrap_or(0)).map_err(|e| e.to_string())
+        r.map(|r| r.outcomes.iter().map(|o| o.replicas).min().unwrap_or(0))
+            .map_err(|e| e.to_string())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let peers: Vec<String> = ports.iter().map(|(g, _)| format!("127.0.0.1:{g}")).collect();
-    let start = |i: usize| NodeProcess::start(&format!("node-{i}"), ports[i].0, ports[i].1, &peers, &["--replicas", "2"]);
+    let peers: Vec<String> = ports
+        .iter()
+        .map(|(g, _)| format!("127.0.0.1:{g}"))
+        .collect();
+    let start = |i: usize| {
+        NodeProcess::start(
+            &format!("node-{i}"),
+            ports[i].0,
+            ports[i].1,
+            &peers,
+            &["--replicas", "2"],
+        )
+    };
     let mut nodes: Vec<NodeProcess> = (0..3).map(start).collect();
     for n in &nodes {
         wait_for_members(&n.endpoint(), 3).await;
@@ -65,9 +99,14 @@ async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
     let ns = Namespace::new("failover", layout);
     // Written before the kill: 20 prompts of 64 blocks.
     let prompts: Vec<Vec<u32>> = (0..20).map(|p| prompt_tokens(64, 100 + p)).collect();
-    let mut writer = KvClient::connect(&nodes[0].endpoint(), ClientOptions::default()).await.expect("connect");
+    let mut writer = KvClient::connect(&nodes[0].endpoint(), ClientOptions::default())
+        .await
+        .expect("connect");
     for t in &prompts {
-        let r = writer.put_blocks(items_for(&ns, t, &raw)).await.expect("put");
+        let r = writer
+            .put_blocks(items_for(&ns, t, &raw))
+            .await
+            .expect("put");
         assert!(r.outcomes.iter().all(|o| o.replicas == 2));
     }
     let prompts = Arc::new(prompts);
@@ -85,13 +124,26 @@ async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
         let mut client = if w % 2 == 0 {
             // Plain clients of the nodes that stay up (node 1 is the one killed).
             let target = if w == 0 { 0 } else { 2 };
-            Client::Plain(KvClient::connect(&nodes[target].endpoint(), ClientOptions::default()).await.expect("plain"))
+            Client::Plain(Box::new(
+                KvClient::connect(&nodes[target].endpoint(), ClientOptions::default())
+                    .await
+                    .expect("plain"),
+            ))
         } else {
-            Client::Smart(ClusterClient::connect(&[nodes[0].endpoint()], ClientOptions::default()).await.expect("smart"))
+            Client::Smart(
+                ClusterClient::connect(&[nodes[0].endpoint()], ClientOptions::default())
+                    .await
+                    .expect("smart"),
+            )
         };
         let (ns, raw, prompts, stop) = (ns.clone(), raw.clone(), prompts.clone(), stop.clone());
-        let (gets, get_errors, puts, put_errors, lookups_wrong) =
-            (gets.clone(), get_errors.clone(), puts.clone(), put_errors.clone(), lookups_wrong.clone());
+        let (gets, get_errors, puts, put_errors, lookups_wrong) = (
+            gets.clone(),
+            get_errors.clone(),
+            puts.clone(),
+            put_errors.clone(),
+            lookups_wrong.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut i = 0u32;
             let t0 = Instant::now();
@@ -101,7 +153,11 @@ async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
                 match client.get(&ns, &keys).await {
                     Ok(b) if b.iter().all(Option::is_some) => {}
                     Ok(b) => {
-                        eprintln!("worker {w}: {} of {} blocks missing", b.iter().filter(|x| x.is_none()).count(), b.len());
+                        eprintln!(
+                            "worker {w}: {} of {} blocks missing",
+                            b.iter().filter(|x| x.is_none()).count(),
+                            b.len()
+                        );
                         get_errors.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -135,7 +191,10 @@ async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
     // Survivors notice within a bounded time.
     wait_for_members(&nodes[0].endpoint(), 2).await;
     wait_for_members(&nodes[2].endpoint(), 2).await;
-    println!("node-1 marked down by both peers {:?} after SIGKILL", killed_at.elapsed());
+    println!(
+        "node-1 marked down by both peers {:?} after SIGKILL",
+        killed_at.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let after_kill_gets = gets.load(Ordering::Relaxed) - before_kill;
 
@@ -164,12 +223,22 @@ async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
     assert_eq!(put_errors.load(Ordering::Relaxed), 0);
 
     // The restarted node takes its share of new writes.
-    let mut c = KvClient::connect(&nodes[0].endpoint(), ClientOptions::default()).await.expect("connect");
+    let mut c = KvClient::connect(&nodes[0].endpoint(), ClientOptions::default())
+        .await
+        .expect("connect");
     let fresh = prompt_tokens(600, 777);
-    let r = c.put_blocks(items_for(&ns, &fresh, &raw)).await.expect("put");
+    let r = c
+        .put_blocks(items_for(&ns, &fresh, &raw))
+        .await
+        .expect("put");
     assert!(r.outcomes.iter().all(|o| o.replicas == 2));
-    let mut n1 = KvClient::connect(&nodes[1].endpoint(), ClientOptions::default()).await.expect("connect");
+    let mut n1 = KvClient::connect(&nodes[1].endpoint(), ClientOptions::default())
+        .await
+        .expect("connect");
     let s = n1.stats().await.expect("stats");
-    println!("restarted node-1 holds {} blocks after 600 new writes (2/3 share = 400)", s.stored_blocks);
+    println!(
+        "restarted node-1 holds {} blocks after 600 new writes (2/3 share = 400)",
+        s.stored_blocks
+    );
     assert!(s.stored_blocks >= 300, "{}", s.stored_blocks);
 }

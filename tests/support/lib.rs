@@ -108,18 +108,38 @@ pub fn kvshared_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("current exe");
-            let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
-            let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "-p", "kvshare-server", "--bin", "kvshared"])
-                .current_dir(repo_root())
-                .status()
-                .expect("cargo build kvshared");
-            assert!(status.success(), "building kvshared failed");
-            dir.join("kvshared")
-        })
+        .get_or_init(|| workspace_bin("kvshare-server", "kvshared"))
         .clone()
+}
+
+/// Path of the `kvshare` CLI binary, built like [`kvshared_bin`].
+pub fn kvshare_cli_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| workspace_bin("kvshare-cli", "kvshare"))
+        .clone()
+}
+
+fn workspace_bin(_package: &str, bin: &str) -> PathBuf {
+    // `cargo test --workspace --no-run` builds every workspace binary with the same features as
+    // the suite's own build, so under `cargo test --workspace` it is a no-op, and a single test
+    // run alone still gets current binaries.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--no-run", "--quiet"])
+        .current_dir(repo_root())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("cargo test --no-run");
+    assert!(status.success(), "building the workspace binaries failed");
+    let path = dir.join(bin);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests on one machine).

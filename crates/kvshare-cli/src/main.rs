@@ -200,25 +200,67 @@ fn stats_json(s: &pb::StatsResponse) -> serde_json::Value {
 }
 
 async fn status(c: &mut KvClient) -> anyhow::Result<()> {
+    use kvshare_core::size::format_size;
     let healthy = c.health().await.unwrap_or(false);
     let info = c.cluster_info().await?;
-    let s = c.stats().await?;
-    println!("endpoint   {}", c.endpoint());
+    println!("endpoint   {} (node {})", c.endpoint(), info.node_id);
     println!(
         "health     {}",
         if healthy { "SERVING" } else { "NOT SERVING" }
     );
     println!("placement  {} (replicas {})", info.placement, info.replicas);
-    println!("{:<20} {:<22} {:<8}", "member", "grpc", "health");
-    for m in &info.members {
+    println!(
+        "{:<20} {:<22} {:<6} {:>10} {:>12} {:>12} {:>9}",
+        "member", "grpc", "health", "blocks", "stored", "capacity", "hit rate"
+    );
+    // Ask each member for its own numbers, in parallel, with a short deadline (members the CLI
+    // cannot reach show dashes).
+    let opts = ClientOptions {
+        timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        ..c.options().clone()
+    };
+    let all_stats = futures::future::join_all(info.members.iter().map(|m| {
+        let (opts, addr, healthy) = (opts.clone(), m.grpc_addr.clone(), m.healthy);
+        async move {
+            if !healthy {
+                return None;
+            }
+            let mut mc = KvClient::connect(&format!("http://{addr}"), opts)
+                .await
+                .ok()?;
+            mc.stats().await.ok()
+        }
+    }))
+    .await;
+    for (m, stats) in info.members.iter().zip(all_stats) {
+        let (blocks, stored, cap, rate) = match &stats {
+            Some(s) => {
+                let t = s.hits + s.misses;
+                (
+                    s.stored_blocks.to_string(),
+                    format_size(s.stored_bytes),
+                    format_size(s.capacity_bytes),
+                    if t > 0 {
+                        format!("{:.1}%", 100.0 * s.hits as f64 / t as f64)
+                    } else {
+                        "-".into()
+                    },
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "{:<20} {:<22} {:<8}",
+            "{:<20} {:<22} {:<6} {:>10} {:>12} {:>12} {:>9}",
             m.node_id,
             m.grpc_addr,
-            if m.healthy { "up" } else { "down" }
+            if m.healthy { "up" } else { "down" },
+            blocks,
+            stored,
+            cap,
+            rate
         );
     }
-    print_usage(&s);
     Ok(())
 }
 

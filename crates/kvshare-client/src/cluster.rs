@@ -324,21 +324,25 @@ impl ClusterClient {
                 replicas: replicas[i],
             });
         }
-        if let Some((index, o)) = report
-            .outcomes
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.replicas == 0)
-        {
-            if let PutStatus::Rejected { code, reason } = &o.status {
-                return Err(ClientError::Rejected {
-                    index,
-                    key: o.key,
-                    code: *code,
-                    reason: reason.clone(),
-                    outcomes: report.outcomes.clone(),
+        let first_rejected =
+            report
+                .outcomes
+                .iter()
+                .enumerate()
+                .find_map(|(index, o)| match &o.status {
+                    PutStatus::Rejected { code, reason } => {
+                        Some((index, o.key, *code, reason.clone()))
+                    }
+                    _ => None,
                 });
-            }
+        if let Some((index, key, code, reason)) = first_rejected {
+            return Err(ClientError::Rejected {
+                index,
+                key,
+                code,
+                reason,
+                outcomes: report.outcomes.clone(),
+            });
         }
         Ok(report)
     }
