@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing kvshare needs on a fresh Debian machine with rustup and
-# Python 3: the rustfmt and clippy components, and Python's venv module. Idempotent.
+# Python 3: the rustfmt and clippy components, Python's venv module, iproute2 (partition test)
+# and Chromium (dashboard browser test). Idempotent.
 set -euo pipefail
 
 if command -v rustup >/dev/null 2>&1; then
@@ -10,13 +11,19 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
+missing=()
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
+  missing+=(python3 python3-venv python3-pip)
+fi
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
+    echo "bootstrap: installing ${missing[*]}"
     apt-get update -qq
-    apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "python3 with venv is required for the interop tests" >&2
-    exit 1
+    echo "bootstrap: please install ${missing[*]} (Debian package names)" >&2
   fi
 fi

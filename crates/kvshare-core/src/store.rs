@@ -80,6 +80,8 @@ pub struct NamespaceUsage {
     pub bytes: u64,
     /// Hits (blocks found by lookups and gets).
     pub hits: u64,
+    /// Tokens per block of the namespace's layout (from its stored blocks; 0 if unknown).
+    pub tokens_per_block: u32,
 }
 
 struct Inner {
@@ -200,6 +202,7 @@ impl BlockStore {
             pe.children.push(key.key);
         }
         let raw = block.header.raw_len;
+        let tpb = block.header.layout.tokens_per_block;
         g.map.put(
             key,
             Entry {
@@ -214,6 +217,7 @@ impl BlockStore {
         let ns = g.namespaces.entry(key.namespace).or_default();
         ns.blocks += 1;
         ns.bytes += charge;
+        ns.tokens_per_block = tpb;
         self.used.store(g.used, Ordering::Release);
         Ok(InsertOutcome::Stored { evicted })
     }
@@ -344,6 +348,15 @@ impl BlockStore {
             g.namespaces.entry(namespace).or_default().hits += hits;
         }
         out
+    }
+
+    /// Tokens per block of a namespace this store holds blocks of (0 when unknown).
+    pub fn tokens_per_block(&self, namespace: &BlockKey) -> u32 {
+        self.inner
+            .lock()
+            .namespaces
+            .get(namespace)
+            .map_or(0, |u| u.tokens_per_block)
     }
 
     /// Fetches one block, marking it used.

@@ -239,6 +239,32 @@ impl Cluster {
         out
     }
 
+    /// Every peer with a client for it (healthy or not), for stats aggregation.
+    pub fn peer_clients(&self) -> Vec<(pb::Member, KvCacheClient<Channel>)> {
+        self.peers
+            .read()
+            .iter()
+            .filter(|p| p.node_id.as_deref() != Some(&self.self_id))
+            .map(|p| {
+                (
+                    pb::Member {
+                        node_id: p
+                            .node_id
+                            .clone()
+                            .unwrap_or_else(|| format!("unknown@{}", p.addr)),
+                        grpc_addr: p.addr.clone(),
+                        http_addr: p.http_addr.clone(),
+                        healthy: p.healthy,
+                        last_seen_seconds_ago: p
+                            .last_seen
+                            .map_or(u64::MAX, |t| t.elapsed().as_secs()),
+                    },
+                    KvCacheClient::new(p.channel.clone()),
+                )
+            })
+            .collect()
+    }
+
     /// Replication factor currently in force.
     pub fn replicas(&self) -> u32 {
         self.view().replicas as u32

@@ -84,6 +84,14 @@ pub struct Metrics {
     registry: Registry,
     /// Lookup RPCs.
     pub lookups: Counter,
+    /// Keys asked by client lookups.
+    pub lookup_blocks: Counter,
+    /// Keys in the cached prefixes returned by client lookups.
+    pub lookup_hit_blocks: Counter,
+    /// Tokens covered by client lookups.
+    pub lookup_tokens: Counter,
+    /// Tokens in the cached prefixes returned by client lookups.
+    pub lookup_hit_tokens: Counter,
     /// Blocks found by lookups and gets.
     pub hits: Counter,
     /// Blocks not found (a lookup counts its first miss).
@@ -128,6 +136,10 @@ impl Metrics {
         let mut registry = Registry::with_prefix("kvshare");
         let m = Metrics {
             lookups: Counter::default(),
+            lookup_blocks: Counter::default(),
+            lookup_hit_blocks: Counter::default(),
+            lookup_tokens: Counter::default(),
+            lookup_hit_tokens: Counter::default(),
             hits: Counter::default(),
             misses: Counter::default(),
             puts: Family::default(),
@@ -149,6 +161,26 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("lookups", "Lookup RPCs served", m.lookups.clone());
+        registry.register(
+            "lookup_blocks",
+            "Block keys asked by client lookups",
+            m.lookup_blocks.clone(),
+        );
+        registry.register(
+            "lookup_hit_blocks",
+            "Block keys in the cached prefixes returned by lookups",
+            m.lookup_hit_blocks.clone(),
+        );
+        registry.register(
+            "lookup_tokens",
+            "Prompt tokens covered by client lookups",
+            m.lookup_tokens.clone(),
+        );
+        registry.register(
+            "lookup_hit_tokens",
+            "Prompt tokens in the cached prefixes returned by lookups",
+            m.lookup_hit_tokens.clone(),
+        );
         registry.register("hits", "Blocks found by lookups and gets", m.hits.clone());
         registry.register(
             "misses",

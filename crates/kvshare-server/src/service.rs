@@ -150,6 +150,10 @@ impl NodeState {
                 .collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             stored_payload_bytes: st.payload_bytes,
+            lookup_blocks: m.lookup_blocks.get(),
+            lookup_hit_blocks: m.lookup_hit_blocks.get(),
+            lookup_tokens: m.lookup_tokens.get(),
+            lookup_hit_tokens: m.lookup_hit_tokens.get(),
         }
     }
 }
@@ -199,7 +203,12 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
                     })
                     .inc();
             } else {
+                let tpb = u64::from(s.store.tokens_per_block(&ns));
                 s.metrics.lookups.inc();
+                s.metrics.lookup_blocks.inc_by(keys.len() as u64);
+                s.metrics.lookup_hit_blocks.inc_by(hit as u64);
+                s.metrics.lookup_tokens.inc_by(keys.len() as u64 * tpb);
+                s.metrics.lookup_hit_tokens.inc_by(hit as u64 * tpb);
                 s.metrics.hits.inc_by(hit as u64);
                 if hit < keys.len() {
                     s.metrics.misses.inc();
