@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing kvshare needs on a fresh Debian machine with rustup and
 # Python 3: the rustfmt and clippy components, Python's venv module, iproute2 (partition test)
-# and Chromium (dashboard browser test). Idempotent.
+# Chromium (dashboard browser test) and promtool (Debian's prometheus package). Idempotent.
 set -euo pipefail
 
 if command -v rustup >/dev/null 2>&1; then
@@ -17,6 +17,7 @@ if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip'
 fi
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

@@ -14,6 +14,11 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== deployment manifests, alerts, dashboards (validated against kvshared --help and schemas)"
+KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/validate-deploy.sh
+echo "== benchmark smoke run (kvshare vs redis, tiny sizes)"
+cargo build --locked --workspace --bins
+target/debug/kvshare-bench --quick --compare redis --parts throughput,lookup --sizes 64KiB --concurrency 2 --bytes-per-cell 8MiB --out-dir target/bench-smoke
 echo "== python interop tests"
 # kvshared was built by cargo test --workspace (kvshare-server has integration tests).
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-tests.sh

@@ -89,6 +89,13 @@ enum Command {
     },
     /// Start an embedded node and run a prefix-sharing demo load against it.
     Demo(demo::DemoArgs),
+    /// Run the benchmark suite (`kvshare-bench`, installed next to this binary); arguments are
+    /// passed through, e.g. `kvshare bench --quick --compare redis`.
+    Bench {
+        /// Arguments for kvshare-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -108,6 +115,19 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Hash { ns, tokens, json } => hash(&ns, &tokens, json),
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench { args } => {
+            let exe = std::env::current_exe()?.with_file_name("kvshare-bench");
+            let status = std::process::Command::new(&exe)
+                .args(&args)
+                .status()
+                .with_context(|| {
+                    format!(
+                        "running {} (build it with cargo build --release -p kvshare-bench)",
+                        exe.display()
+                    )
+                })?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
         cmd => {
             let mut c = KvClient::connect(&cli.endpoint, opts.clone()).await?;
             match cmd {
@@ -126,7 +146,9 @@ async fn main() -> anyhow::Result<()> {
                     put(&mut c, &ns, &tokens, &kv_file).await
                 }
                 Command::Get { ns, tokens, out } => get(&mut c, &ns, &tokens, &out).await,
-                Command::Hash { .. } | Command::Demo(_) => unreachable!("handled above"),
+                Command::Hash { .. } | Command::Demo(_) | Command::Bench { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     }

@@ -166,11 +166,15 @@ fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
     let dir_at = out.len();
     out.resize(dir_at + 5 * width, 0);
     for (i, plane) in planes.iter().enumerate() {
-        let compressed = match coder {
-            PlaneCoder::Lz4 => Some((MODE_LZ4, lz4_flex::block::compress(plane))),
-            PlaneCoder::Zstd => zstd::bulk::compress(plane, ZSTD_LEVEL)
-                .ok()
-                .map(|c| (MODE_ZSTD, c)),
+        // A near-random plane (16-bit mantissa bytes) cannot shrink enough to pay for the
+        // compressor's time: store it raw without trying.
+        let compressed = if entropy_bits_per_byte(plane) > RAW_ENTROPY_BITS {
+            None
+        } else {
+            match coder {
+                PlaneCoder::Lz4 => Some((MODE_LZ4, lz4_flex::block::compress(plane))),
+                PlaneCoder::Zstd => zstd_compress(plane).map(|c| (MODE_ZSTD, c)),
+            }
         };
         let (mode, data): (u8, &[u8]) = match &compressed {
             Some((m, c)) if c.len() < plane.len() => (*m, c),
@@ -183,6 +187,63 @@ fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
     }
     out.extend_from_slice(tail);
     out
+}
+
+/// Planes whose order-0 entropy exceeds this (bits per byte) are stored raw: the best any
+/// entropy coder could save is under 3 %, and trying costs more time than the rest of the block.
+const RAW_ENTROPY_BITS: f64 = 7.75;
+
+/// Order-0 entropy of `data` in bits per byte, estimated from every 4th byte.
+fn entropy_bits_per_byte(data: &[u8]) -> f64 {
+    let mut hist = [0u32; 256];
+    let mut n = 0u32;
+    for b in data.iter().step_by(4) {
+        hist[*b as usize] += 1;
+        n += 1;
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    let n = f64::from(n);
+    hist.iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+thread_local! {
+    static ZSTD_COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD_DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compresses with a per-thread context (creating one costs more than a small plane).
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    ZSTD_COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut()?.compress(data).ok()
+    })
+}
+
+/// zstd-decompresses into `out` with a per-thread context; returns the decoded length.
+fn zstd_decompress_into(data: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    ZSTD_DECOMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        match c.as_mut() {
+            Some(d) => d.decompress_to_buffer(data, out).map_err(|e| e.to_string()),
+            None => Err("no zstd context".into()),
+        }
+    })
 }
 
 fn decode_lz4_exact(input: &[u8], out: &mut [u8]) -> Result<(), CoreError> {
@@ -220,7 +281,6 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
     let mut out = vec![0u8; raw_len];
     let mut plane = vec![0u8; n];
     let mut pos = dir_end;
-    let mut zstd_ctx: Option<zstd::bulk::Decompressor<'static>> = None;
     for i in 0..width {
         let d = 2 + 5 * i;
         let mode = payload[d];
@@ -242,19 +302,10 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
                         "raw plane {i} has {len} bytes, expected {n}"
                     )));
                 }
-                plane.copy_from_slice(data);
             }
             MODE_LZ4 => decode_lz4_exact(data, &mut plane)?,
             MODE_ZSTD => {
-                let ctx = match &mut zstd_ctx {
-                    Some(c) => c,
-                    None => zstd_ctx.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| corrupt(format!("zstd context: {e}")))?,
-                    ),
-                };
-                let got = ctx
-                    .decompress_to_buffer(data, &mut plane[..])
+                let got = zstd_decompress_into(data, &mut plane[..])
                     .map_err(|e| corrupt(format!("zstd plane {i}: {e}")))?;
                 if got != n {
                     return Err(corrupt(format!(
@@ -264,14 +315,9 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
             }
             m => return Err(corrupt(format!("plane {i} has unknown mode {m}"))),
         }
-        if width == 2 {
-            for (j, b) in plane.iter().enumerate() {
-                out[j * 2 + i] = *b;
-            }
-        } else {
-            for (j, b) in plane.iter().enumerate() {
-                out[j * width + i] = *b;
-            }
+        let src: &[u8] = if mode == MODE_RAW { data } else { &plane };
+        for (o, b) in out[i..].iter_mut().step_by(width).zip(src) {
+            *o = *b;
         }
         pos = end;
     }

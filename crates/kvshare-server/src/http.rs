@@ -315,7 +315,7 @@ async fn api_cluster(State(st): State<HttpState>) -> Json<ClusterJson> {
     Json(cluster_json(&st.node).await)
 }
 
-async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
+async fn metrics(State(st): State<HttpState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let node = &st.node;
     let s = node.store.stats();
     let m = &node.metrics;
@@ -328,13 +328,28 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
             .get_or_create(&crate::metrics::PeerLabels { peer })
             .set(i64::from(up));
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
+    // Prometheus asks for OpenMetrics; everything else (curl, promtool) gets text format 0.0.4.
+    let wants_om = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if wants_om {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.encode(),
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            m.encode_prometheus_text(),
+        )
+    }
 }
 
 async fn api_stats(State(st): State<HttpState>) -> Json<StatsJson> {

@@ -274,6 +274,13 @@ impl Metrics {
         out
     }
 
+    /// Prometheus text exposition format 0.0.4 (what `promtool check metrics` and plain
+    /// scrapers expect): OpenMetrics with counter families named by their `_total` samples and
+    /// without the `# EOF` / `# UNIT` lines.
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+
     /// Records one finished RPC.
     pub fn observe_rpc(&self, method: Method, code: tonic::Code, seconds: f64) {
         self.rpc_duration
@@ -291,5 +298,62 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Converts OpenMetrics text to Prometheus text format 0.0.4.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut pending_help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            pending_help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some((hname, text)) = pending_help.take()
+                && hname == name
+            {
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        m.lookups.inc();
+        m.observe_rpc(Method::get, tonic::Code::Ok, 0.001);
+        let t = m.encode_prometheus_text();
+        assert!(
+            t.contains("# HELP kvshare_lookups_total Lookup RPCs served"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE kvshare_lookups_total counter\nkvshare_lookups_total 1\n"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE kvshare_rpc_duration_seconds histogram"));
+        assert!(!t.contains("# EOF"));
     }
 }

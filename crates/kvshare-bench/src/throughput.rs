@@ -1,0 +1,563 @@
+//! Throughput, lookup-latency and memory measurements.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kvshare_client::{ClientOptions, KvClient, PutItem};
+use kvshare_core::size::{format_size, parse_size};
+use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout};
+use rand::Rng;
+use serde::Serialize;
+
+use crate::Args;
+use crate::procs::{Node, Redis, rss_bytes};
+
+static KV_BF16: &[u8] = include_bytes!("../../../tests/data/kv-bf16-256tok.bin");
+
+/// One measured (system, op, block size, concurrency) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// `kvshare` or `redis`.
+    pub system: String,
+    /// `put`, `get` or `mixed`.
+    pub op: String,
+    /// Raw block size, bytes.
+    pub block_bytes: u64,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Operations.
+    pub ops: usize,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Raw K/V bytes per second (what a worker sends or receives), GB/s (1e9).
+    pub raw_gbps: f64,
+    /// Bytes on the wire per second, GB/s.
+    pub wire_gbps: f64,
+    /// Operations per second.
+    pub ops_per_s: f64,
+}
+
+/// Lookup latency of one prompt length.
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupRow {
+    /// `kvshare` or `redis`.
+    pub system: String,
+    /// Blocks in the prompt.
+    pub blocks: usize,
+    /// Lookups measured.
+    pub samples: usize,
+    /// Median, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// 99.9th percentile, microseconds.
+    pub p999_us: f64,
+}
+
+/// Node memory at full capacity.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRow {
+    /// Block size used to fill.
+    pub block_bytes: u64,
+    /// Configured capacity.
+    pub capacity_bytes: u64,
+    /// Stored bytes reported by the node.
+    pub stored_bytes: u64,
+    /// Resident set size of the node process.
+    pub rss_bytes: u64,
+    /// rss / stored.
+    pub ratio: f64,
+}
+
+/// A layout whose block is exactly `size` raw bytes (bf16, 16 tokens, 1 layer, 1 head).
+pub fn layout_for(size: u64) -> KvLayout {
+    KvLayout {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: (size / 64) as u32,
+        dtype: DType::BF16,
+        tokens_per_block: 16,
+    }
+}
+
+/// `size` bytes of real K/V, tiled from the sample starting at `offset`.
+pub fn kv_block(size: usize, offset: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(size);
+    let mut pos = (offset * 8192) % KV_BF16.len();
+    pos -= pos % 2;
+    while v.len() < size {
+        let take = (size - v.len()).min(KV_BF16.len() - pos);
+        v.extend_from_slice(&KV_BF16[pos..pos + take]);
+        pos = (pos + take) % KV_BF16.len();
+    }
+    v
+}
+
+fn random_key() -> BlockKey {
+    BlockKey(rand::rng().random())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Put,
+    Get,
+    Mixed,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::Get => "get",
+            Op::Mixed => "mixed",
+        }
+    }
+}
+
+struct Totals {
+    raw: u64,
+    wire: u64,
+}
+
+const NS: BlockKey = BlockKey([0xb5; 32]);
+
+async fn kvshare_cell(
+    endpoint: &str,
+    codec: Codec,
+    size: u64,
+    conc: usize,
+    ops: usize,
+    op: Op,
+    keys: Arc<Vec<BlockKey>>,
+) -> anyhow::Result<Totals> {
+    let layout = layout_for(size);
+    let per_task = ops.div_ceil(conc);
+    let mut tasks = Vec::new();
+    for t in 0..conc {
+        let mut c = KvClient::connect(
+            endpoint,
+            ClientOptions {
+                codec,
+                timeout: Duration::from_secs(120),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut raw_total, mut wire_total) = (0u64, 0u64);
+            for i in 0..per_task {
+                let put = match op {
+                    Op::Put => true,
+                    Op::Get => false,
+                    Op::Mixed => i % 2 == 0,
+                };
+                if put {
+                    // The worker's side of a put: compress real K/V, then send.
+                    let raw = kv_block(size as usize, t * 1000 + i);
+                    let block = EncodedBlock::encode(NS, layout, codec, &raw)?;
+                    wire_total += block.payload.len() as u64;
+                    raw_total += raw.len() as u64;
+                    c.put_blocks(vec![PutItem {
+                        key: random_key(),
+                        parent: None,
+                        block,
+                    }])
+                    .await?;
+                } else {
+                    let k = keys[(t * 7919 + i) % keys.len()];
+                    let got = c.get_blocks(&NS, &[k]).await?;
+                    let b = got
+                        .into_iter()
+                        .next()
+                        .flatten()
+                        .context("pre-populated block missing")?;
+                    wire_total += b.payload.len() as u64;
+                    // The worker's side of a get: decompress and verify.
+                    raw_total += b.decode()?.len() as u64;
+                }
+            }
+            anyhow::Ok((raw_total, wire_total))
+        }));
+    }
+    let mut t = Totals { raw: 0, wire: 0 };
+    for task in tasks {
+        let (r, w) = task.await??;
+        t.raw += r;
+        t.wire += w;
+    }
+    Ok(t)
+}
+
+async fn redis_cell(
+    url: &str,
+    size: u64,
+    conc: usize,
+    ops: usize,
+    op: Op,
+    keys: Arc<Vec<String>>,
+) -> anyhow::Result<Totals> {
+    let client = redis::Client::open(url)?;
+    let per_task = ops.div_ceil(conc);
+    let mut tasks = Vec::new();
+    for t in 0..conc {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut raw_total = 0u64;
+            for i in 0..per_task {
+                let put = match op {
+                    Op::Put => true,
+                    Op::Get => false,
+                    Op::Mixed => i % 2 == 0,
+                };
+                if put {
+                    let raw = kv_block(size as usize, t * 1000 + i);
+                    let key = format!("kv:{}", hex_key(&random_key()));
+                    raw_total += raw.len() as u64;
+                    let () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(raw)
+                        .query_async(&mut con)
+                        .await?;
+                } else {
+                    let k = &keys[(t * 7919 + i) % keys.len()];
+                    let v: Vec<u8> = redis::cmd("GET").arg(k).query_async(&mut con).await?;
+                    anyhow::ensure!(!v.is_empty(), "redis lost key {k}");
+                    raw_total += v.len() as u64;
+                }
+            }
+            anyhow::Ok(raw_total)
+        }));
+    }
+    let mut raw = 0;
+    for task in tasks {
+        raw += task.await??;
+    }
+    Ok(Totals { raw, wire: raw })
+}
+
+fn hex_key(k: &BlockKey) -> String {
+    k.to_hex()
+}
+
+fn cell(system: &str, op: Op, size: u64, conc: usize, ops: usize, secs: f64, t: &Totals) -> Cell {
+    Cell {
+        system: system.into(),
+        op: op.name().into(),
+        block_bytes: size,
+        concurrency: conc,
+        ops,
+        seconds: secs,
+        raw_gbps: t.raw as f64 / secs / 1e9,
+        wire_gbps: t.wire as f64 / secs / 1e9,
+        ops_per_s: ops as f64 / secs,
+    }
+}
+
+/// Put/get/mixed throughput for every size and concurrency.
+pub async fn run(args: &Args, node: &Node, redis: Option<&Redis>) -> anyhow::Result<Vec<Cell>> {
+    let codec = Codec::parse(&args.codec)?;
+    let sizes: Vec<u64> = if args.sizes.is_empty() {
+        if args.quick {
+            vec![256 << 10, 1 << 20]
+        } else {
+            vec![64 << 10, 256 << 10, 1 << 20, 4 << 20]
+        }
+    } else {
+        args.sizes
+            .iter()
+            .map(|s| parse_size(s))
+            .collect::<Result<_, _>>()?
+    };
+    let concs: Vec<usize> = if args.concurrency.is_empty() {
+        if args.quick { vec![4] } else { vec![1, 4, 16] }
+    } else {
+        args.concurrency.clone()
+    };
+    let budget = match &args.bytes_per_cell {
+        Some(b) => parse_size(b)?,
+        None if args.quick => 64 << 20,
+        None => 384 << 20,
+    };
+    let mut cells = Vec::new();
+    println!(
+        "\n== throughput: raw K/V GB/s (wire GB/s), {} per cell",
+        format_size(budget)
+    );
+    println!(
+        "{:<6} {:>9} {:>5} {:>18} {:>18} {:>8}",
+        "op", "block", "conc", "kvshare", "redis", "ratio"
+    );
+    for &size in &sizes {
+        let ops = (budget / size).max(16) as usize;
+        // Pre-populate blocks for gets (distinct real K/V), in both systems.
+        let n_keys = ops.min(128);
+        let keys: Vec<BlockKey> = (0..n_keys).map(|_| random_key()).collect();
+        let layout = layout_for(size);
+        let mut c = KvClient::connect(
+            &node.endpoint,
+            ClientOptions {
+                codec,
+                ..Default::default()
+            },
+        )
+        .await?;
+        for chunk in keys.chunks(8) {
+            let items = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    Ok(PutItem {
+                        key: *k,
+                        parent: None,
+                        block: EncodedBlock::encode(
+                            NS,
+                            layout,
+                            codec,
+                            &kv_block(size as usize, 500 + i),
+                        )?,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            c.put_blocks(items).await?;
+        }
+        let keys = Arc::new(keys);
+        let rkeys: Arc<Vec<String>> =
+            Arc::new(keys.iter().map(|k| format!("kv:{}", hex_key(k))).collect());
+        if let Some(r) = redis {
+            let client = redis::Client::open(r.url.as_str())?;
+            let mut con = client.get_multiplexed_async_connection().await?;
+            for (i, k) in rkeys.iter().enumerate() {
+                let () = redis::cmd("SET")
+                    .arg(k)
+                    .arg(kv_block(size as usize, 500 + i))
+                    .query_async(&mut con)
+                    .await?;
+            }
+        }
+        for &conc in &concs {
+            for op in [Op::Get, Op::Put, Op::Mixed] {
+                let t0 = Instant::now();
+                let kt =
+                    kvshare_cell(&node.endpoint, codec, size, conc, ops, op, keys.clone()).await?;
+                let ks = cell(
+                    "kvshare",
+                    op,
+                    size,
+                    conc,
+                    ops,
+                    t0.elapsed().as_secs_f64(),
+                    &kt,
+                );
+                let rs = match redis {
+                    Some(r) => {
+                        let t0 = Instant::now();
+                        let rt = redis_cell(&r.url, size, conc, ops, op, rkeys.clone()).await?;
+                        Some(cell(
+                            "redis",
+                            op,
+                            size,
+                            conc,
+                            ops,
+                            t0.elapsed().as_secs_f64(),
+                            &rt,
+                        ))
+                    }
+                    None => None,
+                };
+                println!(
+                    "{:<6} {:>9} {:>5} {:>8.3} ({:>6.3}) {:>8} {:>9} {:>8}",
+                    op.name(),
+                    format_size(size),
+                    conc,
+                    ks.raw_gbps,
+                    ks.wire_gbps,
+                    rs.as_ref()
+                        .map_or("-".into(), |r| format!("{:.3}", r.raw_gbps)),
+                    "",
+                    rs.as_ref()
+                        .map_or("-".into(), |r| format!("{:.2}x", ks.raw_gbps / r.raw_gbps))
+                );
+                cells.push(ks);
+                cells.extend(rs);
+            }
+        }
+        if let Some(r) = redis {
+            let client = redis::Client::open(r.url.as_str())?;
+            let mut con = client.get_multiplexed_async_connection().await?;
+            let () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
+        }
+    }
+    Ok(cells)
+}
+
+/// Lookup latency of long prompts.
+pub async fn lookups(
+    args: &Args,
+    node: &Node,
+    redis: Option<&Redis>,
+) -> anyhow::Result<Vec<LookupRow>> {
+    let longest = 8192;
+    let layout = KvLayout {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 8,
+        dtype: DType::BF16,
+        tokens_per_block: 1,
+    };
+    let ns = BlockKey([0x1c; 32]);
+    let keys: Vec<BlockKey> = (0..longest).map(|_| random_key()).collect();
+    let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
+    for (ci, chunk) in keys.chunks(1024).enumerate() {
+        let items = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let idx = ci * 1024 + i;
+                Ok(PutItem {
+                    key: *k,
+                    parent: idx.checked_sub(1).map(|p| keys[p]),
+                    block: EncodedBlock::encode(ns, layout, Codec::None, &kv_block(32, idx))?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        c.put_blocks(items).await?;
+    }
+    let rkeys: Vec<String> = keys.iter().map(|k| format!("lk:{}", hex_key(k))).collect();
+    let mut rcon = match redis {
+        Some(r) => {
+            let client = redis::Client::open(r.url.as_str())?;
+            let mut con = client.get_multiplexed_async_connection().await?;
+            for chunk in rkeys.chunks(1024) {
+                let mut p = redis::pipe();
+                for k in chunk {
+                    p.cmd("SET").arg(k).arg(&b"x"[..]).ignore();
+                }
+                let () = p.query_async(&mut con).await?;
+            }
+            Some(con)
+        }
+        None => None,
+    };
+    let mut rows = Vec::new();
+    println!("\n== lookup latency (one prompt per call)");
+    println!(
+        "{:<8} {:>7} {:>8} {:>10} {:>10} {:>10}",
+        "system", "blocks", "samples", "p50 us", "p99 us", "p999 us"
+    );
+    for &n in &[128usize, 2048, 8192] {
+        let samples = match (args.quick, n) {
+            (true, 8192) => 100,
+            (true, _) => 300,
+            (false, 8192) => 1000,
+            (false, 2048) => 3000,
+            (false, _) => 5000,
+        };
+        let mut lat = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let t0 = Instant::now();
+            let hit = c.lookup_keys(&ns, &keys[..n]).await?;
+            lat.push(t0.elapsed().as_secs_f64() * 1e6);
+            anyhow::ensure!(hit == n, "kvshare lookup found {hit} of {n}");
+        }
+        rows.push(row("kvshare", n, lat));
+        if let Some(con) = rcon.as_mut() {
+            let mut lat = Vec::with_capacity(samples);
+            for _ in 0..samples {
+                let t0 = Instant::now();
+                let mut p = redis::pipe();
+                for k in &rkeys[..n] {
+                    p.cmd("EXISTS").arg(k);
+                }
+                let found: Vec<i64> = p.query_async(con).await?;
+                let hit = found.iter().take_while(|&&e| e == 1).count();
+                lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                anyhow::ensure!(hit == n, "redis found {hit} of {n}");
+            }
+            rows.push(row("redis", n, lat));
+        }
+    }
+    Ok(rows)
+}
+
+fn row(system: &str, blocks: usize, mut lat: Vec<f64>) -> LookupRow {
+    lat.sort_by(f64::total_cmp);
+    let r = LookupRow {
+        system: system.into(),
+        blocks,
+        samples: lat.len(),
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        p999_us: percentile(&lat, 0.999),
+    };
+    println!(
+        "{:<8} {:>7} {:>8} {:>10.0} {:>10.0} {:>10.0}",
+        r.system, r.blocks, r.samples, r.p50_us, r.p99_us, r.p999_us
+    );
+    r
+}
+
+/// Fills a fresh node past its capacity with 256 KiB blocks and compares RSS to stored bytes.
+pub async fn memory(args: &Args) -> anyhow::Result<MemoryRow> {
+    let capacity: u64 = if args.quick { 256 << 20 } else { 1 << 30 };
+    let size: u64 = 256 << 10;
+    let node = Node::start(&capacity.to_string(), &[]).await?;
+    let layout = layout_for(size);
+    let mut c = KvClient::connect(
+        &node.endpoint,
+        ClientOptions {
+            codec: Codec::None,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let blocks = (capacity * 5 / 4 / size) as usize;
+    for chunk in (0..blocks).collect::<Vec<_>>().chunks(16) {
+        let items = chunk
+            .iter()
+            .map(|&i| {
+                Ok(PutItem {
+                    key: random_key(),
+                    parent: None,
+                    block: EncodedBlock::encode(
+                        NS,
+                        layout,
+                        Codec::None,
+                        &kv_block(size as usize, i),
+                    )?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        c.put_blocks(items).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = c.stats().await?;
+    let rss = rss_bytes(node.pid()).unwrap_or(0);
+    node.stop();
+    let r = MemoryRow {
+        block_bytes: size,
+        capacity_bytes: capacity,
+        stored_bytes: stats.stored_bytes,
+        rss_bytes: rss,
+        ratio: rss as f64 / stats.stored_bytes.max(1) as f64,
+    };
+    println!(
+        "\n== memory: {} blocks pushed into {}: stored {}, RSS {} ({:.3}x stored)",
+        blocks,
+        format_size(capacity),
+        format_size(r.stored_bytes),
+        format_size(r.rss_bytes),
+        r.ratio
+    );
+    Ok(r)
+}

@@ -1,0 +1,217 @@
+//! Prefix-sharing trace: many workers, Zipf-popular system prompts and documents, each request
+//! = system prompt + document + its own question. Workers look up, fetch the cached prefix, and
+//! push the blocks they had to compute. The node's capacity is below the working set, so the
+//! cache fills and evicts; we report hit rate over time and the bytes and prefill saved.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use kvshare_client::{ClientOptions, KvClient, PutItem};
+use kvshare_core::size::format_size;
+use kvshare_core::{Codec, DType, EncodedBlock, KvLayout, Namespace};
+use rand::Rng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::Args;
+use crate::procs::Node;
+use crate::throughput::kv_block;
+
+/// Hit rate of one window of requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    /// Requests completed before this window ended.
+    pub requests: usize,
+    /// Cached prompt tokens / prompt tokens, in this window.
+    pub token_hit_rate: f64,
+    /// Node's stored bytes at the end of the window.
+    pub stored_bytes: u64,
+}
+
+/// Trace results.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceReport {
+    /// Requests served.
+    pub requests: usize,
+    /// Concurrent workers.
+    pub workers: usize,
+    /// Node capacity.
+    pub capacity_bytes: u64,
+    /// Raw K/V bytes of all distinct blocks the trace touched (the working set).
+    pub working_set_bytes: u64,
+    /// Overall token hit rate.
+    pub token_hit_rate: f64,
+    /// Raw K/V bytes fetched instead of recomputed.
+    pub raw_bytes_saved: u64,
+    /// Bytes on the wire for those fetches.
+    pub wire_bytes_fetched: u64,
+    /// Evictions at the end.
+    pub evictions: u64,
+    /// Hit rate over time.
+    pub windows: Vec<Window>,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+fn zipf_sampler(n: usize, s: f64) -> Vec<f64> {
+    let w: Vec<f64> = (1..=n).map(|k| 1.0 / (k as f64).powf(s)).collect();
+    let total: f64 = w.iter().sum();
+    let mut acc = 0.0;
+    w.iter()
+        .map(|x| {
+            acc += x / total;
+            acc
+        })
+        .collect()
+}
+
+fn draw(cdf: &[f64], rng: &mut impl Rng) -> usize {
+    let u: f64 = rng.random();
+    cdf.partition_point(|&c| c < u).min(cdf.len() - 1)
+}
+
+/// Runs the trace against a fresh node.
+pub async fn run(args: &Args) -> anyhow::Result<TraceReport> {
+    let codec = Codec::parse(&args.codec)?;
+    // 2 layers x 4 KV heads x 64 dims, bf16, 16-token blocks: 16 KiB per block.
+    let layout = KvLayout {
+        num_layers: 2,
+        num_kv_heads: 4,
+        head_dim: 64,
+        dtype: DType::BF16,
+        tokens_per_block: 16,
+    };
+    let ns = Namespace::new("bench-trace", layout);
+    let (systems, docs, requests, workers) = if args.quick {
+        (10, 100, 1200, 8)
+    } else {
+        (20, 400, 6000, 16)
+    };
+    let capacity: u64 = if args.quick { 24 << 20 } else { 64 << 20 };
+    let node = Node::start(&capacity.to_string(), &[]).await?;
+    let sys_cdf = Arc::new(zipf_sampler(systems, 1.1));
+    let doc_cdf = Arc::new(zipf_sampler(docs, 0.9));
+    let done = Arc::new(AtomicUsize::new(0));
+    let window = requests / 12;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (ns, sys_cdf, doc_cdf, done, endpoint) = (
+            ns.clone(),
+            sys_cdf.clone(),
+            doc_cdf.clone(),
+            done.clone(),
+            node.endpoint.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64 + 1);
+            let mut c = KvClient::connect(
+                &endpoint,
+                ClientOptions {
+                    codec,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let mut log = Vec::new();
+            loop {
+                let r = done.fetch_add(1, Ordering::Relaxed);
+                if r >= requests {
+                    break;
+                }
+                let (s, d) = (draw(&sys_cdf, &mut rng), draw(&doc_cdf, &mut rng));
+                // System prompt 256 tokens, document 512 tokens, question 64 tokens.
+                let mut tokens: Vec<u32> =
+                    (0..256).map(|i| 1_000_000 + s as u32 * 1000 + i).collect();
+                tokens.extend((0..512).map(|i| 2_000_000 + d as u32 * 1000 + i));
+                tokens.extend((0..64).map(|i| 3_000_000 + r as u32 * 100 + i));
+                let lookup = c.lookup(&ns, &tokens).await?;
+                let hit = lookup.hit_blocks;
+                let got = c.get_blocks(&ns.digest(), &lookup.keys[..hit]).await?;
+                let (mut raw, mut wire, mut usable) = (0u64, 0u64, 0usize);
+                for b in got.iter() {
+                    // A block evicted between lookup and get ends the usable prefix.
+                    let Some(b) = b else { break };
+                    wire += b.payload.len() as u64;
+                    raw += b.decode()?.len() as u64;
+                    usable += 1;
+                }
+                let items: Vec<PutItem> = (usable..lookup.keys.len())
+                    .map(|i| {
+                        let block = EncodedBlock::encode(
+                            ns.digest(),
+                            layout,
+                            codec,
+                            &kv_block(layout.block_bytes() as usize, i * 7 + s + d),
+                        )?;
+                        Ok(PutItem {
+                            key: lookup.keys[i],
+                            parent: i.checked_sub(1).map(|p| lookup.keys[p]),
+                            block,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                c.put_blocks(items).await?;
+                log.push((r, usable * 16, tokens.len(), raw, wire));
+            }
+            anyhow::Ok(log)
+        }));
+    }
+    let mut log = Vec::new();
+    for t in tasks {
+        log.extend(t.await??);
+    }
+    log.sort_by_key(|l| l.0);
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
+    let stats = c.stats().await?;
+    node.stop();
+
+    let mut windows = Vec::new();
+    for chunk in log.chunks(window.max(1)) {
+        let hit: usize = chunk.iter().map(|l| l.1).sum();
+        let total: usize = chunk.iter().map(|l| l.2).sum();
+        windows.push(Window {
+            requests: chunk.last().map_or(0, |l| l.0 + 1),
+            token_hit_rate: hit as f64 / total.max(1) as f64,
+            stored_bytes: 0,
+        });
+    }
+    let hit: usize = log.iter().map(|l| l.1).sum();
+    let total: usize = log.iter().map(|l| l.2).sum();
+    let distinct_blocks = systems * 16 + systems.min(docs) * docs * 32 + requests * 4;
+    let report = TraceReport {
+        requests,
+        workers,
+        capacity_bytes: capacity,
+        working_set_bytes: (distinct_blocks as u64) * layout.block_bytes(),
+        token_hit_rate: hit as f64 / total.max(1) as f64,
+        raw_bytes_saved: log.iter().map(|l| l.3).sum(),
+        wire_bytes_fetched: log.iter().map(|l| l.4).sum(),
+        evictions: stats.evictions,
+        windows,
+        seconds,
+    };
+    println!(
+        "\n== prefix-sharing trace: {} requests from {} workers in {:.1} s; capacity {} vs up to {} of distinct K/V",
+        report.requests,
+        report.workers,
+        report.seconds,
+        format_size(report.capacity_bytes),
+        format_size(report.working_set_bytes)
+    );
+    println!(
+        "token hit rate {:.1}%; {} of K/V fetched instead of recomputed ({} on the wire); {} evictions",
+        100.0 * report.token_hit_rate,
+        format_size(report.raw_bytes_saved),
+        format_size(report.wire_bytes_fetched),
+        report.evictions
+    );
+    print!("hit rate over time:");
+    for w in &report.windows {
+        print!(" {:.0}%", 100.0 * w.token_hit_rate);
+    }
+    println!();
+    Ok(report)
+}
