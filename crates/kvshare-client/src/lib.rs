@@ -255,8 +255,9 @@ impl KvClient {
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.timeout)
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(16 << 20));
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(Some(1 << 20));
         let channel = ep.connect().await.map_err(|e| ClientError::Connect {
             endpoint: endpoint.into(),
             reason: format!("{e}: {e:?}"),

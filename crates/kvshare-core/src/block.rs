@@ -142,6 +142,29 @@ impl EncodedBlock {
         Ok(raw)
     }
 
+    /// Checks that the payload decodes to `raw_len` bytes with the header's checksum, without
+    /// keeping the decoded bytes (a raw payload is hashed in place, with no copy).
+    pub fn verify(&self) -> Result<(), CoreError> {
+        if self.header.codec == Codec::None {
+            if self.payload.len() as u64 != self.header.raw_len {
+                return Err(CoreError::Corrupt(format!(
+                    "codec none: payload has {} bytes but the header says raw_len {}",
+                    self.payload.len(),
+                    self.header.raw_len
+                )));
+            }
+            let actual = checksum(&self.payload);
+            if actual != self.header.checksum {
+                return Err(CoreError::ChecksumMismatch {
+                    expected: self.header.checksum,
+                    actual,
+                });
+            }
+            return Ok(());
+        }
+        self.decode().map(|_| ())
+    }
+
     /// Compression ratio raw / encoded.
     pub fn ratio(&self) -> f64 {
         self.header.raw_len as f64 / self.header.payload_len.max(1) as f64

@@ -146,17 +146,24 @@ fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
     let width = width.clamp(1, 8);
     let n = raw.len() / width;
     let tail = &raw[n * width..];
-    let mut planes: Vec<Vec<u8>> = (0..width).map(|_| Vec::with_capacity(n)).collect();
+    // Fill preallocated planes with zipped iterators (no per-byte push): this loop is a third of
+    // the encode time when written with push.
+    let body = &raw[..n * width];
+    let mut planes: Vec<Vec<u8>> = vec![vec![0u8; n]; width];
     if width == 2 {
         let (p0, p1) = planes.split_at_mut(1);
-        for w in raw[..n * 2].chunks_exact(2) {
-            p0[0].push(w[0]);
-            p1[0].push(w[1]);
+        for ((w, a), b) in body
+            .chunks_exact(2)
+            .zip(p0[0].iter_mut())
+            .zip(p1[0].iter_mut())
+        {
+            *a = w[0];
+            *b = w[1];
         }
     } else {
-        for w in raw[..n * width].chunks_exact(width) {
-            for (p, b) in planes.iter_mut().zip(w) {
-                p.push(*b);
+        for (i, plane) in planes.iter_mut().enumerate() {
+            for (o, w) in plane.iter_mut().zip(body.chunks_exact(width)) {
+                *o = w[i];
             }
         }
     }

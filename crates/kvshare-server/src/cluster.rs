@@ -117,8 +117,9 @@ fn lazy_channel(addr: &str, timeout: Duration) -> Option<Channel> {
         .ok()?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20));
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some(1 << 20));
     Some(ep.connect_lazy())
 }
 

@@ -214,8 +214,9 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(16 << 20))
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(Some(1 << 20))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(kv)
