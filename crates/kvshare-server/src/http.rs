@@ -323,6 +323,8 @@ async fn metrics(State(st): State<HttpState>, headers: axum::http::HeaderMap) ->
     m.stored_blocks.set(s.blocks as i64);
     m.stored_raw_bytes.set(s.raw_bytes as i64);
     m.capacity_bytes.set(s.capacity_bytes as i64);
+    // Only current peers: a peer removed from membership (scale-down) leaves no stale series.
+    m.peer_up.clear();
     for (peer, up) in node.cluster.peer_health() {
         m.peer_up
             .get_or_create(&crate::metrics::PeerLabels { peer })
