@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing kvshare needs on a fresh Debian machine with rustup and
 # Python 3: the rustfmt and clippy components, Python's venv module, iproute2 (partition test)
-# Chromium (dashboard browser test) and promtool (Debian's prometheus package). Idempotent.
+# Chromium (dashboard browser test), promtool (Debian's prometheus package) and redis-server
+# (the benchmark baseline). Idempotent.
 set -euo pipefail
 
 if command -v rustup >/dev/null 2>&1; then
@@ -18,6 +19,7 @@ fi
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

@@ -1,4 +1,5 @@
-//! `kvshare demo`: an embedded node plus simulated workers that share long prefixes.
+//! `kvshare demo`: an embedded local cluster (3 nodes, R=2) plus simulated workers that share
+//! long prefixes, routing with the cluster-aware client.
 //!
 //! Every request is a system prompt + a document + a question. The K/V payloads are real
 //! activations (tests/data/kv-bf16-256tok.bin, compiled in), so the compression figures are
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use kvshare_client::{ClientOptions, KvClient, PutItem};
+use kvshare_client::{ClientOptions, ClusterClient, PutItem};
 use kvshare_core::sample::KvSample;
 use kvshare_core::size::{format_size, parse_size};
 use kvshare_core::{Codec, DType, EncodedBlock, KvLayout, Namespace};
@@ -27,21 +28,18 @@ pub struct DemoArgs {
     /// Simulated workers (each with its own connection), serving requests concurrently.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Capacity of the embedded node.
+    /// Capacity of each embedded node.
     #[arg(long, default_value = "256MiB")]
     capacity: String,
+    /// Embedded cache nodes (a local cluster with 2 replicas per block when > 1).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
     /// Codec workers compress blocks with.
     #[arg(long, default_value = "byteplane-zstd")]
     codec: String,
-    /// Keep the node (and its HTTP endpoints) up this many seconds after the load.
+    /// Keep the nodes (and their HTTP endpoints and dashboards) up this many seconds after the load.
     #[arg(long, default_value_t = 0)]
     hold: u64,
-    /// gRPC listen address of the embedded node.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    grpc_addr: std::net::SocketAddr,
-    /// HTTP listen address of the embedded node.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    http_addr: std::net::SocketAddr,
 }
 
 struct Row {
@@ -82,19 +80,56 @@ fn prompt(request: usize, corpus: &[u32]) -> (Vec<u32>, usize) {
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let codec = Codec::parse(&args.codec)?;
-    let mut config = ServerConfig::local(parse_size(&args.capacity)?);
-    config.grpc_addr = args.grpc_addr;
-    config.http_addr = args.http_addr;
-    config.node_id = Some("demo-node-0".into());
-    let node = kvshare_server::start(config)
-        .await
-        .context("starting the embedded node")?;
-    println!("kvshare demo: embedded node demo-node-0");
-    println!("  gRPC     {}", node.endpoint());
-    println!("  metrics  http://{}/metrics", node.http_addr);
-    println!("  stats    http://{}/api/stats", node.http_addr);
+    let capacity = parse_size(&args.capacity)?;
+    let n_nodes = args.nodes.max(1);
+    // Reserve loopback ports so every node can list all peers from the start.
+    let ports: Vec<u16> = (0..n_nodes)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+        })
+        .collect::<Result<_, _>>()?;
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let mut config = ServerConfig::local(capacity);
+        config.grpc_addr = format!("127.0.0.1:{port}").parse()?;
+        config.node_id = Some(format!("demo-node-{i}"));
+        config.peers = if n_nodes > 1 { peers.clone() } else { vec![] };
+        config.peer_health_interval_ms = 200;
+        nodes.push(
+            kvshare_server::start(config)
+                .await
+                .context("starting an embedded node")?,
+        );
+    }
+    // Wait until every node sees every other one.
+    let t0 = Instant::now();
+    while nodes
+        .iter()
+        .any(|n| n.state.cluster.view().members.len() < n_nodes)
+    {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "embedded nodes did not find each other"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!(
-        "  workload {} requests from {} workers; system prompt + 1 of 3 documents + a question; real bf16 K/V, codec {codec}\n",
+        "kvshare demo: embedded cluster of {n_nodes} node(s), {} replica(s) per block",
+        nodes[0].state.cluster.replicas()
+    );
+    for n in &nodes {
+        println!(
+            "  {:<12} gRPC {}  dashboard http://{}/dashboard",
+            n.state.node_id,
+            n.endpoint(),
+            n.http_addr
+        );
+    }
+    println!(
+        "  workload {} requests from {} workers (cluster-aware clients); system prompt + 1 of 3 documents + a question; real bf16 K/V, codec {codec}\n",
         args.requests, args.workers
     );
 
@@ -104,15 +139,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .collect();
     let ns = Namespace::new("sentence-transformers/all-MiniLM-L6-v2 (demo)", layout());
     let sample = Arc::new(KvSample::new(KV_BF16, layout())?);
-    let endpoint = node.endpoint();
+    let endpoints: Vec<String> = nodes.iter().map(|n| n.endpoint()).collect();
     let workers = args.workers.max(1);
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (ns, sample, corpus, endpoint) =
-            (ns.clone(), sample.clone(), corpus.clone(), endpoint.clone());
+        let (ns, sample, corpus) = (ns.clone(), sample.clone(), corpus.clone());
+        // Each worker bootstraps from a different node.
+        let endpoint = vec![endpoints[w % endpoints.len()].clone()];
         let requests: Vec<usize> = (0..args.requests).filter(|r| r % workers == w).collect();
         tasks.push(tokio::spawn(async move {
-            let mut client = KvClient::connect(
+            let client = ClusterClient::connect(
                 &endpoint,
                 ClientOptions {
                     codec,
@@ -122,7 +158,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .await?;
             let mut rows = Vec::new();
             for r in requests {
-                rows.push(serve(&mut client, &ns, &sample, &corpus, r, w).await?);
+                rows.push(serve(&client, codec, &ns, &sample, &corpus, r, w).await?);
                 // Stagger the workers so later requests can reuse earlier ones' prefixes.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -184,30 +220,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         format_size(wire_out),
         (raw_in + raw_out) as f64 / (wire_in + wire_out).max(1) as f64
     );
-    let s = node.state.stats();
-    println!(
-        "node:   {} blocks, {} of {} stored; {} lookups, {} block hits, {} evictions",
-        s.stored_blocks,
-        format_size(s.stored_bytes),
-        format_size(s.capacity_bytes),
-        s.lookups,
-        s.hits,
-        s.evictions
-    );
+    for n in &nodes {
+        let s = n.state.stats();
+        println!(
+            "{:<12} {} blocks, {} of {} stored; {} lookups answered, {} evictions",
+            n.state.node_id,
+            s.stored_blocks,
+            format_size(s.stored_bytes),
+            format_size(s.capacity_bytes),
+            s.lookups,
+            s.evictions
+        );
+    }
     if args.hold > 0 {
         println!(
-            "\nholding the node for {} s: curl http://{}/api/stats",
-            args.hold, node.http_addr
+            "\nholding the cluster for {} s: open http://{}/dashboard",
+            args.hold, nodes[0].http_addr
         );
         tokio::time::sleep(Duration::from_secs(args.hold)).await;
     }
-    node.shutdown(Duration::from_secs(5)).await?;
-    println!("demo finished; node stopped cleanly");
+    for n in nodes {
+        n.shutdown(Duration::from_secs(5)).await?;
+    }
+    println!("demo finished; nodes stopped cleanly");
     Ok(())
 }
 
 async fn serve(
-    client: &mut KvClient,
+    client: &ClusterClient,
+    codec: Codec,
     ns: &Namespace,
     sample: &KvSample<'_>,
     corpus: &[u32],
@@ -238,7 +279,7 @@ async fn serve(
             64 + doc * 48 + (i - 4) * tpb + request * 7
         };
         let raw = sample.block(start);
-        let block = EncodedBlock::encode(ns.digest(), ns.layout, client.options().codec, &raw)?;
+        let block = EncodedBlock::encode(ns.digest(), ns.layout, codec, &raw)?;
         items.push(PutItem {
             key: lookup.keys[i],
             parent: i.checked_sub(1).map(|p| lookup.keys[p]),

@@ -100,6 +100,15 @@ fn parse_keys(keys: &[Bytes], max: usize) -> Result<Vec<BlockKey>, Status> {
         .collect()
 }
 
+/// Namespace and keys of a Lookup, Get or Delete, validated.
+fn parse_request(
+    namespace: &[u8],
+    keys: &[Bytes],
+    max: usize,
+) -> Result<(BlockKey, Vec<BlockKey>), Status> {
+    Ok((parse_namespace(namespace)?, parse_keys(keys, max)?))
+}
+
 pub(crate) fn short(k: &BlockKey) -> String {
     k.to_hex()[..16].to_string()
 }
@@ -117,6 +126,14 @@ pub(crate) fn core_to_status(e: &CoreError) -> Code {
 }
 
 impl NodeState {
+    /// Counts a request served from the local store for a peer or smart client.
+    fn count_peer_request(&self, method: Method) {
+        self.metrics
+            .peer_requests
+            .get_or_create(&crate::metrics::MethodLabels { method })
+            .inc();
+    }
+
     /// Counters and gauges as the Stats RPC reports them.
     pub fn stats(&self) -> pb::StatsResponse {
         let st = self.store.stats();
@@ -185,8 +202,7 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         let local = is_local(&request);
         let r = async {
             let req = request.get_ref();
-            let ns = parse_namespace(&req.namespace)?;
-            let keys = parse_keys(&req.keys, s.max_keys)?;
+            let (ns, keys) = parse_request(&req.namespace, &req.keys, s.max_keys)?;
             let view = s.cluster.view();
             let (present, nodes) = if local || view.is_single() {
                 (s.store.presence(ns, &keys), vec![s.node_id.clone()])
@@ -196,12 +212,7 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
             };
             let hit = present.iter().take_while(|p| **p).count();
             if local {
-                s.metrics
-                    .peer_requests
-                    .get_or_create(&crate::metrics::MethodLabels {
-                        method: Method::lookup,
-                    })
-                    .inc();
+                s.count_peer_request(Method::lookup);
             } else {
                 let tpb = u64::from(s.store.tokens_per_block(&ns));
                 s.metrics.lookups.inc();
@@ -231,13 +242,7 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         let t0 = Instant::now();
         let local = is_local(&request);
         if local {
-            self.state
-                .metrics
-                .peer_requests
-                .get_or_create(&crate::metrics::MethodLabels {
-                    method: Method::put,
-                })
-                .inc();
+            self.state.count_peer_request(Method::put);
         }
         let r = self
             .state
@@ -258,8 +263,7 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         let local = is_local(&request);
         let r = async {
             let req = request.get_ref();
-            let ns = parse_namespace(&req.namespace)?;
-            let keys = parse_keys(&req.keys, s.max_keys)?;
+            let (ns, keys) = parse_request(&req.namespace, &req.keys, s.max_keys)?;
             let view = s.cluster.view();
             let found = if local || view.is_single() {
                 s.store.get_many(ns, &keys)
@@ -284,12 +288,7 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
                 );
             }
             if local {
-                s.metrics
-                    .peer_requests
-                    .get_or_create(&crate::metrics::MethodLabels {
-                        method: Method::get,
-                    })
-                    .inc();
+                s.count_peer_request(Method::get);
             } else {
                 s.metrics.hits.inc_by(hits);
                 s.metrics.misses.inc_by(misses);
@@ -311,8 +310,7 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         let local = is_local(&request);
         let r = async {
             let req = request.get_ref();
-            let ns = parse_namespace(&req.namespace)?;
-            let keys = parse_keys(&req.keys, s.max_keys)?;
+            let (ns, keys) = parse_request(&req.namespace, &req.keys, s.max_keys)?;
             let view = s.cluster.view();
             let deleted = if local || view.is_single() {
                 keys.iter()
