@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kvshare_client::{ClientOptions, ClusterClient, KvClient, PutItem};
 use kvshare_core::placement::{node_seed, owners};
-use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, Namespace};
+use kvshare_core::{BlockKey, DType, Namespace};
 use kvshare_server::NodeHandle;
 use kvshare_tests::{
     free_port, http_get, kv_blocks, kv_sample_bytes, metric_value, minilm_layout, prompt_tokens,
@@ -39,19 +39,8 @@ async fn start_cluster(n: usize, extra_peer_ports: &[u16]) -> (Vec<NodeHandle>, 
 
 fn block_items(ns: &Namespace, tokens: &[u32]) -> Vec<PutItem> {
     // 1-token blocks of real K/V (9,216 raw bytes), LZ4-compressed.
-    let layout = ns.layout;
-    let data = kv_sample_bytes(DType::BF16);
-    let raw = kv_blocks(&data, layout, 256, 1, 0);
-    let keys = ns.block_keys(tokens).expect("keys");
-    keys.iter()
-        .enumerate()
-        .map(|(i, k)| PutItem {
-            key: *k,
-            parent: i.checked_sub(1).map(|p| keys[p]),
-            block: EncodedBlock::encode(ns.digest(), layout, Codec::Lz4, &raw[i % raw.len()])
-                .expect("encode"),
-        })
-        .collect()
+    let raw = kv_blocks(&kv_sample_bytes(DType::BF16), ns.layout, 256, 1, 0);
+    kvshare_tests::lz4_items(ns, tokens, &raw)
 }
 
 async fn metrics_of(node: &NodeHandle) -> String {

@@ -7,23 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvshare_client::{ClientOptions, ClusterClient, KvClient, PutItem};
-use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, Namespace};
+use kvshare_core::{BlockKey, DType, EncodedBlock, Namespace};
 use kvshare_tests::{
-    NodeProcess, free_port, kv_blocks, kv_sample_bytes, minilm_layout, prompt_tokens,
+    NodeProcess, free_port, kv_blocks, kv_sample_bytes, lz4_items, minilm_layout, prompt_tokens,
     wait_for_members,
 };
 
 fn items_for(ns: &Namespace, tokens: &[u32], raw: &[Vec<u8>]) -> Vec<PutItem> {
-    let keys = ns.block_keys(tokens).expect("keys");
-    keys.iter()
-        .enumerate()
-        .map(|(i, k)| PutItem {
-            key: *k,
-            parent: i.checked_sub(1).map(|p| keys[p]),
-            block: EncodedBlock::encode(ns.digest(), ns.layout, Codec::Lz4, &raw[i % raw.len()])
-                .expect("encode"),
-        })
-        .collect()
+    lz4_items(ns, tokens, raw)
 }
 
 /// Either a plain client of one node or the smart client.

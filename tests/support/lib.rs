@@ -256,3 +256,14 @@ pub fn metric_value(metrics: &str, name_and_labels: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// LZ4-encoded upload items for every full block of `tokens`; block `i` carries `raw[i % len]`.
+pub fn lz4_items(
+    ns: &kvshare_core::Namespace,
+    tokens: &[u32],
+    raw: &[Vec<u8>],
+) -> Vec<kvshare_client::PutItem> {
+    let keys = ns.block_keys(tokens).expect("keys");
+    let blocks: Vec<&Vec<u8>> = (0..keys.len()).map(|i| &raw[i % raw.len()]).collect();
+    kvshare_client::encode_prefix(ns, &keys, &blocks, kvshare_core::Codec::Lz4).expect("encode")
+}

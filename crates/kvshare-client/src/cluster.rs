@@ -355,14 +355,6 @@ impl ClusterClient {
         blocks: &[B],
     ) -> Result<PutReport, ClientError> {
         let keys = ns.block_keys(tokens)?;
-        if blocks.len() > keys.len() {
-            return Err(kvshare_core::CoreError::InvalidInput(format!(
-                "{} blocks given but the tokens make only {} full blocks",
-                blocks.len(),
-                keys.len()
-            ))
-            .into());
-        }
         let items = encode_prefix(ns, &keys, blocks, self.opts.codec)?;
         self.put_blocks(items).await
     }

@@ -377,15 +377,6 @@ impl KvClient {
         blocks: &[B],
     ) -> Result<PutReport, ClientError> {
         let keys = ns.block_keys(tokens)?;
-        if blocks.len() > keys.len() {
-            return Err(CoreError::InvalidInput(format!(
-                "{} blocks given but the {} tokens make only {} full blocks",
-                blocks.len(),
-                tokens.len(),
-                keys.len()
-            ))
-            .into());
-        }
         let items = encode_prefix(ns, &keys, blocks, self.opts.codec)?;
         self.put_blocks(items).await
     }
@@ -518,6 +509,15 @@ pub fn encode_prefix<B: AsRef<[u8]>>(
     blocks: &[B],
     codec: Codec,
 ) -> Result<Vec<PutItem>, ClientError> {
+    if blocks.len() > keys.len() {
+        return Err(CoreError::InvalidInput(format!(
+            "{} blocks given but the prompt makes only {} full blocks ({} tokens per block)",
+            blocks.len(),
+            keys.len(),
+            ns.tokens_per_block()
+        ))
+        .into());
+    }
     let digest = ns.digest();
     blocks
         .iter()
