@@ -101,6 +101,26 @@ struct Peer {
     from_dns: bool,
 }
 
+impl Peer {
+    /// Node id, or `unknown@addr` before the first contact.
+    fn display_id(&self) -> String {
+        self.node_id
+            .clone()
+            .unwrap_or_else(|| format!("unknown@{}", self.addr))
+    }
+
+    /// The peer as `ClusterInfo` reports it.
+    fn member(&self) -> pb::Member {
+        pb::Member {
+            node_id: self.display_id(),
+            grpc_addr: self.addr.clone(),
+            http_addr: self.http_addr.clone(),
+            healthy: self.healthy,
+            last_seen_seconds_ago: self.last_seen.map_or(u64::MAX, |t| t.elapsed().as_secs()),
+        }
+    }
+}
+
 /// Cluster state of one node.
 pub struct Cluster {
     /// This node's id.
@@ -179,10 +199,7 @@ impl Cluster {
 
     fn rebuild_view(&self) {
         let peers = self.peers.read();
-        let configured = 1 + peers
-            .iter()
-            .filter(|p| p.node_id.as_deref() != Some(&self.self_id))
-            .count();
+        let configured = 1 + peers.iter().filter(|p| !self.is_self(p)).count();
         let mut members: Vec<Member> = vec![Member {
             node_id: self.self_id.clone(),
             seed: node_seed(&self.self_id),
@@ -213,6 +230,11 @@ impl Cluster {
         });
     }
 
+    /// Whether a configured peer is this node itself (recognised by its id).
+    fn is_self(&self, p: &Peer) -> bool {
+        p.node_id.as_deref() == Some(&self.self_id)
+    }
+
     /// Every known member with its health, for `ClusterInfo`.
     pub fn members_info(&self) -> Vec<pb::Member> {
         let mut out = vec![pb::Member {
@@ -222,21 +244,13 @@ impl Cluster {
             healthy: true,
             last_seen_seconds_ago: 0,
         }];
-        for p in self.peers.read().iter() {
-            if p.node_id.as_deref() == Some(&self.self_id) {
-                continue;
-            }
-            out.push(pb::Member {
-                node_id: p
-                    .node_id
-                    .clone()
-                    .unwrap_or_else(|| format!("unknown@{}", p.addr)),
-                grpc_addr: p.addr.clone(),
-                http_addr: p.http_addr.clone(),
-                healthy: p.healthy,
-                last_seen_seconds_ago: p.last_seen.map_or(u64::MAX, |t| t.elapsed().as_secs()),
-            });
-        }
+        out.extend(
+            self.peers
+                .read()
+                .iter()
+                .filter(|p| !self.is_self(p))
+                .map(Peer::member),
+        );
         out
     }
 
@@ -245,24 +259,8 @@ impl Cluster {
         self.peers
             .read()
             .iter()
-            .filter(|p| p.node_id.as_deref() != Some(&self.self_id))
-            .map(|p| {
-                (
-                    pb::Member {
-                        node_id: p
-                            .node_id
-                            .clone()
-                            .unwrap_or_else(|| format!("unknown@{}", p.addr)),
-                        grpc_addr: p.addr.clone(),
-                        http_addr: p.http_addr.clone(),
-                        healthy: p.healthy,
-                        last_seen_seconds_ago: p
-                            .last_seen
-                            .map_or(u64::MAX, |t| t.elapsed().as_secs()),
-                    },
-                    KvCacheClient::new(p.channel.clone()),
-                )
-            })
+            .filter(|p| !self.is_self(p))
+            .map(|p| (p.member(), KvCacheClient::new(p.channel.clone())))
             .collect()
     }
 
@@ -276,7 +274,7 @@ impl Cluster {
         self.peers
             .read()
             .iter()
-            .filter(|p| p.node_id.as_deref() != Some(&self.self_id))
+            .filter(|p| !self.is_self(p))
             .map(|p| {
                 (
                     p.node_id.clone().unwrap_or_else(|| p.addr.clone()),
