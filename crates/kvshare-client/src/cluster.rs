@@ -185,6 +185,26 @@ impl ClusterClient {
         Err(last.unwrap_or_else(|| ClientError::Protocol("no members".into())))
     }
 
+    /// Deletes blocks from every owner (asked of one node, which fans out); returns how many
+    /// copies existed.
+    pub async fn delete_keys(
+        &self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<u32, ClientError> {
+        let r = self.routing().await;
+        let mut last = None;
+        for _ in 0..r.nodes.len() {
+            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % r.nodes.len();
+            let mut c = r.nodes[i].coordinator.clone();
+            match c.delete_keys(namespace, keys).await {
+                Ok(n) => return Ok(n),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Protocol("no members".into())))
+    }
+
     /// Fetches blocks from their owners directly; `None` for keys no owner has.
     pub async fn get_blocks(
         &self,
