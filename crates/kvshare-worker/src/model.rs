@@ -390,8 +390,11 @@ impl Model {
         let cos = self.cos.narrow(0, pos, c)?;
         let sin = self.sin.narrow(0, pos, c)?;
         let total = pos + c;
-        let mask = causal_mask(pos, c)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let softmax = CausalSoftmax {
+            pos,
+            chunk: c,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         for (i, l) in self.layers.iter().enumerate() {
             let n = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let heads = |w: &Tensor, nh: usize| -> Result<Tensor, WorkerError> {
@@ -410,10 +413,7 @@ impl Model {
             let vs = vs.to_dtype(DType::F32)?;
             // Queries of the heads sharing a K/V head are stacked: [kv_heads, groups * c, hd].
             let q = q.reshape((kvh, groups * c, hd))?;
-            let att = (q.matmul(&ks.t()?)? * scale)?
-                .reshape((kvh, groups, c, total))?
-                .broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((kvh, groups * c, total))?;
+            let att = q.matmul(&ks.t()?)?.apply_op1_no_bwd(&softmax)?;
             let out = att
                 .matmul(&vs)?
                 .reshape((h, c, hd))?
@@ -431,16 +431,61 @@ impl Model {
     }
 }
 
-/// Additive mask `[c, pos + c]`: query `i` (position `pos + i`) sees keys `0..=pos + i`.
-fn causal_mask(pos: usize, c: usize) -> Result<Tensor, WorkerError> {
-    let total = pos + c;
-    let mut m = vec![0f32; c * total];
-    for i in 0..c {
-        for j in (pos + i + 1)..total {
-            m[i * total + j] = f32::NEG_INFINITY;
-        }
+/// Fused scale, causal mask and softmax over the last axis of attention scores
+/// `[kv_heads, groups * chunk, keys]` (rows ordered kv head, group, query) for queries at
+/// positions `pos..pos + chunk`: query `i` sees keys `0..=pos + i`. One multi-threaded pass
+/// instead of three single-threaded ones over the largest tensor of the prefill.
+struct CausalSoftmax {
+    pos: usize,
+    chunk: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "kvshare-causal-softmax"
     }
-    Ok(Tensor::from_vec(m, (c, total), &Device::Cpu)?)
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(src) = storage else {
+            candle_core::bail!("causal softmax expects f32 scores");
+        };
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("causal softmax expects contiguous scores");
+        };
+        let src = &src[o1..o2];
+        let keys = layout.dims().last().copied().unwrap_or(0);
+        if keys != self.pos + self.chunk || self.chunk == 0 {
+            candle_core::bail!("scores have {keys} keys, expected {}", self.pos + self.chunk);
+        }
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(keys)
+            .zip(src.par_chunks(keys))
+            .enumerate()
+            .for_each(|(row, (d, s))| {
+                let seen = self.pos + row % self.chunk + 1;
+                let (d, s) = (&mut d[..seen], &s[..seen]);
+                let max = s
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x * self.scale));
+                let mut sum = 0f32;
+                for (o, &x) in d.iter_mut().zip(s) {
+                    *o = (x * self.scale - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                d.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((
+            candle_core::CpuStorage::F32(dst),
+            layout.shape().clone(),
+        ))
+    }
 }
 
 /// RoPE cos/sin tables `[max_positions, head_dim / 2]` (Hugging Face Llama convention).
@@ -550,6 +595,40 @@ mod tests {
         let x = m.prefill(&p, &mut a, 64).expect("one shot");
         let y = m.prefill(&p, &mut b, 16).expect("chunked");
         assert!(max_abs_diff(&x, &y) < 1e-4, "{}", max_abs_diff(&x, &y));
+    }
+
+    #[test]
+    fn fused_causal_softmax_matches_mask_then_softmax() {
+        let (kvh, groups, c, pos) = (2, 3, 5, 7);
+        let total = pos + c;
+        let v: Vec<f32> = (0..kvh * groups * c * total)
+            .map(|i| ((i * 7919 % 1000) as f32 / 100.0) - 5.0)
+            .collect();
+        let scores = Tensor::from_vec(v, (kvh, groups * c, total), &Device::Cpu).expect("t");
+        let op = CausalSoftmax {
+            pos,
+            chunk: c,
+            scale: 0.5,
+        };
+        let got = scores.apply_op1_no_bwd(&op).expect("op");
+        let mut mask = vec![0f32; c * total];
+        for i in 0..c {
+            for j in pos + i + 1..total {
+                mask[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (c, total), &Device::Cpu).expect("mask");
+        let want = (scores * 0.5)
+            .and_then(|t| t.reshape((kvh, groups, c, total)))
+            .and_then(|t| t.broadcast_add(&mask))
+            .and_then(|t| candle_nn::ops::softmax_last_dim(&t))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("reference");
+        let got = got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+        assert!(max_abs_diff(&got, &want) < 1e-6, "{}", max_abs_diff(&got, &want));
+        // Masked keys get exactly zero weight.
+        assert_eq!(got[pos + 1], 0.0);
     }
 
     #[test]
