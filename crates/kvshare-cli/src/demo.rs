@@ -1,31 +1,35 @@
-//! `kvshare demo`: an embedded local cluster (3 nodes, R=2) plus simulated workers that share
-//! long prefixes, routing with the cluster-aware client.
+//! `kvshare demo`: an embedded local cluster (3 nodes, 2 replicas per block) plus inference
+//! workers (a real Llama-style transformer, `kvshare-worker`) serving requests that share long
+//! prefixes: a system prompt, one of three documents, a different question each time.
 //!
-//! Every request is a system prompt + a document + a question. The K/V payloads are real
-//! activations (tests/data/kv-bf16-256tok.bin, compiled in), so the compression figures are
-//! real; the inference itself is simulated here (the `kvshare-worker` crate runs a model).
+//! Every request runs twice on its worker: once without the cache tier (full prefill, the
+//! baseline) and once with it (lookup, fetch, prefill of the rest, push). The table compares
+//! the two times to first token and checks the generated tokens are the same.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use kvshare_client::{ClientOptions, ClusterClient, PutItem};
-use kvshare_core::sample::KvSample;
+use kvshare_client::{ClientOptions, ClusterClient};
 use kvshare_core::size::{format_size, parse_size};
-use kvshare_core::{Codec, DType, EncodedBlock, KvLayout, Namespace};
+use kvshare_core::{Codec, DType};
 use kvshare_server::ServerConfig;
+use kvshare_worker::{CacheMode, Model, ModelConfig, RequestReport, Worker, tokenizer};
 
-static KV_BF16: &[u8] = include_bytes!("../../../tests/data/kv-bf16-256tok.bin");
-static TOKENS: &[u8] = include_bytes!("../../../tests/data/tokens-256.u32");
+/// Text the demo's prompts are cut from (byte-level tokens).
+static CORPUS: &str = concat!(
+    include_str!("../../../docs/design.md"),
+    include_str!("../../../docs/cluster.md"),
+);
 
 /// Options of the demo.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Requests to serve in total.
-    #[arg(long, default_value_t = 24)]
+    /// Requests to serve in total (round-robin over the workers).
+    #[arg(long, default_value_t = 12)]
     requests: usize,
-    /// Simulated workers (each with its own connection), serving requests concurrently.
+    /// Inference workers, each with its own connection to the cluster.
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// Capacity of each embedded node.
@@ -37,49 +41,66 @@ pub struct DemoArgs {
     /// Codec workers compress blocks with.
     #[arg(long, default_value = "byteplane-zstd")]
     codec: String,
+    /// K/V dtype of the cache and the blocks: f32, f16, bf16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Model preset (seeded random weights): tiny, small, medium.
+    #[arg(long, default_value = "small")]
+    model: String,
+    /// Positions per block.
+    #[arg(long, default_value_t = 64)]
+    tokens_per_block: u32,
+    /// Tokens each request generates.
+    #[arg(long, default_value_t = 8)]
+    max_new_tokens: usize,
+    /// Length of the shared system prompt, in tokens.
+    #[arg(long, default_value_t = 512)]
+    system_tokens: usize,
+    /// Length of each document, in tokens.
+    #[arg(long, default_value_t = 1024)]
+    document_tokens: usize,
     /// Keep the nodes (and their HTTP endpoints and dashboards) up this many seconds after the load.
     #[arg(long, default_value_t = 0)]
     hold: u64,
 }
 
-struct Row {
-    request: usize,
-    worker: usize,
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    wire_in: u64,
-    raw_in: u64,
-    wire_out: u64,
-    raw_out: u64,
-    lookup: Duration,
-    fetch: Duration,
+/// The `len` bytes of the corpus starting at `start` (wrapping), as tokens.
+fn corpus_tokens(start: usize, len: usize) -> Vec<u32> {
+    let b = CORPUS.as_bytes();
+    (0..len)
+        .map(|i| u32::from(b[(start + i) % b.len()]))
+        .collect()
 }
 
-fn layout() -> KvLayout {
-    // all-MiniLM-L6-v2: 6 layers, 12 heads of 32 dims; bf16; 16-token blocks (147,456 bytes).
-    KvLayout {
-        num_layers: 6,
-        num_kv_heads: 12,
-        head_dim: 32,
-        dtype: DType::BF16,
-        tokens_per_block: 16,
-    }
-}
-
-/// A prompt: shared system prompt, one of a few documents, then a per-request question.
-fn prompt(request: usize, corpus: &[u32]) -> (Vec<u32>, usize) {
-    let system = &corpus[..64];
-    let doc = request % 3; // three documents, reused round-robin
-    let doc_tokens = &corpus[64 + doc * 48..64 + doc * 48 + 96.min(corpus.len() - 64 - doc * 48)];
-    let mut t: Vec<u32> = system.iter().chain(doc_tokens).copied().collect();
-    // A 40-token question that differs per request.
-    t.extend((0..40u32).map(|i| 1000 + (request as u32) * 64 + i));
+/// A prompt: shared system prompt, one of three documents, then a question of its own.
+fn prompt(args: &DemoArgs, request: usize) -> (Vec<u32>, usize) {
+    let doc = request % 3;
+    let mut t =
+        tokenizer::encode("System: you are a helpful assistant answering from the document.\n");
+    t.extend(corpus_tokens(0, args.system_tokens.saturating_sub(t.len())));
+    t.extend(corpus_tokens(
+        4096 + doc * (args.document_tokens + 997),
+        args.document_tokens,
+    ));
+    let question = format!(
+        "\nQuestion {request}: what does section {} say about {}?\nAnswer:",
+        request * 7 % 23,
+        ["eviction", "replication", "codecs", "lookups", "namespaces"][request % 5]
+    );
+    t.extend(tokenizer::encode(&question));
     (t, doc)
 }
 
-/// Runs the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let codec = Codec::parse(&args.codec)?;
+struct Row {
+    request: usize,
+    worker: usize,
+    doc: usize,
+    cold: RequestReport,
+    warm: RequestReport,
+    same_tokens: bool,
+}
+
+async fn start_cluster(args: &DemoArgs) -> anyhow::Result<Vec<kvshare_server::NodeHandle>> {
     let capacity = parse_size(&args.capacity)?;
     let n_nodes = args.nodes.max(1);
     // Reserve loopback ports so every node can list all peers from the start.
@@ -116,122 +137,112 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(nodes)
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    kvshare_worker::tune_allocator();
+    let codec = Codec::parse(&args.codec)?;
+    let dtype = DType::parse(&args.dtype)?;
+    let nodes = start_cluster(&args).await?;
     println!(
-        "kvshare demo: embedded cluster of {n_nodes} node(s), {} replica(s) per block",
+        "kvshare demo: embedded cluster of {} node(s), {} replica(s) per block (HTTP endpoints up while the demo runs)",
+        nodes.len(),
         nodes[0].state.cluster.replicas()
     );
     for n in &nodes {
         println!(
-            "  {:<12} gRPC {}  dashboard http://{}/dashboard",
+            "  {:<12} gRPC {}  dashboard http://{}/dashboard  metrics http://{}/metrics",
             n.state.node_id,
             n.endpoint(),
+            n.http_addr,
             n.http_addr
         );
     }
+
+    let cfg = ModelConfig::preset(&args.model)?;
+    let t = Instant::now();
+    let model = Arc::new(Model::random(&cfg, 42)?);
+    let endpoints: Vec<String> = nodes.iter().map(|n| n.endpoint()).collect();
+    let mut workers = Vec::new();
+    for w in 0..args.workers.max(1) {
+        // Each worker bootstraps from a different node and routes to owners itself.
+        let client = ClusterClient::connect(
+            &[endpoints[w % endpoints.len()].clone()],
+            ClientOptions {
+                codec,
+                ..ClientOptions::default()
+            },
+        )
+        .await?;
+        workers.push(Worker::new(
+            model.clone(),
+            dtype,
+            args.tokens_per_block,
+            codec,
+            Some(client),
+        )?);
+    }
+    let layout = workers[0].namespace().layout;
     println!(
-        "  workload {} requests from {} workers (cluster-aware clients); system prompt + 1 of 3 documents + a question; real bf16 K/V, codec {codec}\n",
-        args.requests, args.workers
+        "  model {} ({} layers, d={}, {} heads / {} K/V heads, {:.1} M params, seeded weights, built in {:.1} s)",
+        cfg.name,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        (cfg.non_embedding_params() + 2 * (cfg.vocab_size * cfg.hidden_size) as u64) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "  {} workers, {} requests: {}-token system prompt + 1 of 3 {}-token documents + a question; K/V {} in {}-token blocks ({}), codec {codec}\n",
+        workers.len(),
+        args.requests,
+        args.system_tokens,
+        args.document_tokens,
+        dtype.name(),
+        layout.tokens_per_block,
+        format_size(layout.block_bytes()),
     );
 
-    let corpus: Vec<u32> = TOKENS
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let ns = Namespace::new("sentence-transformers/all-MiniLM-L6-v2 (demo)", layout());
-    let sample = Arc::new(KvSample::new(KV_BF16, layout())?);
-    let endpoints: Vec<String> = nodes.iter().map(|n| n.endpoint()).collect();
-    let workers = args.workers.max(1);
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let (ns, sample, corpus) = (ns.clone(), sample.clone(), corpus.clone());
-        // Each worker bootstraps from a different node.
-        let endpoint = vec![endpoints[w % endpoints.len()].clone()];
-        let requests: Vec<usize> = (0..args.requests).filter(|r| r % workers == w).collect();
-        tasks.push(tokio::spawn(async move {
-            let client = ClusterClient::connect(
-                &endpoint,
-                ClientOptions {
-                    codec,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            let mut rows = Vec::new();
-            for r in requests {
-                rows.push(serve(&client, codec, &ns, &sample, &corpus, r, w).await?);
-                // Stagger the workers so later requests can reuse earlier ones' prefixes.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            anyhow::Ok(rows)
-        }));
-    }
-    let mut rows = Vec::new();
-    for t in tasks {
-        rows.extend(t.await.context("worker task")??);
-    }
-    rows.sort_by_key(|r| r.request);
-
     println!(
-        "{:>4} {:>6} {:>7} {:>7} {:>6} {:>11} {:>11} {:>6} {:>10} {:>9}",
+        "{:>3} {:>6} {:>3} {:>6} {:>6} {:>5} {:>12} {:>12} {:>7} {:>10} {:>6} {:>6}",
         "req",
         "worker",
+        "doc",
         "prompt",
         "cached",
         "hit%",
+        "TTFT no-tier",
+        "TTFT w/ tier",
+        "speedup",
         "fetched",
-        "pushed",
         "ratio",
-        "lookup ms",
-        "fetch ms"
+        "same"
     );
-    let (mut prompt_total, mut cached_total, mut raw_in, mut wire_in, mut raw_out, mut wire_out) =
-        (0, 0, 0, 0, 0, 0);
-    for r in &rows {
-        let ratio = (r.raw_in + r.raw_out) as f64 / (r.wire_in + r.wire_out).max(1) as f64;
-        println!(
-            "{:>4} {:>6} {:>7} {:>7} {:>5.0}% {:>11} {:>11} {:>5.2}x {:>10.2} {:>9.2}",
-            r.request,
-            r.worker,
-            r.prompt_tokens,
-            r.cached_tokens,
-            100.0 * r.cached_tokens as f64 / r.prompt_tokens as f64,
-            format_size(r.wire_in),
-            format_size(r.wire_out),
-            ratio,
-            r.lookup.as_secs_f64() * 1e3,
-            r.fetch.as_secs_f64() * 1e3,
-        );
-        prompt_total += r.prompt_tokens;
-        cached_total += r.cached_tokens;
-        raw_in += r.raw_in;
-        wire_in += r.wire_in;
-        raw_out += r.raw_out;
-        wire_out += r.wire_out;
+    let mut rows = Vec::new();
+    for r in 0..args.requests {
+        let w = r % workers.len();
+        let (tokens, doc) = prompt(&args, r);
+        let cold = workers[w]
+            .generate(&tokens, args.max_new_tokens, CacheMode::Off)
+            .await?;
+        let warm = workers[w]
+            .generate(&tokens, args.max_new_tokens, CacheMode::ReadWrite)
+            .await?;
+        let row = Row {
+            request: r,
+            worker: w,
+            doc,
+            same_tokens: cold.tokens == warm.tokens && cold.logits == warm.logits,
+            cold: cold.report,
+            warm: warm.report,
+        };
+        print_row(&row);
+        rows.push(row);
     }
-    println!(
-        "\ntokens: {cached_total} of {prompt_total} prompt tokens came from the cache ({:.1}%): that prefill was skipped",
-        100.0 * cached_total as f64 / prompt_total.max(1) as f64
-    );
-    println!(
-        "bytes:  fetched {} of K/V as {} on the wire, pushed {} as {} (compression {:.2}x)",
-        format_size(raw_in),
-        format_size(wire_in),
-        format_size(raw_out),
-        format_size(wire_out),
-        (raw_in + raw_out) as f64 / (wire_in + wire_out).max(1) as f64
-    );
-    for n in &nodes {
-        let s = n.state.stats();
-        println!(
-            "{:<12} {} blocks, {} of {} stored; {} lookups answered, {} evictions",
-            n.state.node_id,
-            s.stored_blocks,
-            format_size(s.stored_bytes),
-            format_size(s.capacity_bytes),
-            s.lookups,
-            s.evictions
-        );
-    }
+    summarise(&rows, &nodes);
     if args.hold > 0 {
         println!(
             "\nholding the cluster for {} s: open http://{}/dashboard",
@@ -246,57 +257,68 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(
-    client: &ClusterClient,
-    codec: Codec,
-    ns: &Namespace,
-    sample: &KvSample<'_>,
-    corpus: &[u32],
-    request: usize,
-    worker: usize,
-) -> anyhow::Result<Row> {
-    let (tokens, doc) = prompt(request, corpus);
-    let t0 = Instant::now();
-    let lookup = client.lookup(ns, &tokens).await?;
-    let t_lookup = t0.elapsed();
-    let hit = lookup.hit_blocks;
-    let t1 = Instant::now();
-    let fetched = client.get_blocks(&ns.digest(), &lookup.keys[..hit]).await?;
-    let (mut wire_in, mut raw_in) = (0, 0);
-    for b in fetched.into_iter().flatten() {
-        wire_in += b.payload.len() as u64;
-        raw_in += b.decode()?.len() as u64;
+fn print_row(r: &Row) {
+    let w = &r.warm;
+    let ratio = if w.fetched_wire_bytes > 0 {
+        w.fetched_raw_bytes as f64 / w.fetched_wire_bytes as f64
+    } else {
+        w.pushed_raw_bytes as f64 / w.pushed_wire_bytes.max(1) as f64
+    };
+    println!(
+        "{:>3} {:>6} {:>3} {:>6} {:>6} {:>4.0}% {:>9.1} ms {:>9.1} ms {:>6.2}x {:>10} {:>5.2}x {:>6}",
+        r.request,
+        r.worker,
+        r.doc,
+        w.prompt_tokens,
+        w.cached_tokens,
+        100.0 * w.cached_tokens as f64 / w.prompt_tokens.max(1) as f64,
+        r.cold.ttft_ms,
+        w.ttft_ms,
+        r.cold.ttft_ms / w.ttft_ms.max(1e-3),
+        format_size(w.fetched_wire_bytes),
+        ratio,
+        if r.same_tokens { "yes" } else { "NO" }
+    );
+}
+
+fn summarise(rows: &[Row], nodes: &[kvshare_server::NodeHandle]) {
+    let sum = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).sum::<f64>();
+    let prompt = sum(&|r| r.warm.prompt_tokens as f64);
+    let cached = sum(&|r| r.warm.cached_tokens as f64);
+    let cold = sum(&|r| r.cold.ttft_ms);
+    let warm = sum(&|r| r.warm.ttft_ms);
+    let raw = sum(&|r| (r.warm.fetched_raw_bytes + r.warm.pushed_raw_bytes) as f64);
+    let wire = sum(&|r| (r.warm.fetched_wire_bytes + r.warm.pushed_wire_bytes) as f64);
+    let fetched = sum(&|r| r.warm.fetched_wire_bytes as f64);
+    let same = rows.iter().filter(|r| r.same_tokens).count();
+    println!(
+        "\ntokens: {cached} of {prompt} prompt tokens came from the cache ({:.1}%): that prefill was skipped",
+        100.0 * cached / prompt.max(1.0)
+    );
+    println!(
+        "TTFT:   {:.0} ms in total with the tier vs {:.0} ms without ({:.2}x); {same} of {} answers identical to the no-cache run",
+        warm,
+        cold,
+        cold / warm.max(1e-3),
+        rows.len()
+    );
+    println!(
+        "bytes:  {} fetched; {} of K/V moved as {} on the wire (compression {:.2}x)",
+        format_size(fetched as u64),
+        format_size(raw as u64),
+        format_size(wire as u64),
+        raw / wire.max(1.0)
+    );
+    for n in nodes {
+        let s = n.state.stats();
+        println!(
+            "{:<12} {} blocks, {} of {} stored; {} lookups answered, {} evictions",
+            n.state.node_id,
+            s.stored_blocks,
+            format_size(s.stored_bytes),
+            format_size(s.capacity_bytes),
+            s.lookups,
+            s.evictions
+        );
     }
-    let t_fetch = t1.elapsed();
-    // "Prefill" the rest: the K/V of block i is the sample's K/V at a position that depends on
-    // the block's content (document and offset), standing in for the model's output.
-    let tpb = ns.tokens_per_block();
-    let mut items = Vec::new();
-    for i in hit..lookup.keys.len() {
-        let start = if i < 4 {
-            i * tpb
-        } else {
-            64 + doc * 48 + (i - 4) * tpb + request * 7
-        };
-        let raw = sample.block(start);
-        let block = EncodedBlock::encode(ns.digest(), ns.layout, codec, &raw)?;
-        items.push(PutItem {
-            key: lookup.keys[i],
-            parent: i.checked_sub(1).map(|p| lookup.keys[p]),
-            block,
-        });
-    }
-    let report = client.put_blocks(items).await?;
-    Ok(Row {
-        request,
-        worker,
-        prompt_tokens: tokens.len(),
-        cached_tokens: hit * tpb,
-        wire_in,
-        raw_in,
-        wire_out: report.wire_bytes,
-        raw_out: report.raw_bytes,
-        lookup: t_lookup,
-        fetch: t_fetch,
-    })
 }
