@@ -151,7 +151,7 @@ async fn corrupted_block_is_detected_recomputed_and_repaired() {
     let mid = payload.len() / 2;
     payload[mid] ^= 0x5a;
     let bad = EncodedBlock {
-        header: good.header.clone(),
+        header: good.header,
         payload: Bytes::from(payload),
     };
     assert!(bad.verify().is_err(), "the flip must break the checksum");

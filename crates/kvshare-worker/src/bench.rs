@@ -221,6 +221,17 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
     }
     node.shutdown(std::time::Duration::from_secs(1)).await?;
+    let inexact: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.exact)
+        .map(|r| format!("{} {} tokens {}%", r.model, r.prompt_tokens, r.shared_pct))
+        .collect();
+    if !inexact.is_empty() {
+        bail!(
+            "reuse changed the output (logits or tokens) in: {}",
+            inexact.join(", ")
+        );
+    }
     Ok(())
 }
 

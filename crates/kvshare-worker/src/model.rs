@@ -526,7 +526,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n: n + 127 (in 1..=127 here) lands in the low mantissa bits of the magic sum; shift it
     // into the exponent field (integer ops only, so the loop vectorises).
