@@ -19,6 +19,8 @@ KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/validate-deploy.sh
 echo "== benchmark smoke run (kvshare vs redis, tiny sizes)"
 cargo build --locked --workspace --bins
 target/debug/kvshare-bench --quick --compare redis --parts throughput,lookup --sizes 64KiB --concurrency 2 --bytes-per-cell 8MiB --out-dir target/bench-smoke
+echo "== worker bench smoke run (two worker processes; fails unless reuse is bit-exact)"
+target/debug/kvshare-worker bench --quick
 echo "== python interop tests"
 # kvshared was built by cargo test --workspace (kvshare-server has integration tests).
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-tests.sh

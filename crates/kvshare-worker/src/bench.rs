@@ -1,8 +1,8 @@
 //! `kvshare-worker bench`: time to first token of worker B on a prompt that shares a fraction
 //! of worker A's prompt, full prefill (B, no cache) vs reuse (B, after A pushed its blocks).
 //! A and B are separate processes (`kvshare-worker stdio`); the cache node runs in this
-//! process. Cold and warm runs of a cell happen back to back in the same process B, so the
-//! ratio is measured against a baseline taken under the same machine load.
+//! process. Cold and warm runs of a cell happen back to back in the same process B (in
+//! alternating order), so the ratio is measured against a baseline taken under the same load.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -136,6 +136,7 @@ struct Row {
     cold_ttft_ms: f64,
     warm_ttft_ms: f64,
     speedup: f64,
+    flop_bound: f64,
     fetched_wire_bytes: f64,
     fetched_raw_bytes: f64,
     fetch_ms: f64,
@@ -171,7 +172,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                 let (mut cold, mut warm, mut cached, mut wire, mut raw, mut fetch, mut pre) =
                     (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
                 let mut exact = true;
-                for _ in 0..args.reps {
+                for rep in 0..args.reps {
                     seed += 1;
                     let base = random_tokens(len, seed, cfg.vocab_size);
                     a.call(&base, true).await?;
@@ -182,8 +183,14 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                         seed + 1_000_000,
                         cfg.vocab_size,
                     ));
-                    let c = b.call(&prompt, false).await?;
-                    let w = b.call(&prompt, true).await?;
+                    // Alternate the order so neither run always goes first.
+                    let (c, w) = if rep % 2 == 0 {
+                        let c = b.call(&prompt, false).await?;
+                        (c, b.call(&prompt, true).await?)
+                    } else {
+                        let w = b.call(&prompt, true).await?;
+                        (b.call(&prompt, false).await?, w)
+                    };
                     exact &= c.logits_hash == w.logits_hash && c.tokens == w.tokens;
                     cold.push(f(&c.report, "ttft_ms"));
                     warm.push(f(&w.report, "ttft_ms"));
@@ -194,14 +201,18 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                     pre.push(f(&w.report, "prefill_ms"));
                 }
                 let (c, w) = (median(cold), median(warm));
+                let cached_tokens = median(cached);
+                let flop_bound = cfg.prefill_flops(0, len as u64)
+                    / cfg.prefill_flops(cached_tokens as u64, len as u64);
                 let row = Row {
                     model: model.clone(),
                     prompt_tokens: len,
                     shared_pct: pct,
-                    cached_tokens: median(cached),
+                    cached_tokens,
                     cold_ttft_ms: c,
                     warm_ttft_ms: w,
                     speedup: if w > 0.0 { c / w } else { 0.0 },
+                    flop_bound,
                     fetched_wire_bytes: median(wire),
                     fetched_raw_bytes: median(raw),
                     fetch_ms: median(fetch),
@@ -242,12 +253,12 @@ fn print_tables(args: &BenchArgs, rows: &[Row]) -> anyhow::Result<()> {
         args.dtype, args.codec, args.reps
     );
     println!(
-        "| model | prompt | shared | cached tokens | cold TTFT ms | warm TTFT ms | speedup | fetched (wire / raw) | lookup+fetch ms | warm prefill ms | logits exact |"
+        "| model | prompt | shared | cached tokens | cold TTFT ms | warm TTFT ms | speedup | FLOP bound | fetched (wire / raw) | lookup+fetch ms | warm prefill ms | logits exact |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in rows {
         println!(
-            "| {} | {} | {}% | {:.0} | {:.1} | {:.1} | {:.2}x | {:.2} / {:.2} MiB | {:.1} | {:.1} | {} |",
+            "| {} | {} | {}% | {:.0} | {:.1} | {:.1} | {:.2}x | {:.2}x | {:.2} / {:.2} MiB | {:.1} | {:.1} | {} |",
             r.model,
             r.prompt_tokens,
             r.shared_pct,
@@ -255,6 +266,7 @@ fn print_tables(args: &BenchArgs, rows: &[Row]) -> anyhow::Result<()> {
             r.cold_ttft_ms,
             r.warm_ttft_ms,
             r.speedup,
+            r.flop_bound,
             r.fetched_wire_bytes / 1048576.0,
             r.fetched_raw_bytes / 1048576.0,
             r.fetch_ms,

@@ -150,6 +150,12 @@ impl ModelConfig {
         2 * self.non_embedding_params() + attn
     }
 
+    /// Prefill FLOPs of positions `from..to` (see [`ModelConfig::flops_per_token`]): the work
+    /// a prefill resuming after `from` cached positions still does.
+    pub fn prefill_flops(&self, from: u64, to: u64) -> f64 {
+        (from..to).map(|p| self.flops_per_token(p) as f64).sum()
+    }
+
     /// Bytes of K and V one token occupies in the cache at `dtype_bytes` per element.
     pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> u64 {
         (2 * self.num_layers * self.num_kv_heads * self.head_dim() * dtype_bytes) as u64

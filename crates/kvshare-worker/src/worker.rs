@@ -330,32 +330,55 @@ impl Worker {
     }
 }
 
-/// Decodes and verifies the leading present blocks; stops at the first missing one or at the
-/// first that fails (returned with the reason).
+/// Decodes and verifies the leading present blocks (on up to four threads); stops at the first
+/// missing one or at the first that fails (returned with the reason).
 fn decode_leading(
     ns: &Namespace,
     keys: &[BlockKey],
     blocks: Vec<Option<EncodedBlock>>,
 ) -> (Vec<Vec<u8>>, Option<(BlockKey, String)>) {
     let digest = ns.digest();
-    let mut raws = Vec::with_capacity(blocks.len());
-    for (key, b) in keys.iter().zip(blocks) {
-        let Some(b) = b else { break };
+    let present = blocks.iter().take_while(|b| b.is_some()).count();
+    let check = |b: &EncodedBlock| -> Result<Vec<u8>, String> {
         if b.header.namespace != digest || b.header.layout != ns.layout {
-            return (
-                raws,
-                Some((*key, "header names another namespace or layout".into())),
-            );
+            return Err("header names another namespace or layout".into());
         }
-        match b.decode() {
+        b.decode().map_err(|e| e.to_string())
+    };
+    let leading: Vec<&EncodedBlock> = blocks[..present].iter().flatten().collect();
+    let per = leading.len().div_ceil(parallelism()).max(1);
+    let results: Vec<Result<Vec<u8>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = leading
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|b| check(b)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err("decoder thread panicked".into())])
+            })
+            .collect()
+    });
+    let mut raws = Vec::with_capacity(results.len());
+    for (key, r) in keys.iter().zip(results) {
+        match r {
             Ok(raw) => raws.push(raw),
-            Err(e) => return (raws, Some((*key, e.to_string()))),
+            Err(reason) => return (raws, Some((*key, reason))),
         }
     }
     (raws, None)
 }
 
-/// Compresses raw blocks `first..` (on up to two threads) into upload items chained by parent.
+/// Threads used to encode or decode blocks.
+fn parallelism() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// Compresses raw blocks `first..` (on up to four threads) into upload items chained by parent.
 fn encode_items(
     ns: &Namespace,
     keys: &[BlockKey],
@@ -364,11 +387,7 @@ fn encode_items(
     codec: Codec,
 ) -> Result<Vec<PutItem>, WorkerError> {
     let digest = ns.digest();
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 4);
-    let per = raws.len().div_ceil(threads).max(1);
+    let per = raws.len().div_ceil(parallelism()).max(1);
     let encoded: Vec<Result<EncodedBlock, kvshare_core::CoreError>> = std::thread::scope(|s| {
         let handles: Vec<_> = raws
             .chunks(per)
