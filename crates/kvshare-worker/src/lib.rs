@@ -23,7 +23,8 @@ pub use worker::{CacheMode, Generation, RequestReport, Worker, model_layout};
 /// positions are ~32 MiB, above glibc's largest mmap threshold, so by default every such
 /// buffer is a fresh mmap whose pages fault in on first touch and are unmapped on free (a
 /// quarter of a reuse prefill's time, measured). Keeping large buffers on the heap and not
-/// trimming it lets them be reused. Call once at process start; no-op elsewhere.
+/// trimming it lets them be reused. Compute runs on pool threads, so one arena serves them
+/// all. Call once at process start; no-op elsewhere.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called before the worker
@@ -31,5 +32,8 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // One arena: per-thread arenas grow in 64 MiB heaps that cannot hold a 4k-position
+        // chunk's scores and probabilities together, and shrink them back eagerly.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

@@ -357,7 +357,7 @@ impl Model {
             let pos = cache.len();
             let room = chunk - pos % chunk;
             let (now, later) = rest.split_at(room.min(rest.len()));
-            last = Some(self.forward(now, cache)?);
+            last = Some(self.forward(now, cache, later.is_empty())?);
             rest = later;
         }
         let hidden = last.ok_or_else(|| WorkerError::Prompt("nothing to prefill".into()))?;
@@ -367,7 +367,7 @@ impl Model {
     /// One decoding step: appends `token` and returns the next token's logits.
     pub fn step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, WorkerError> {
         self.check_tokens(cache.len(), &[token])?;
-        let hidden = self.forward(&[token], cache)?;
+        let hidden = self.forward(&[token], cache, true)?;
         self.logits(&hidden)
     }
 
@@ -379,7 +379,15 @@ impl Model {
     }
 
     /// Forward pass of one chunk; returns the final hidden state of its last token, `[1, d]`.
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, WorkerError> {
+    /// With `last_only` (the prompt's final chunk), the last layer computes K/V for every
+    /// position but queries, attention and MLP only for the last one: the other positions'
+    /// outputs are never read.
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor, WorkerError> {
         let cfg = &self.cfg;
         let (c, pos) = (tokens.len(), cache.len());
         let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
@@ -389,55 +397,79 @@ impl Model {
         let mut x = self.embed.index_select(&ids, 0)?;
         let cos = self.cos.narrow(0, pos, c)?;
         let sin = self.sin.narrow(0, pos, c)?;
-        let total = pos + c;
-        let softmax = CausalSoftmax {
-            pos,
-            chunk: c,
-            scale: 1.0 / (hd as f32).sqrt(),
+        let scale = 1.0 / (hd as f32).sqrt();
+        let proj = |input: &Tensor, w: &Tensor, nh: usize| -> Result<Tensor, WorkerError> {
+            let rows = input.dim(0)?;
+            Ok(input
+                .matmul(&w.t()?)?
+                .reshape((1, rows, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
+        let last_layer = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
             let n = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let heads = |w: &Tensor, nh: usize| -> Result<Tensor, WorkerError> {
-                Ok(n.matmul(&w.t()?)?
-                    .reshape((1, c, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let q = candle_nn::rotary_emb::rope(&heads(&l.wq, h)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&heads(&l.wk, kvh)?, &cos, &sin)?;
-            let v = heads(&l.wv, kvh)?;
+            let k = candle_nn::rotary_emb::rope(&proj(&n, &l.wk, kvh)?, &cos, &sin)?;
+            let v = proj(&n, &l.wv, kvh)?;
             let k = k.squeeze(0)?.to_dtype(cache.dtype())?;
             let v = v.squeeze(0)?.to_dtype(cache.dtype())?;
             let (ks, vs) = cache.append(i, k, v)?;
             let ks = ks.to_dtype(DType::F32)?;
             let vs = vs.to_dtype(DType::F32)?;
-            // Queries of the heads sharing a K/V head are stacked: [kv_heads, groups * c, hd].
-            let q = q.reshape((kvh, groups * c, hd))?;
+            // Query positions `first..c` of the chunk.
+            let first = if last_only && i == last_layer {
+                c - 1
+            } else {
+                0
+            };
+            let rows = c - first;
+            let (n, x_in) = if first > 0 {
+                (n.narrow(0, first, rows)?, x.narrow(0, first, rows)?)
+            } else {
+                (n, x)
+            };
+            let q = proj(&n, &l.wq, h)?;
+            let q = candle_nn::rotary_emb::rope(
+                &q,
+                &cos.narrow(0, first, rows)?,
+                &sin.narrow(0, first, rows)?,
+            )?;
+            // Queries of the heads sharing a K/V head are stacked: [kv_heads, groups * rows, hd].
+            let q = q.reshape((kvh, groups * rows, hd))?;
+            let softmax = CausalSoftmax {
+                pos,
+                chunk: c,
+                first,
+                scale,
+            };
             let att = q.matmul(&ks.t()?)?.apply_op1_no_bwd(&softmax)?;
             let out = att
                 .matmul(&vs)?
-                .reshape((h, c, hd))?
+                .reshape((h, rows, hd))?
                 .transpose(0, 1)?
                 .contiguous()?
-                .reshape((c, h * hd))?;
-            x = (x + out.matmul(&l.wo.t()?)?)?;
-            let n = candle_nn::ops::rms_norm(&x, &l.mlp_norm, eps)?;
+                .reshape((rows, h * hd))?;
+            let y = (x_in + out.matmul(&l.wo.t()?)?)?;
+            let n = candle_nn::ops::rms_norm(&y, &l.mlp_norm, eps)?;
             let gate = candle_nn::ops::silu(&n.matmul(&l.w_gate.t()?)?)?;
             let up = n.matmul(&l.w_up.t()?)?;
-            x = (x + (gate * up)?.matmul(&l.w_down.t()?)?)?;
+            x = (y + (gate * up)?.matmul(&l.w_down.t()?)?)?;
         }
-        cache.len = total;
-        Ok(x.narrow(0, c - 1, 1)?)
+        cache.len = pos + c;
+        let rows = x.dim(0)?;
+        Ok(x.narrow(0, rows - 1, 1)?)
     }
 }
 
 /// Fused scale, causal mask and softmax over the last axis of attention scores
-/// `[kv_heads, groups * chunk, keys]` (rows ordered kv head, group, query) for queries at
-/// positions `pos..pos + chunk`: query `i` sees keys `0..=pos + i`. One multi-threaded pass
-/// instead of three single-threaded ones over the largest tensor of the prefill.
+/// `[kv_heads, groups * (chunk - first), pos + chunk]` (rows ordered kv head, group, query) for
+/// the queries at positions `pos + first..pos + chunk`: query `i` sees keys `0..=pos + i`. One
+/// multi-threaded pass instead of three single-threaded ones over the largest tensor of the
+/// prefill.
 struct CausalSoftmax {
     pos: usize,
     chunk: usize,
+    first: usize,
     scale: f32,
 }
 
@@ -460,7 +492,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         };
         let src = &src[o1..o2];
         let keys = layout.dims().last().copied().unwrap_or(0);
-        if keys != self.pos + self.chunk || self.chunk == 0 {
+        if keys != self.pos + self.chunk || self.first >= self.chunk {
             candle_core::bail!(
                 "scores have {keys} keys, expected {}",
                 self.pos + self.chunk
@@ -471,7 +503,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
             .zip(src.par_chunks(keys))
             .enumerate()
             .for_each(|(row, (d, s))| {
-                let seen = self.pos + row % self.chunk + 1;
+                let seen = self.pos + self.first + row % (self.chunk - self.first) + 1;
                 let (d, s) = (&mut d[..seen], &s[..seen]);
                 let max = max_of(s) * self.scale;
                 for (o, &x) in d.iter_mut().zip(s) {
@@ -653,6 +685,7 @@ mod tests {
         let op = CausalSoftmax {
             pos,
             chunk: c,
+            first: 0,
             scale: 0.5,
         };
         let got = scores.apply_op1_no_bwd(&op).expect("op");
@@ -702,6 +735,35 @@ mod tests {
             9.0
         );
         assert_eq!(sum_of(&[1.0; 11]), 11.0);
+    }
+
+    #[test]
+    fn last_only_final_layer_matches_the_full_computation() {
+        let m = tiny();
+        let p = prompt(37, 11);
+        let mut a = KvCache::new(2, DType::F32);
+        let mut b = KvCache::new(2, DType::F32);
+        let full = m.forward(&p, &mut a, false).expect("full");
+        let last = m.forward(&p, &mut b, true).expect("last only");
+        let (x, y) = (
+            full.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("x"),
+            last.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("y"),
+        );
+        assert_eq!(x.len(), m.config().hidden_size);
+        assert!(max_abs_diff(&x, &y) < 1e-5, "{}", max_abs_diff(&x, &y));
+        // K/V of every position is still cached, identically.
+        for l in 0..2 {
+            let (ka, va) = a.layer(l).expect("a");
+            let (kb, vb) = b.layer(l).expect("b");
+            let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+            assert_eq!(bits(ka), bits(kb));
+            assert_eq!(bits(va), bits(vb));
+        }
+        assert_eq!(b.len(), 37);
     }
 
     #[test]
