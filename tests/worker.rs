@@ -8,6 +8,7 @@ use bytes::Bytes;
 use kvshare_client::{ClientOptions, ClusterClient};
 use kvshare_core::{Codec, DType, EncodedBlock, StoreKey};
 use kvshare_tests::start_node;
+use kvshare_worker::tokenizer::random_tokens as tokens;
 use kvshare_worker::{CacheMode, Model, ModelConfig, Worker};
 
 const TPB: u32 = 16;
@@ -22,17 +23,16 @@ async fn tier(endpoint: &str, codec: Codec) -> ClusterClient {
         .expect("connect")
 }
 
-/// Deterministic pseudo-random tokens below `vocab`.
-fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
+/// A worker on `model` sharing through the node at `endpoint`.
+async fn worker(model: &Arc<Model>, dtype: DType, codec: Codec, endpoint: &str) -> Worker {
+    Worker::new(
+        model.clone(),
+        dtype,
+        TPB,
+        codec,
+        Some(tier(endpoint, codec).await),
+    )
+    .expect("worker")
 }
 
 fn tiny() -> (ModelConfig, Arc<Model>) {
@@ -55,22 +55,8 @@ async fn reuse_of_another_workers_blocks_is_bit_identical_for_every_codec_and_dt
             Codec::BytePlaneLz4,
             Codec::BytePlaneZstd,
         ] {
-            let a = Worker::new(
-                model_a.clone(),
-                dtype,
-                TPB,
-                codec,
-                Some(tier(&node.endpoint(), codec).await),
-            )
-            .expect("worker a");
-            let b = Worker::new(
-                model_b.clone(),
-                dtype,
-                TPB,
-                codec,
-                Some(tier(&node.endpoint(), codec).await),
-            )
-            .expect("worker b");
+            let a = worker(&model_a, dtype, codec, &node.endpoint()).await;
+            let b = worker(&model_b, dtype, codec, &node.endpoint()).await;
             assert_eq!(a.namespace().digest(), b.namespace().digest());
             for (len, shared) in [(97usize, 64usize), (160, 160), (48, 20), (200, 150)] {
                 seed += 1;
@@ -116,22 +102,8 @@ async fn corrupted_block_is_detected_recomputed_and_repaired() {
     let node = start_node(256 << 20, |_| {}).await;
     let (cfg, model) = tiny();
     let codec = Codec::BytePlaneZstd;
-    let a = Worker::new(
-        model.clone(),
-        DType::BF16,
-        TPB,
-        codec,
-        Some(tier(&node.endpoint(), codec).await),
-    )
-    .expect("a");
-    let b = Worker::new(
-        model.clone(),
-        DType::BF16,
-        TPB,
-        codec,
-        Some(tier(&node.endpoint(), codec).await),
-    )
-    .expect("b");
+    let a = worker(&model, DType::BF16, codec, &node.endpoint()).await;
+    let b = worker(&model, DType::BF16, codec, &node.endpoint()).await;
     let prompt = tokens(130, 99, cfg.vocab_size);
     a.generate(&prompt, 1, CacheMode::ReadWrite)
         .await
@@ -198,14 +170,7 @@ async fn corrupted_block_is_detected_recomputed_and_repaired() {
 async fn an_unreachable_tier_means_full_prefill_not_failure() {
     let node = start_node(64 << 20, |_| {}).await;
     let (cfg, model) = tiny();
-    let w = Worker::new(
-        model,
-        DType::F16,
-        TPB,
-        Codec::Lz4,
-        Some(tier(&node.endpoint(), Codec::Lz4).await),
-    )
-    .expect("worker");
+    let w = worker(&model, DType::F16, Codec::Lz4, &node.endpoint()).await;
     let prompt = tokens(80, 5, cfg.vocab_size);
     let first = w
         .generate(&prompt, 2, CacheMode::ReadWrite)

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use kvshare_server::ServerConfig;
 use kvshare_worker::ModelConfig;
+use kvshare_worker::tokenizer::random_tokens;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -104,18 +105,6 @@ impl WorkerProc {
         }
         Ok(resp)
     }
-}
-
-fn random_tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
 }
 
 fn f(r: &serde_json::Value, k: &str) -> f64 {

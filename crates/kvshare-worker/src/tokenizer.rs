@@ -25,6 +25,21 @@ pub fn decode(tokens: &[u32]) -> String {
     out
 }
 
+/// `n` pseudo-random token ids below `vocab` (xorshift64 seeded by `seed`): synthetic prompts
+/// for benchmarks and tests, the same on every machine.
+pub fn random_tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let vocab = vocab.max(1) as u64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab) as u32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +49,9 @@ mod tests {
         assert_eq!(encode("héllo").len(), 6);
         assert_eq!(decode(&encode("héllo")), "héllo");
         assert_eq!(decode(&[104, 105, 300, 33]), "hi<300>!");
+        let r = random_tokens(1000, 3, 50);
+        assert!(r.iter().all(|&t| t < 50));
+        assert_eq!(r, random_tokens(1000, 3, 50));
+        assert_ne!(r, random_tokens(1000, 4, 50));
     }
 }
