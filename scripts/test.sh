@@ -17,7 +17,8 @@ cargo test --workspace --locked
 echo "== deployment manifests, alerts, dashboards (validated against kvshared --help and schemas)"
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/validate-deploy.sh
 echo "== benchmark smoke run (kvshare vs redis, tiny sizes)"
-cargo build --locked --workspace --bins
+# --tests keeps the feature set of the test build above, so nothing is rebuilt but the binaries.
+cargo build --locked --workspace --bins --tests
 target/debug/kvshare-bench --quick --compare redis --parts throughput,lookup --sizes 64KiB --concurrency 2 --bytes-per-cell 8MiB --out-dir target/bench-smoke
 echo "== worker bench smoke run (two worker processes; fails unless reuse is bit-exact)"
 target/debug/kvshare-worker bench --quick

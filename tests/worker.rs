@@ -200,5 +200,8 @@ async fn bad_prompts_are_refused_with_a_reason() {
     assert!(oov.is_err_and(|e| e.to_string().contains("vocabulary")));
     let too_long = vec![1u32; cfg.max_positions];
     assert!(w.generate(&too_long, 2, CacheMode::Off).await.is_err());
+    // A huge generation length is refused up front (nothing is allocated for it).
+    let huge = w.generate(&[1, 2, 3], usize::MAX, CacheMode::Off).await;
+    assert!(huge.is_err_and(|e| e.to_string().contains("limit")));
     assert!(Worker::new(w.model().clone(), DType::U8, TPB, Codec::None, None).is_err());
 }

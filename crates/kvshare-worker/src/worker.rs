@@ -151,10 +151,14 @@ impl Worker {
         if prompt.is_empty() {
             return Err(WorkerError::Prompt("the prompt has no tokens".into()));
         }
-        self.model.check_tokens(0, prompt).and_then(|_| {
-            self.model
-                .check_tokens(prompt.len(), &vec![0; max_new_tokens.max(1)])
-        })?;
+        self.model.check_tokens(0, prompt)?;
+        let limit = self.model.config().max_positions;
+        if max_new_tokens.max(1) > limit.saturating_sub(prompt.len()) {
+            return Err(WorkerError::Prompt(format!(
+                "{} prompt tokens plus {max_new_tokens} new tokens exceed the model's limit of {limit} positions",
+                prompt.len()
+            )));
+        }
         let start = Instant::now();
         let tpb = self.ns.tokens_per_block();
         let mut report = RequestReport {
