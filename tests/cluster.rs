@@ -84,7 +84,7 @@ async fn three_nodes_spread_replicate_and_route() {
         let mut c = KvClient::connect(&n.endpoint(), ClientOptions::default())
             .await
             .expect("connect")
-            .hop_local();
+            .no_forward();
         for (chunk_i, chunk) in keys.chunks(2_000).enumerate() {
             let p = c.presence(&ns.digest(), chunk).await.expect("presence");
             for (j, hit) in p.into_iter().enumerate() {

@@ -1,36 +1,45 @@
 //! A cluster-aware client: fetches the membership with `ClusterInfo`, computes each key's owners
-//! with the same rendezvous hashing as the nodes, and sends gets and puts straight to the
-//! owners (one hop). Membership is refreshed periodically and after errors.
+//! with the same rendezvous hashing as the nodes ([`PlacementView`]), and sends gets and puts
+//! straight to the owners (one hop). Membership is refreshed periodically and after errors.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kvshare_core::placement::{node_seed, owners};
+use kvshare_core::placement::{Placed, PlacementView, ReplicaTally, ReplicaVerdict};
 use kvshare_core::{BlockKey, EncodedBlock, Namespace};
 use parking_lot::Mutex;
 use tracing::debug;
 
 use crate::{
     BlockOutcome, ClientError, ClientOptions, KvClient, PrefixLookup, PutItem, PutReport,
-    PutStatus, decode_prefix, encode_prefix,
+    PutStatus, decode_prefix, encode_prefix, lookup_prefix,
 };
 
+/// One member as the client reaches it.
 struct Node {
     node_id: String,
     endpoint: String,
-    /// Plain client: the node coordinates (used for lookups).
+    /// Plain client: the node coordinates (used for lookups and deletes).
     coordinator: KvClient,
-    /// Hop-local client: the node answers from its own store.
+    /// Do-not-forward client: the node answers from its own store.
     direct: KvClient,
 }
 
+impl Placed for Node {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+}
+
+/// The placement view and when it was fetched.
 struct Routing {
-    nodes: Vec<Node>,
-    seeds: Vec<u64>,
-    replicas: usize,
+    view: PlacementView<Node>,
     fetched: Instant,
 }
+
+/// A replica's rejection of a block.
+type Refusal = (tonic::Code, String);
 
 /// Client of a kvshare cluster that routes to key owners directly.
 pub struct ClusterClient {
@@ -38,7 +47,7 @@ pub struct ClusterClient {
     opts: ClientOptions,
     routing: Mutex<Arc<Routing>>,
     refresh_every: Duration,
-    next: std::sync::atomic::AtomicUsize,
+    next: AtomicUsize,
 }
 
 fn endpoint_of(addr: &str) -> String {
@@ -56,13 +65,11 @@ impl ClusterClient {
             bootstrap: endpoints.to_vec(),
             opts,
             routing: Mutex::new(Arc::new(Routing {
-                nodes: vec![],
-                seeds: vec![],
-                replicas: 1,
+                view: PlacementView::new(Vec::new(), 1),
                 fetched: Instant::now(),
             })),
             refresh_every: Duration::from_secs(5),
-            next: std::sync::atomic::AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
         };
         c.refresh().await?;
         Ok(c)
@@ -73,60 +80,52 @@ impl ClusterClient {
         let mut candidates: Vec<String> = self
             .routing
             .lock()
-            .nodes
+            .view
+            .members()
             .iter()
             .map(|n| n.endpoint.clone())
             .collect();
         candidates.extend(self.bootstrap.iter().cloned());
         let mut last_err = None;
         for ep in candidates {
-            let mut c = match KvClient::connect(&endpoint_of(&ep), self.opts.clone()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last_err = Some(e);
-                    continue;
+            match self.membership_via(&ep).await {
+                Ok(view) if !view.members().is_empty() => {
+                    *self.routing.lock() = Arc::new(Routing {
+                        view,
+                        fetched: Instant::now(),
+                    });
+                    return Ok(());
                 }
-            };
-            let info = match c.cluster_info().await {
-                Ok(i) => i,
-                Err(e) => {
-                    last_err = Some(e);
-                    continue;
-                }
-            };
-            let mut nodes = Vec::new();
-            for m in info.members.iter().filter(|m| m.healthy) {
-                let ep = endpoint_of(&m.grpc_addr);
-                match KvClient::connect(&ep, self.opts.clone()).await {
-                    Ok(client) => nodes.push(Node {
-                        node_id: m.node_id.clone(),
-                        endpoint: ep,
-                        direct: client.clone().hop_local(),
-                        coordinator: client,
-                    }),
-                    Err(e) => {
-                        debug!(node = %m.node_id, error = %e, "member unreachable from this client")
-                    }
-                }
+                Ok(_) => {}
+                Err(e) => last_err = Some(e),
             }
-            if nodes.is_empty() {
-                continue;
-            }
-            nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-            let seeds = nodes.iter().map(|n| node_seed(&n.node_id)).collect();
-            let replicas = (info.replicas as usize).clamp(1, nodes.len());
-            *self.routing.lock() = Arc::new(Routing {
-                nodes,
-                seeds,
-                replicas,
-                fetched: Instant::now(),
-            });
-            return Ok(());
         }
-        Err(last_err.unwrap_or_else(|| ClientError::Connect {
-            endpoint: self.bootstrap.join(","),
-            reason: "no member reachable".into(),
-        }))
+        Err(ClientError::NoMemberReachable {
+            endpoints: self.bootstrap.join(","),
+            last: last_err.map(Box::new),
+        })
+    }
+
+    /// The healthy members as the node at `ep` reports them, each connected.
+    async fn membership_via(&self, ep: &str) -> Result<PlacementView<Node>, ClientError> {
+        let mut c = KvClient::connect(&endpoint_of(ep), self.opts.clone()).await?;
+        let info = c.cluster_info().await?;
+        let mut nodes = Vec::new();
+        for m in info.members.iter().filter(|m| m.healthy) {
+            let ep = endpoint_of(&m.grpc_addr);
+            match KvClient::connect(&ep, self.opts.clone()).await {
+                Ok(client) => nodes.push(Node {
+                    node_id: m.node_id.clone(),
+                    endpoint: ep,
+                    direct: client.clone().no_forward(),
+                    coordinator: client,
+                }),
+                Err(e) => {
+                    debug!(node = %m.node_id, error = %e, "member unreachable from this client")
+                }
+            }
+        }
+        Ok(PlacementView::new(nodes, info.replicas as usize))
     }
 
     async fn routing(&self) -> Arc<Routing> {
@@ -139,20 +138,40 @@ impl ClusterClient {
 
     /// Node ids of the members this client routes to.
     pub fn members(&self) -> Vec<String> {
-        self.routing
-            .lock()
-            .nodes
-            .iter()
-            .map(|n| n.node_id.clone())
-            .collect()
+        let r = self.routing.lock().clone();
+        r.view.members().iter().map(|n| n.node_id.clone()).collect()
     }
 
     /// Node id of the first owner of `key` in the current view.
     pub fn primary_owner(&self, key: &BlockKey) -> Option<String> {
         let r = self.routing.lock().clone();
-        owners(&r.seeds, key, 1)
+        r.view
+            .owners(key)
             .first()
-            .map(|&i| r.nodes[i].node_id.clone())
+            .map(|&i| r.view.members()[i].node_id.clone())
+    }
+
+    /// Runs `call` on the members' coordinator clients in turn (round robin) until one
+    /// answers; refreshes the membership and tries once more round if all fail.
+    async fn on_any_member<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let mut last = None;
+        for _ in 0..2 {
+            let r = self.routing().await;
+            let n = r.view.members().len();
+            for _ in 0..n {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                match call(r.view.members()[i].coordinator.clone()).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) => last = Some(e),
+                }
+            }
+            let _ = self.refresh().await;
+        }
+        Err(last.unwrap_or_else(|| ClientError::Protocol("no members".into())))
     }
 
     /// Longest cached prefix of `tokens` (asked of one node, which fans out to the owners).
@@ -161,28 +180,14 @@ impl ClusterClient {
         ns: &Namespace,
         tokens: &[u32],
     ) -> Result<PrefixLookup, ClientError> {
-        let keys = ns.block_keys(tokens)?;
-        if keys.is_empty() {
-            return Ok(PrefixLookup {
-                keys,
-                hit_blocks: 0,
-            });
-        }
-        let mut last = None;
-        for _ in 0..2 {
-            let r = self.routing().await;
-            for _ in 0..r.nodes.len() {
-                let i =
-                    self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % r.nodes.len();
-                let mut c = r.nodes[i].coordinator.clone();
-                match c.lookup_keys(&ns.digest(), &keys).await {
-                    Ok(hit_blocks) => return Ok(PrefixLookup { keys, hit_blocks }),
-                    Err(e) => last = Some(e),
-                }
-            }
-            let _ = self.refresh().await;
-        }
-        Err(last.unwrap_or_else(|| ClientError::Protocol("no members".into())))
+        lookup_prefix(ns, tokens, |digest, keys| async move {
+            let keys = &keys;
+            let hit = self
+                .on_any_member(|mut c| async move { c.lookup_keys(&digest, keys).await })
+                .await?;
+            Ok((keys.clone(), hit))
+        })
+        .await
     }
 
     /// Deletes blocks from every owner (asked of one node, which fans out); returns how many
@@ -192,17 +197,8 @@ impl ClusterClient {
         namespace: &BlockKey,
         keys: &[BlockKey],
     ) -> Result<u32, ClientError> {
-        let r = self.routing().await;
-        let mut last = None;
-        for _ in 0..r.nodes.len() {
-            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % r.nodes.len();
-            let mut c = r.nodes[i].coordinator.clone();
-            match c.delete_keys(namespace, keys).await {
-                Ok(n) => return Ok(n),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| ClientError::Protocol("no members".into())))
+        self.on_any_member(|mut c| async move { c.delete_keys(namespace, keys).await })
+            .await
     }
 
     /// Fetches blocks from their owners directly; `None` for keys no owner has.
@@ -212,49 +208,30 @@ impl ClusterClient {
         keys: &[BlockKey],
     ) -> Result<Vec<Option<EncodedBlock>>, ClientError> {
         let r = self.routing().await;
-        if r.nodes.is_empty() {
+        if r.view.members().is_empty() {
             return Err(ClientError::Protocol("no members".into()));
         }
-        let ranked: Vec<Vec<usize>> = keys
-            .iter()
-            .map(|k| owners(&r.seeds, k, r.replicas))
-            .collect();
-        let mut out: Vec<Option<EncodedBlock>> = vec![None; keys.len()];
-        let mut errors = 0;
-        for round in 0..r.replicas {
-            let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-            for (i, o) in ranked.iter().enumerate() {
-                if out[i].is_none()
-                    && let Some(&n) = o.get(round)
-                {
-                    groups.entry(n).or_default().push(i);
-                }
-            }
-            if groups.is_empty() {
-                break;
-            }
-            let calls = groups.into_iter().map(|(n, idx)| {
-                let mut c = r.nodes[n].direct.clone();
+        let errors = AtomicUsize::new(0);
+        let (out, _) = r
+            .view
+            .fetch_with_failover(keys, |n, idx| {
+                let mut c = r.view.members()[n].direct.clone();
                 let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-                async move { (idx, c.get_blocks(namespace, &sub).await) }
-            });
-            for (idx, res) in futures::future::join_all(calls).await {
-                match res {
-                    Ok(blocks) => {
-                        for (i, b) in idx.into_iter().zip(blocks) {
-                            if b.is_some() {
-                                out[i] = b;
-                            }
+                let errors = &errors;
+                async move {
+                    match c.get_blocks(namespace, &sub).await {
+                        Ok(blocks) => (idx, blocks),
+                        Err(e) => {
+                            debug!(error = %e, "owner failed; falling over to the next replica");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            let none = vec![None; idx.len()];
+                            (idx, none)
                         }
                     }
-                    Err(e) => {
-                        debug!(error = %e, "owner failed; falling over to the next replica");
-                        errors += 1;
-                    }
                 }
-            }
-        }
-        if errors > 0 {
+            })
+            .await;
+        if errors.load(Ordering::Relaxed) > 0 {
             let _ = self.refresh().await;
         }
         Ok(out)
@@ -263,18 +240,13 @@ impl ClusterClient {
     /// Uploads blocks to each of their owners directly (the client replicates).
     pub async fn put_blocks(&self, items: Vec<PutItem>) -> Result<PutReport, ClientError> {
         let r = self.routing().await;
-        if r.nodes.is_empty() {
+        if r.view.members().is_empty() {
             return Err(ClientError::Protocol("no members".into()));
         }
-        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (i, it) in items.iter().enumerate() {
-            for n in owners(&r.seeds, &it.key, r.replicas) {
-                groups.entry(n).or_default().push(i);
-            }
-        }
+        let keys: Vec<BlockKey> = items.iter().map(|it| it.key).collect();
         let items = Arc::new(items);
-        let calls = groups.into_iter().map(|(n, idx)| {
-            let mut c = r.nodes[n].direct.clone();
+        let calls = r.view.all_owner_groups(&keys).into_iter().map(|(n, idx)| {
+            let mut c = r.view.members()[n].direct.clone();
             let items = items.clone();
             async move {
                 let batch: Vec<PutItem> = idx.iter().map(|&i| items[i].clone()).collect();
@@ -286,89 +258,19 @@ impl ClusterClient {
                 (idx, res)
             }
         });
-        let mut replicas = vec![0u32; items.len()];
-        let mut stored = vec![false; items.len()];
-        let mut rejection: Vec<Option<(tonic::Code, String)>> = vec![None; items.len()];
+        let mut tallies: Vec<ReplicaTally<Refusal>> = vec![ReplicaTally::default(); items.len()];
         let mut errors = 0;
         for (idx, res) in futures::future::join_all(calls).await {
-            match res {
-                Ok(outcomes) if outcomes.len() == idx.len() => {
-                    for (i, o) in idx.into_iter().zip(outcomes) {
-                        match o.status {
-                            PutStatus::Stored => {
-                                replicas[i] += 1;
-                                stored[i] = true;
-                            }
-                            PutStatus::AlreadyPresent => replicas[i] += 1,
-                            PutStatus::Rejected { code, reason } => {
-                                rejection[i] = Some((code, reason))
-                            }
-                        }
-                    }
-                }
-                Ok(_) => errors += 1,
-                Err(e) => {
-                    debug!(error = %e, "replica write failed");
-                    errors += 1;
-                    for i in idx {
-                        rejection[i].get_or_insert((
-                            e.code().unwrap_or(tonic::Code::Unavailable),
-                            e.to_string(),
-                        ));
-                    }
-                }
-            }
+            errors += usize::from(!tally_replica(&mut tallies, idx, res));
         }
         if errors > 0 {
             let _ = self.refresh().await;
         }
-        let mut report = PutReport::default();
-        for (i, it) in items.iter().enumerate() {
-            report.raw_bytes += it.block.header.raw_len;
-            report.wire_bytes += it.block.payload.len() as u64;
-            let status = if replicas[i] > 0 {
-                if stored[i] {
-                    PutStatus::Stored
-                } else {
-                    PutStatus::AlreadyPresent
-                }
-            } else {
-                let (code, reason) = rejection[i]
-                    .clone()
-                    .unwrap_or((tonic::Code::Unavailable, "no owner reachable".into()));
-                PutStatus::Rejected { code, reason }
-            };
-            report.outcomes.push(BlockOutcome {
-                key: it.key,
-                status,
-                replicas: replicas[i],
-            });
-        }
-        let first_rejected =
-            report
-                .outcomes
-                .iter()
-                .enumerate()
-                .find_map(|(index, o)| match &o.status {
-                    PutStatus::Rejected { code, reason } => {
-                        Some((index, o.key, *code, reason.clone()))
-                    }
-                    _ => None,
-                });
-        if let Some((index, key, code, reason)) = first_rejected {
-            return Err(ClientError::Rejected {
-                index,
-                key,
-                code,
-                reason,
-                outcomes: report.outcomes.clone(),
-            });
-        }
-        Ok(report)
+        put_report(&items, tallies)
     }
 
     /// Compresses and uploads the first `blocks.len()` blocks of `tokens`.
-    pub async fn put_prefix<B: AsRef<[u8]>>(
+    pub async fn put_prefix<B: AsRef<[u8]> + Sync>(
         &self,
         ns: &Namespace,
         tokens: &[u32],
@@ -388,5 +290,96 @@ impl ClusterClient {
         let keys = ns.block_keys(tokens)?;
         let blocks = self.get_blocks(&ns.digest(), &keys).await?;
         decode_prefix(ns, &keys, blocks).await
+    }
+}
+
+/// Adds one replica's answer for the blocks `idx` to their tallies; false when the replica
+/// failed as a whole.
+fn tally_replica(
+    tallies: &mut [ReplicaTally<Refusal>],
+    idx: Vec<usize>,
+    res: Result<Vec<BlockOutcome>, ClientError>,
+) -> bool {
+    match res {
+        Ok(outcomes) if outcomes.len() == idx.len() => {
+            for (i, o) in idx.into_iter().zip(outcomes) {
+                match o.status {
+                    PutStatus::Stored => tallies[i].ack(true),
+                    PutStatus::AlreadyPresent => tallies[i].ack(false),
+                    PutStatus::Rejected { code, reason } => tallies[i].reject((code, reason)),
+                }
+            }
+            true
+        }
+        Ok(outcomes) => {
+            debug!(
+                outcomes = outcomes.len(),
+                blocks = idx.len(),
+                "replica answered the wrong number of outcomes"
+            );
+            false
+        }
+        Err(e) => {
+            debug!(error = %e, "replica write failed");
+            for i in idx {
+                tallies[i].unreachable(e.to_string());
+            }
+            false
+        }
+    }
+}
+
+/// The report of a replicated upload; fails with the first rejected block.
+fn put_report(
+    items: &[PutItem],
+    tallies: Vec<ReplicaTally<Refusal>>,
+) -> Result<PutReport, ClientError> {
+    let mut report = PutReport::default();
+    for (it, tally) in items.iter().zip(tallies) {
+        report.raw_bytes += it.block.header.raw_len;
+        report.wire_bytes += it.block.payload.len() as u64;
+        let (status, replicas) = match tally.verdict() {
+            ReplicaVerdict::Held {
+                replicas,
+                newly_stored,
+            } => {
+                let status = if newly_stored {
+                    PutStatus::Stored
+                } else {
+                    PutStatus::AlreadyPresent
+                };
+                (status, replicas)
+            }
+            ReplicaVerdict::Rejected((code, reason)) => (PutStatus::Rejected { code, reason }, 0),
+            ReplicaVerdict::Unreachable(why) => {
+                let reason = format!("no owner reachable ({})", why.join("; "));
+                let code = tonic::Code::Unavailable;
+                (PutStatus::Rejected { code, reason }, 0)
+            }
+        };
+        report.outcomes.push(BlockOutcome {
+            key: it.key,
+            status,
+            replicas,
+        });
+    }
+    let first_rejected =
+        report
+            .outcomes
+            .iter()
+            .enumerate()
+            .find_map(|(index, o)| match &o.status {
+                PutStatus::Rejected { code, reason } => Some((index, o.key, *code, reason.clone())),
+                _ => None,
+            });
+    match first_rejected {
+        Some((index, key, code, reason)) => Err(ClientError::Rejected {
+            index,
+            key,
+            code,
+            reason,
+            outcomes: report.outcomes,
+        }),
+        None => Ok(report),
     }
 }

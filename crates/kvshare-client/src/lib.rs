@@ -27,25 +27,44 @@ use std::time::Duration;
 use bytes::Bytes;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, Codec, CoreError, EncodedBlock, Namespace};
+use kvshare_proto::transport::{kv_client, mark_no_forward, tune_endpoint};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
 use pb::kv_cache_client::KvCacheClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
-/// Largest gRPC message the client sends or accepts.
-pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
+pub use kvshare_proto::transport::MAX_MESSAGE_BYTES;
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The endpoint is malformed or unreachable.
-    #[error("cannot connect to {endpoint}: {reason}")]
+    /// The endpoint is not a valid URI.
+    #[error("invalid endpoint {endpoint:?}: {}", error_chain(source))]
+    InvalidEndpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// Why it does not parse.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The endpoint is unreachable.
+    #[error("cannot connect to {endpoint}: {}", error_chain(source))]
     Connect {
         /// The endpoint.
         endpoint: String,
-        /// Why.
-        reason: String,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// No member of a cluster answered.
+    #[error("no cluster member reachable through {endpoints}")]
+    NoMemberReachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last failure.
+        #[source]
+        last: Option<Box<ClientError>>,
     },
     /// The server answered with an error status.
     #[error("{code:?}: {message}")]
@@ -85,6 +104,18 @@ pub enum ClientError {
     /// Invalid input from the caller.
     #[error(transparent)]
     Core(#[from] CoreError),
+}
+
+/// `e` and its causes, joined with ": " (transport errors say little at the top level).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 impl ClientError {
@@ -212,13 +243,33 @@ pub struct KvClient {
     health: HealthClient<Channel>,
     opts: ClientOptions,
     endpoint: String,
-    hop_local: bool,
+    no_forward: bool,
 }
 
-/// Metadata header asking a node to answer from its own store (see the proto).
-pub const HOP_HEADER: &str = "x-kvshare-hop";
-/// Value of [`HOP_HEADER`].
-pub const HOP_LOCAL: &str = "local";
+fn keys_bytes(keys: &[BlockKey]) -> Vec<Bytes> {
+    keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
+}
+
+/// The keys of `tokens`' full blocks and how many leading ones `count_hits` finds.
+async fn lookup_prefix<F, Fut>(
+    ns: &Namespace,
+    tokens: &[u32],
+    count_hits: F,
+) -> Result<PrefixLookup, ClientError>
+where
+    F: FnOnce(BlockKey, Vec<BlockKey>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<BlockKey>, usize), ClientError>>,
+{
+    let keys = ns.block_keys(tokens)?;
+    if keys.is_empty() {
+        return Ok(PrefixLookup {
+            keys,
+            hit_blocks: 0,
+        });
+    }
+    let (keys, hit_blocks) = count_hits(ns.digest(), keys).await?;
+    Ok(PrefixLookup { keys, hit_blocks })
+}
 
 pub(crate) fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, ClientError> {
     let key = BlockKey::from_slice(&o.key)
@@ -247,20 +298,16 @@ pub(crate) fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, Clie
 impl KvClient {
     /// Connects to a node (`http://host:port`).
     pub async fn connect(endpoint: &str, opts: ClientOptions) -> Result<Self, ClientError> {
-        let ep = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| ClientError::Connect {
+        let ep = Endpoint::from_shared(endpoint.to_string()).map_err(|source| {
+            ClientError::InvalidEndpoint {
                 endpoint: endpoint.into(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(opts.connect_timeout)
-            .timeout(opts.timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .max_frame_size(Some(1 << 20));
-        let channel = ep.connect().await.map_err(|e| ClientError::Connect {
+                source,
+            }
+        })?;
+        let ep = tune_endpoint(ep, opts.connect_timeout).timeout(opts.timeout);
+        let channel = ep.connect().await.map_err(|source| ClientError::Connect {
             endpoint: endpoint.into(),
-            reason: format!("{e}: {e:?}"),
+            source,
         })?;
         Ok(Self::from_channel(channel, endpoint, opts))
     }
@@ -268,13 +315,11 @@ impl KvClient {
     /// Wraps an existing channel.
     pub fn from_channel(channel: Channel, endpoint: &str, opts: ClientOptions) -> Self {
         KvClient {
-            rpc: KvCacheClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            rpc: kv_client(channel.clone()),
             health: HealthClient::new(channel),
             opts,
             endpoint: endpoint.to_string(),
-            hop_local: false,
+            no_forward: false,
         }
     }
 
@@ -291,19 +336,16 @@ impl KvClient {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.opts.timeout);
-        if self.hop_local {
-            r.metadata_mut().insert(
-                HOP_HEADER,
-                tonic::metadata::MetadataValue::from_static(HOP_LOCAL),
-            );
+        if self.no_forward {
+            mark_no_forward(&mut r);
         }
         r
     }
 
     /// A client whose requests are answered from the node's own store, never forwarded
     /// (how a smart client talks to a key's owner directly).
-    pub fn hop_local(mut self) -> Self {
-        self.hop_local = true;
+    pub fn no_forward(mut self) -> Self {
+        self.no_forward = true;
         self
     }
 
@@ -313,15 +355,25 @@ impl KvClient {
         ns: &Namespace,
         tokens: &[u32],
     ) -> Result<PrefixLookup, ClientError> {
-        let keys = ns.block_keys(tokens)?;
-        if keys.is_empty() {
-            return Ok(PrefixLookup {
-                keys,
-                hit_blocks: 0,
-            });
-        }
-        let hit_blocks = self.lookup_keys(&ns.digest(), &keys).await?;
-        Ok(PrefixLookup { keys, hit_blocks })
+        lookup_prefix(ns, tokens, |digest, keys| async move {
+            let hit = self.lookup_keys(&digest, &keys).await?;
+            Ok((keys, hit))
+        })
+        .await
+    }
+
+    async fn lookup_rpc(
+        &mut self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+        per_key: bool,
+    ) -> Result<pb::LookupResponse, ClientError> {
+        let req = pb::LookupRequest {
+            namespace: Bytes::copy_from_slice(&namespace.0),
+            keys: keys_bytes(keys),
+            per_key,
+        };
+        Ok(self.rpc.lookup(self.request(req)).await?.into_inner())
     }
 
     /// Number of leading `keys` present.
@@ -330,13 +382,7 @@ impl KvClient {
         namespace: &BlockKey,
         keys: &[BlockKey],
     ) -> Result<usize, ClientError> {
-        let req = pb::LookupRequest {
-            namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
-            per_key: false,
-        };
-        let resp = self.rpc.lookup(self.request(req)).await?.into_inner();
-        let hit = resp.hit_blocks as usize;
+        let hit = self.lookup_rpc(namespace, keys, false).await?.hit_blocks as usize;
         if hit > keys.len() {
             return Err(ClientError::Protocol(format!(
                 "server reports {hit} hits for {} keys",
@@ -352,12 +398,7 @@ impl KvClient {
         namespace: &BlockKey,
         keys: &[BlockKey],
     ) -> Result<Vec<bool>, ClientError> {
-        let req = pb::LookupRequest {
-            namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
-            per_key: true,
-        };
-        let resp = self.rpc.lookup(self.request(req)).await?.into_inner();
+        let resp = self.lookup_rpc(namespace, keys, true).await?;
         if resp.present.len() != keys.len() {
             return Err(ClientError::Protocol(format!(
                 "{} presence flags for {} keys",
@@ -370,7 +411,7 @@ impl KvClient {
 
     /// Compresses and uploads the first `blocks.len()` full blocks of `tokens`; `blocks[i]` is
     /// the raw K/V of block `i` in the namespace's layout.
-    pub async fn put_prefix<B: AsRef<[u8]>>(
+    pub async fn put_prefix<B: AsRef<[u8]> + Sync>(
         &mut self,
         ns: &Namespace,
         tokens: &[u32],
@@ -431,7 +472,7 @@ impl KvClient {
         }
         let req = pb::GetRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+            keys: keys_bytes(keys),
         };
         let mut stream = self.rpc.get(self.request(req)).await?.into_inner();
         let mut asm = GetAssembler::new(keys);
@@ -464,14 +505,10 @@ impl KvClient {
     ) -> Result<u32, ClientError> {
         let req = pb::DeleteRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect(),
+            keys: keys_bytes(keys),
         };
-        Ok(self
-            .rpc
-            .delete(self.request(req))
-            .await?
-            .into_inner()
-            .deleted)
+        let resp = self.rpc.delete(self.request(req)).await?;
+        Ok(resp.into_inner().deleted)
     }
 
     /// The node's counters.
@@ -503,34 +540,82 @@ impl KvClient {
 }
 
 /// Encodes the raw K/V of the first `blocks.len()` blocks of a prefix whose keys are `keys`.
-pub fn encode_prefix<B: AsRef<[u8]>>(
+pub fn encode_prefix<B: AsRef<[u8]> + Sync>(
     ns: &Namespace,
     keys: &[BlockKey],
     blocks: &[B],
     codec: Codec,
 ) -> Result<Vec<PutItem>, ClientError> {
-    if blocks.len() > keys.len() {
+    encode_blocks(ns, keys, 0, blocks, codec, 1)
+}
+
+/// Encodes blocks `first..first + blocks.len()` of a prefix whose keys are `keys` (each
+/// block's parent is the key before it), on up to `threads` threads.
+pub fn encode_blocks<B: AsRef<[u8]> + Sync>(
+    ns: &Namespace,
+    keys: &[BlockKey],
+    first: usize,
+    blocks: &[B],
+    codec: Codec,
+    threads: usize,
+) -> Result<Vec<PutItem>, ClientError> {
+    let end = first.checked_add(blocks.len()).filter(|&e| e <= keys.len());
+    if end.is_none() {
         return Err(CoreError::InvalidInput(format!(
-            "{} blocks given but the prompt makes only {} full blocks ({} tokens per block)",
-            blocks.len(),
+            "blocks {first}..{} given but the prompt makes only {} full blocks ({} tokens per block)",
+            first.saturating_add(blocks.len()),
             keys.len(),
             ns.tokens_per_block()
         ))
         .into());
     }
     let digest = ns.digest();
-    blocks
-        .iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            let block = EncodedBlock::encode(digest, ns.layout, codec, raw.as_ref())?;
-            Ok(PutItem {
-                key: keys[i],
-                parent: i.checked_sub(1).map(|p| keys[p]),
-                block,
-            })
+    let encode = |j: usize, raw: &B| -> Result<PutItem, ClientError> {
+        let i = first + j;
+        Ok(PutItem {
+            key: keys[i],
+            parent: i.checked_sub(1).map(|p| keys[p]),
+            block: EncodedBlock::encode(digest, ns.layout, codec, raw.as_ref())?,
         })
-        .collect()
+    };
+    let threads = threads.clamp(1, blocks.len().max(1));
+    if threads == 1 {
+        return blocks
+            .iter()
+            .enumerate()
+            .map(|(j, b)| encode(j, b))
+            .collect();
+    }
+    let per = blocks.len().div_ceil(threads);
+    let parts: Vec<Result<Vec<PutItem>, ClientError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = blocks
+            .chunks(per)
+            .enumerate()
+            .map(|(c, chunk)| {
+                let encode = &encode;
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(j, b)| encode(c * per + j, b))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ClientError::Protocol("an encoding thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut items = Vec::with_capacity(blocks.len());
+    for p in parts {
+        items.extend(p?);
+    }
+    Ok(items)
 }
 
 /// Checks fetched blocks against the namespace and decodes the leading run of present blocks.

@@ -5,6 +5,9 @@
 //! a member moves only the keys whose top-`replicas` set it enters or leaves (about
 //! `replicas / N` of them), never a global reshuffle.
 
+use std::collections::HashMap;
+use std::future::Future;
+
 use crate::keys::BlockKey;
 
 /// Name of this placement algorithm (reported by `ClusterInfo`).
@@ -37,6 +40,183 @@ pub fn owners(seeds: &[u64], key: &BlockKey, replicas: usize) -> Vec<usize> {
     let mut r = rank(seeds, key);
     r.truncate(replicas.min(seeds.len()));
     r
+}
+
+/// A cluster member as placement sees it: anything with a stable node id.
+pub trait Placed {
+    /// The member's stable node id (its rendezvous seed is derived from it).
+    fn node_id(&self) -> &str;
+}
+
+/// The members a request is placed on, sorted by node id, with their seeds and the replication
+/// factor in force. Nodes (routing forwarded requests) and smart clients (routing straight to
+/// owners) both use it, so they agree on every key's owners.
+#[derive(Debug, Clone)]
+pub struct PlacementView<M> {
+    members: Vec<M>,
+    seeds: Vec<u64>,
+    replicas: usize,
+}
+
+impl<M: Placed> PlacementView<M> {
+    /// A view of `members` (sorted here by node id; later duplicates of an id are dropped)
+    /// keeping `replicas` copies of each key, at most one per member.
+    pub fn new(mut members: Vec<M>, replicas: usize) -> Self {
+        members.sort_by(|a, b| a.node_id().cmp(b.node_id()));
+        members.dedup_by(|a, b| a.node_id() == b.node_id());
+        let seeds = members.iter().map(|m| node_seed(m.node_id())).collect();
+        let replicas = replicas.max(1).min(members.len());
+        PlacementView {
+            members,
+            seeds,
+            replicas,
+        }
+    }
+
+    /// Members, sorted by node id.
+    pub fn members(&self) -> &[M] {
+        &self.members
+    }
+
+    /// Replicas per key (at most the number of members).
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// True when there is at most one member: nothing to route.
+    pub fn is_single(&self) -> bool {
+        self.members.len() <= 1
+    }
+
+    /// Indices into [`members`](Self::members) of `key`'s owners, best first.
+    pub fn owners(&self, key: &BlockKey) -> Vec<usize> {
+        owners(&self.seeds, key, self.replicas)
+    }
+
+    /// Owners of every key, best first.
+    pub fn owner_lists(&self, keys: &[BlockKey]) -> Vec<Vec<usize>> {
+        keys.iter().map(|k| self.owners(k)).collect()
+    }
+
+    /// Key indices grouped by member, every owner of every key included (for requests that go
+    /// to all replicas: lookups, deletes, writes).
+    pub fn all_owner_groups(&self, keys: &[BlockKey]) -> HashMap<usize, Vec<usize>> {
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            for m in self.owners(k) {
+                groups.entry(m).or_default().push(i);
+            }
+        }
+        groups
+    }
+
+    /// Fetches every key from the first owner that has it: round `r` asks each key's `r`-th
+    /// owner for the keys still missing, all members of a round in parallel. `fetch(member,
+    /// key indices)` answers one entry per index (`None`: not there, or the member failed).
+    /// Returns the results and how many were found on a fallback owner.
+    pub async fn fetch_with_failover<T, F, Fut>(
+        &self,
+        keys: &[BlockKey],
+        mut fetch: F,
+    ) -> (Vec<Option<T>>, u64)
+    where
+        F: FnMut(usize, Vec<usize>) -> Fut,
+        Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
+    {
+        let owners = self.owner_lists(keys);
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
+        let mut fallbacks = 0;
+        for round in 0..self.replicas {
+            let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+            for (i, o) in owners.iter().enumerate() {
+                if out[i].is_none()
+                    && let Some(&m) = o.get(round)
+                {
+                    groups.entry(m).or_default().push(i);
+                }
+            }
+            if groups.is_empty() {
+                break;
+            }
+            let calls = groups.into_iter().map(|(m, idx)| fetch(m, idx));
+            for (idx, got) in futures::future::join_all(calls).await {
+                for (i, item) in idx.into_iter().zip(got) {
+                    if item.is_some() {
+                        fallbacks += u64::from(round > 0);
+                        out[i] = item;
+                    }
+                }
+            }
+        }
+        (out, fallbacks)
+    }
+}
+
+/// How the writes of one block to its replicas went.
+#[derive(Debug, Clone)]
+pub struct ReplicaTally<R> {
+    acks: u32,
+    newly_stored: bool,
+    rejection: Option<R>,
+    unreachable: Vec<String>,
+}
+
+impl<R> Default for ReplicaTally<R> {
+    fn default() -> Self {
+        ReplicaTally {
+            acks: 0,
+            newly_stored: false,
+            rejection: None,
+            unreachable: Vec::new(),
+        }
+    }
+}
+
+/// The verdict on a block written to its replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaVerdict<R> {
+    /// At least one replica holds the block.
+    Held {
+        /// Replicas that hold it.
+        replicas: u32,
+        /// True when some replica stored it now (false: every replica already had it).
+        newly_stored: bool,
+    },
+    /// No replica holds it and one refused it (its rejection).
+    Rejected(R),
+    /// No replica holds it and none could be reached (who, and why).
+    Unreachable(Vec<String>),
+}
+
+impl<R> ReplicaTally<R> {
+    /// A replica holds the block (`newly_stored`: it stored it now).
+    pub fn ack(&mut self, newly_stored: bool) {
+        self.acks += 1;
+        self.newly_stored |= newly_stored;
+    }
+
+    /// A replica refused the block.
+    pub fn reject(&mut self, rejection: R) {
+        self.rejection = Some(rejection);
+    }
+
+    /// A replica could not be reached (`why`: node and reason).
+    pub fn unreachable(&mut self, why: String) {
+        self.unreachable.push(why);
+    }
+
+    /// The verdict: held when any replica acknowledged, else the last rejection, else
+    /// unreachable.
+    pub fn verdict(self) -> ReplicaVerdict<R> {
+        match (self.acks, self.rejection) {
+            (0, Some(r)) => ReplicaVerdict::Rejected(r),
+            (0, None) => ReplicaVerdict::Unreachable(self.unreachable),
+            (replicas, _) => ReplicaVerdict::Held {
+                replicas,
+                newly_stored: self.newly_stored,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +293,84 @@ mod tests {
             prop_assert_eq!(&r[..2], &after[..]);
             if !before.contains(&4) { prop_assert_eq!(before, after); }
         }
+    }
+
+    struct M(&'static str);
+    impl Placed for M {
+        fn node_id(&self) -> &str {
+            self.0
+        }
+    }
+
+    #[test]
+    fn view_sorts_dedups_and_clamps_replicas() {
+        let v = PlacementView::new(vec![M("c"), M("a"), M("b"), M("a")], 5);
+        let ids: Vec<&str> = v.members().iter().map(|m| m.0).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(v.replicas(), 3);
+        assert!(!v.is_single());
+        let k = key(7);
+        let s = seeds(&["a", "b", "c"]);
+        assert_eq!(v.owners(&k), owners(&s, &k, 3));
+        let empty: PlacementView<M> = PlacementView::new(vec![], 2);
+        assert!(empty.is_single());
+        assert_eq!(empty.replicas(), 0);
+    }
+
+    #[test]
+    fn all_owner_groups_cover_every_replica() {
+        let v = PlacementView::new(vec![M("a"), M("b"), M("c")], 2);
+        let keys: Vec<BlockKey> = (0..50).map(key).collect();
+        let groups = v.all_owner_groups(&keys);
+        let total: usize = groups.values().map(Vec::len).sum();
+        assert_eq!(total, 100);
+        for (m, idx) in &groups {
+            for &i in idx {
+                assert!(v.owners(&keys[i]).contains(m));
+            }
+        }
+    }
+
+    #[test]
+    fn failover_asks_the_next_owner_for_what_is_missing() {
+        let v = PlacementView::new(vec![M("a"), M("b"), M("c")], 2);
+        let keys: Vec<BlockKey> = (0..40).map(key).collect();
+        let first_owner_down = 0; // member "a" answers nothing
+        let (found, fallbacks) =
+            futures::executor::block_on(v.fetch_with_failover(&keys, |m, idx| {
+                let got: Vec<Option<usize>> = idx
+                    .iter()
+                    .map(|&i| (m != first_owner_down).then_some(i))
+                    .collect();
+                async move { (idx, got) }
+            }));
+        assert!(found.iter().enumerate().all(|(i, f)| *f == Some(i)));
+        let led_by_a = keys.iter().filter(|k| v.owners(k)[0] == 0).count() as u64;
+        assert_eq!(fallbacks, led_by_a);
+        assert!(led_by_a > 0);
+    }
+
+    #[test]
+    fn tally_verdicts() {
+        let mut t: ReplicaTally<&str> = ReplicaTally::default();
+        t.reject("full");
+        t.ack(false);
+        assert_eq!(
+            t.verdict(),
+            ReplicaVerdict::Held {
+                replicas: 1,
+                newly_stored: false
+            }
+        );
+        let mut t: ReplicaTally<&str> = ReplicaTally::default();
+        t.unreachable("b: down".into());
+        t.reject("full");
+        assert_eq!(t.verdict(), ReplicaVerdict::Rejected("full"));
+        let mut t: ReplicaTally<&str> = ReplicaTally::default();
+        t.unreachable("b: down".into());
+        assert_eq!(
+            t.verdict(),
+            ReplicaVerdict::Unreachable(vec!["b: down".into()])
+        );
     }
 }

@@ -13,6 +13,67 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kvshare_descriptor");
 
+/// Wire settings shared by nodes and clients: message limits, HTTP/2 windows, and the header
+/// that keeps a request on the node that receives it.
+pub mod transport {
+    use std::time::Duration;
+
+    use tonic::transport::{Channel, Endpoint};
+
+    use crate::v1::kv_cache_client::KvCacheClient;
+
+    /// Largest gRPC message a node or client accepts or sends: a 64 MiB block chunk plus framing.
+    pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
+    /// Initial HTTP/2 stream window: large enough that one block chunk does not wait for window
+    /// updates.
+    pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+    /// Initial HTTP/2 connection window (several streams in flight on one connection).
+    pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+    /// Largest HTTP/2 frame: 1 MiB frames halve per-frame overhead on bulk transfers.
+    pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
+    /// Metadata header that tells a node to answer from its own store and not forward the
+    /// request to other members (set by forwarding nodes and by smart clients that already
+    /// routed to the owner).
+    pub const NO_FORWARD_HEADER: &str = "x-kvshare-hop";
+    /// Value of [`NO_FORWARD_HEADER`].
+    pub const NO_FORWARD_VALUE: &str = "local";
+
+    /// True when `metadata` asks the receiving node not to forward.
+    pub fn is_no_forward(metadata: &tonic::metadata::MetadataMap) -> bool {
+        metadata
+            .get(NO_FORWARD_HEADER)
+            .is_some_and(|v| v.as_bytes() == NO_FORWARD_VALUE.as_bytes())
+    }
+
+    /// Marks a request as "answer from your own store, do not forward".
+    pub fn mark_no_forward<T>(request: &mut tonic::Request<T>) {
+        request.metadata_mut().insert(
+            NO_FORWARD_HEADER,
+            tonic::metadata::MetadataValue::from_static(NO_FORWARD_VALUE),
+        );
+    }
+
+    /// `endpoint` with the shared HTTP/2 settings (no Nagle, large windows and frames) and a
+    /// connect timeout.
+    pub fn tune_endpoint(endpoint: Endpoint, connect_timeout: Duration) -> Endpoint {
+        endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES))
+    }
+
+    /// A `KvCache` client over `channel` that accepts and sends messages up to
+    /// [`MAX_MESSAGE_BYTES`].
+    pub fn kv_client(channel: Channel) -> KvCacheClient<Channel> {
+        KvCacheClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
 /// `google.rpc.Status`, the standard payload of gRPC's `grpc-status-details-bin` trailer.
 ///
 /// A failed `Put` carries its `PutResponse` (every block's outcome) packed in an `Any` in

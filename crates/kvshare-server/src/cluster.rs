@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvshare_core::BlockKey;
-use kvshare_core::placement::{self, node_seed};
+use kvshare_core::placement::{Placed, PlacementView};
 use kvshare_proto::v1 as pb;
 use kvshare_proto::v1::kv_cache_client::KvCacheClient;
 use parking_lot::RwLock;
@@ -20,12 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tracing::{info, warn};
 
-use crate::MAX_MESSAGE_BYTES;
-
-/// Metadata header that asks a node to answer from its own store, without forwarding.
-pub const HOP_HEADER: &str = "x-kvshare-hop";
-/// Value of [`HOP_HEADER`].
-pub const HOP_LOCAL: &str = "local";
+use kvshare_proto::transport;
 
 /// Cluster settings.
 #[derive(Debug, Clone)]
@@ -62,33 +56,18 @@ pub enum Target {
 pub struct Member {
     /// Stable node id.
     pub node_id: String,
-    /// Rendezvous seed of the id.
-    pub seed: u64,
     /// How to reach it.
     pub target: Target,
 }
 
-/// The live members, sorted by node id, and the replication factor.
-pub struct View {
-    /// Live members (this node included).
-    pub members: Vec<Member>,
-    /// Seeds of `members`, in the same order.
-    pub seeds: Vec<u64>,
-    /// Replicas per key (at most the number of live members).
-    pub replicas: usize,
-}
-
-impl View {
-    /// Indices into `members` of `key`'s owners, best first.
-    pub fn owners(&self, key: &BlockKey) -> Vec<usize> {
-        placement::owners(&self.seeds, key, self.replicas)
-    }
-
-    /// True when this node is the only live member.
-    pub fn is_single(&self) -> bool {
-        self.members.len() <= 1
+impl Placed for Member {
+    fn node_id(&self) -> &str {
+        &self.node_id
     }
 }
+
+/// The live members (this node included), sorted by node id, and the replication factor.
+pub type View = PlacementView<Member>;
 
 struct Peer {
     addr: String,
@@ -102,6 +81,20 @@ struct Peer {
 }
 
 impl Peer {
+    /// A peer at `addr` not yet contacted.
+    fn new(addr: String, channel: Channel, from_dns: bool) -> Self {
+        Peer {
+            addr,
+            node_id: None,
+            http_addr: String::new(),
+            healthy: false,
+            failures: 0,
+            last_seen: None,
+            channel,
+            from_dns,
+        }
+    }
+
     /// Node id, or `unknown@addr` before the first contact.
     fn display_id(&self) -> String {
         self.node_id
@@ -133,14 +126,8 @@ pub struct Cluster {
 }
 
 fn lazy_channel(addr: &str, timeout: Duration) -> Option<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .max_frame_size(Some(1 << 20));
-    Some(ep.connect_lazy())
+    let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?;
+    Some(transport::tune_endpoint(ep, timeout).connect_lazy())
 }
 
 impl Cluster {
@@ -156,16 +143,7 @@ impl Cluster {
             .iter()
             .filter(|a| **a != self_grpc)
             .filter_map(|a| {
-                lazy_channel(a, config.health_timeout).map(|channel| Peer {
-                    addr: a.clone(),
-                    node_id: None,
-                    http_addr: String::new(),
-                    healthy: false,
-                    failures: 0,
-                    last_seen: None,
-                    channel,
-                    from_dns: false,
-                })
+                lazy_channel(a, config.health_timeout).map(|ch| Peer::new(a.clone(), ch, false))
             })
             .collect();
         let c = Arc::new(Cluster {
@@ -174,11 +152,7 @@ impl Cluster {
             self_http,
             config,
             peers: RwLock::new(peers),
-            view: RwLock::new(Arc::new(View {
-                members: vec![],
-                seeds: vec![],
-                replicas: 1,
-            })),
+            view: RwLock::new(Arc::new(View::new(Vec::new(), 1))),
         });
         c.rebuild_view();
         c
@@ -202,7 +176,6 @@ impl Cluster {
         let configured = 1 + peers.iter().filter(|p| !self.is_self(p)).count();
         let mut members: Vec<Member> = vec![Member {
             node_id: self.self_id.clone(),
-            seed: node_seed(&self.self_id),
             target: Target::Local,
         }];
         for p in peers.iter() {
@@ -210,24 +183,14 @@ impl Cluster {
                 && *id != self.self_id
                 && !members.iter().any(|m| m.node_id == *id)
             {
-                let client = KvCacheClient::new(p.channel.clone())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
                 members.push(Member {
                     node_id: id.clone(),
-                    seed: node_seed(id),
-                    target: Target::Remote(client),
+                    target: Target::Remote(transport::kv_client(p.channel.clone())),
                 });
             }
         }
-        members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        let replicas = self.replicas_for(configured).min(members.len());
-        let seeds = members.iter().map(|m| m.seed).collect();
-        *self.view.write() = Arc::new(View {
-            members,
-            seeds,
-            replicas,
-        });
+        let replicas = self.replicas_for(configured);
+        *self.view.write() = Arc::new(View::new(members, replicas));
     }
 
     /// Whether a configured peer is this node itself (recognised by its id).
@@ -266,7 +229,7 @@ impl Cluster {
 
     /// Replication factor currently in force.
     pub fn replicas(&self) -> u32 {
-        self.view().replicas as u32
+        self.view().replicas() as u32
     }
 
     /// Health of every peer: (node id or address, healthy).
@@ -425,16 +388,7 @@ impl Cluster {
                 }
                 if let Some(channel) = lazy_channel(&a, self.config.health_timeout) {
                     info!(peer = %a, "peer discovered by DNS");
-                    peers.push(Peer {
-                        addr: a,
-                        node_id: None,
-                        http_addr: String::new(),
-                        healthy: false,
-                        failures: 0,
-                        last_seen: None,
-                        channel,
-                        from_dns: true,
-                    });
+                    peers.push(Peer::new(a, channel, true));
                 }
             }
         }

@@ -10,6 +10,15 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Format of the node's log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
 /// Configuration of one cache node (`kvshared --help` lists every flag).
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -60,8 +69,8 @@ pub struct ServerConfig {
     pub log_level: String,
 
     /// Log format: text or json.
-    #[arg(long, env = "KVSHARE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "KVSHARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Write the bound addresses as JSON ({"grpc": "...", "http": "..."}) to this file once
     /// listening (for scripts and tests that use port 0).

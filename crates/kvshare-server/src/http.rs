@@ -1,4 +1,5 @@
-//! HTTP endpoints: `/metrics`, `/api/stats`, `/healthz`, `/readyz`.
+//! HTTP endpoints: `/dashboard`, `/api/cluster`, `/api/stats`, `/metrics`, `/healthz`,
+//! `/readyz`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use serde::Serialize;
 
-use crate::service::NodeState;
+use crate::state::NodeState;
 
 /// State shared by the HTTP handlers.
 #[derive(Clone)]
@@ -21,16 +22,14 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
 }
 
-/// JSON body of `/api/stats`.
-#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
-pub struct StatsJson {
-    /// Node id.
-    pub node_id: String,
+/// Storage figures, in `/api/stats` (one node) and `/api/cluster` totals (summed).
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+pub struct StorageJson {
     /// Capacity in bytes.
     pub capacity_bytes: u64,
     /// Bytes stored (payload plus index overhead).
     pub stored_bytes: u64,
-    /// Blocks stored.
+    /// Blocks stored (replicas counted once per copy).
     pub stored_blocks: u64,
     /// Raw bytes the stored blocks decode to.
     pub stored_raw_bytes: u64,
@@ -38,14 +37,13 @@ pub struct StatsJson {
     pub stored_payload_bytes: u64,
     /// stored_raw_bytes / stored_payload_bytes.
     pub compression_ratio: f64,
-    /// Lookup RPCs.
+}
+
+/// Prefix-lookup figures, in `/api/stats` and `/api/cluster` totals.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+pub struct LookupJson {
+    /// Client lookups.
     pub lookups: u64,
-    /// Blocks found.
-    pub hits: u64,
-    /// Blocks not found.
-    pub misses: u64,
-    /// hits / (hits + misses).
-    pub hit_rate: f64,
     /// Keys asked by client lookups.
     pub lookup_blocks: u64,
     /// Keys in the cached prefixes returned.
@@ -58,18 +56,83 @@ pub struct StatsJson {
     pub lookup_hit_tokens: u64,
     /// lookup_hit_tokens / lookup_tokens.
     pub token_hit_rate: f64,
-    /// Blocks stored by puts.
-    pub puts_stored: u64,
-    /// Blocks already present.
-    pub puts_present: u64,
-    /// Blocks rejected.
-    pub puts_rejected: u64,
+}
+
+/// Traffic figures, in `/api/stats` and `/api/cluster` totals.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+pub struct TrafficJson {
     /// Blocks evicted.
     pub evictions: u64,
     /// Payload bytes received.
     pub bytes_in: u64,
     /// Payload bytes sent.
     pub bytes_out: u64,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b > 0 { a as f64 / b as f64 } else { 0.0 }
+}
+
+impl StorageJson {
+    /// Adds `o` (ratios are recomputed).
+    fn add(&mut self, o: &StorageJson) {
+        self.capacity_bytes += o.capacity_bytes;
+        self.stored_bytes += o.stored_bytes;
+        self.stored_blocks += o.stored_blocks;
+        self.stored_raw_bytes += o.stored_raw_bytes;
+        self.stored_payload_bytes += o.stored_payload_bytes;
+        self.compression_ratio = ratio(self.stored_raw_bytes, self.stored_payload_bytes);
+    }
+}
+
+impl LookupJson {
+    /// Adds `o` (ratios are recomputed).
+    fn add(&mut self, o: &LookupJson) {
+        self.lookups += o.lookups;
+        self.lookup_blocks += o.lookup_blocks;
+        self.lookup_hit_blocks += o.lookup_hit_blocks;
+        self.lookup_tokens += o.lookup_tokens;
+        self.lookup_hit_tokens += o.lookup_hit_tokens;
+        self.block_hit_rate = ratio(self.lookup_hit_blocks, self.lookup_blocks);
+        self.token_hit_rate = ratio(self.lookup_hit_tokens, self.lookup_tokens);
+    }
+}
+
+impl TrafficJson {
+    /// Adds `o`.
+    fn add(&mut self, o: &TrafficJson) {
+        self.evictions += o.evictions;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+}
+
+/// JSON body of `/api/stats`.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
+pub struct StatsJson {
+    /// Node id.
+    pub node_id: String,
+    /// Storage figures.
+    #[serde(flatten)]
+    pub storage: StorageJson,
+    /// Lookup figures.
+    #[serde(flatten)]
+    pub lookup: LookupJson,
+    /// Traffic figures.
+    #[serde(flatten)]
+    pub traffic: TrafficJson,
+    /// Blocks found.
+    pub hits: u64,
+    /// Blocks not found.
+    pub misses: u64,
+    /// hits / (hits + misses).
+    pub hit_rate: f64,
+    /// Blocks stored by puts.
+    pub puts_stored: u64,
+    /// Blocks already present.
+    pub puts_present: u64,
+    /// Blocks rejected.
+    pub puts_rejected: u64,
     /// Blocks deleted.
     pub deletes: u64,
     /// Seconds since start.
@@ -99,31 +162,36 @@ impl StatsJson {
 
     /// JSON view of a Stats RPC answer.
     pub fn from_pb(s: &kvshare_proto::v1::StatsResponse) -> Self {
-        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
         StatsJson {
-            compression_ratio: ratio(s.stored_raw_bytes, s.stored_payload_bytes),
-            hit_rate: ratio(s.hits, s.hits + s.misses),
-            lookup_blocks: s.lookup_blocks,
-            lookup_hit_blocks: s.lookup_hit_blocks,
-            block_hit_rate: ratio(s.lookup_hit_blocks, s.lookup_blocks),
-            lookup_tokens: s.lookup_tokens,
-            lookup_hit_tokens: s.lookup_hit_tokens,
-            token_hit_rate: ratio(s.lookup_hit_tokens, s.lookup_tokens),
             node_id: s.node_id.clone(),
-            capacity_bytes: s.capacity_bytes,
-            stored_bytes: s.stored_bytes,
-            stored_blocks: s.stored_blocks,
-            stored_raw_bytes: s.stored_raw_bytes,
-            stored_payload_bytes: s.stored_payload_bytes,
-            lookups: s.lookups,
+            storage: StorageJson {
+                capacity_bytes: s.capacity_bytes,
+                stored_bytes: s.stored_bytes,
+                stored_blocks: s.stored_blocks,
+                stored_raw_bytes: s.stored_raw_bytes,
+                stored_payload_bytes: s.stored_payload_bytes,
+                compression_ratio: ratio(s.stored_raw_bytes, s.stored_payload_bytes),
+            },
+            lookup: LookupJson {
+                lookups: s.lookups,
+                lookup_blocks: s.lookup_blocks,
+                lookup_hit_blocks: s.lookup_hit_blocks,
+                block_hit_rate: ratio(s.lookup_hit_blocks, s.lookup_blocks),
+                lookup_tokens: s.lookup_tokens,
+                lookup_hit_tokens: s.lookup_hit_tokens,
+                token_hit_rate: ratio(s.lookup_hit_tokens, s.lookup_tokens),
+            },
+            traffic: TrafficJson {
+                evictions: s.evictions,
+                bytes_in: s.bytes_in,
+                bytes_out: s.bytes_out,
+            },
             hits: s.hits,
             misses: s.misses,
+            hit_rate: ratio(s.hits, s.hits + s.misses),
             puts_stored: s.puts_stored,
             puts_present: s.puts_present,
             puts_rejected: s.puts_rejected,
-            evictions: s.evictions,
-            bytes_in: s.bytes_in,
-            bytes_out: s.bytes_out,
             deletes: s.deletes,
             uptime_seconds: s.uptime_seconds,
             namespaces: s
@@ -162,38 +230,15 @@ pub struct NodeJson {
 /// Cluster-wide totals in `/api/cluster` (over reachable nodes).
 #[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
 pub struct TotalsJson {
-    /// Sum of capacities.
-    pub capacity_bytes: u64,
-    /// Sum of stored bytes.
-    pub stored_bytes: u64,
-    /// Sum of stored blocks (replicas counted once per copy).
-    pub stored_blocks: u64,
-    /// Sum of raw bytes stored.
-    pub stored_raw_bytes: u64,
-    /// Sum of payload bytes stored.
-    pub stored_payload_bytes: u64,
-    /// stored_raw_bytes / stored_payload_bytes.
-    pub compression_ratio: f64,
-    /// Client lookups.
-    pub lookups: u64,
-    /// Keys asked by client lookups.
-    pub lookup_blocks: u64,
-    /// Keys in returned cached prefixes.
-    pub lookup_hit_blocks: u64,
-    /// lookup_hit_blocks / lookup_blocks.
-    pub block_hit_rate: f64,
-    /// Tokens asked by client lookups.
-    pub lookup_tokens: u64,
-    /// Tokens in returned cached prefixes.
-    pub lookup_hit_tokens: u64,
-    /// lookup_hit_tokens / lookup_tokens.
-    pub token_hit_rate: f64,
-    /// Evictions.
-    pub evictions: u64,
-    /// Payload bytes received.
-    pub bytes_in: u64,
-    /// Payload bytes sent.
-    pub bytes_out: u64,
+    /// Storage, summed.
+    #[serde(flatten)]
+    pub storage: StorageJson,
+    /// Lookups, summed.
+    #[serde(flatten)]
+    pub lookup: LookupJson,
+    /// Traffic, summed.
+    #[serde(flatten)]
+    pub traffic: TrafficJson,
 }
 
 /// Body of `/api/cluster`: every member's stats, aggregated through one node.
@@ -213,58 +258,38 @@ pub struct ClusterJson {
     pub namespaces_by_hits: Vec<NamespaceJson>,
 }
 
-/// Gathers `/api/cluster`: this node's stats plus each peer's `Stats` RPC (1 s deadline each,
-/// in parallel).
-pub async fn cluster_json(node: &NodeState) -> ClusterJson {
-    let peers = node.cluster.peer_clients();
-    let fetches = peers.into_iter().map(|(info, client)| async move {
-        let mut c = client;
-        let mut req = tonic::Request::new(kvshare_proto::v1::StatsRequest {});
-        req.set_timeout(std::time::Duration::from_secs(1));
-        let r = tokio::time::timeout(std::time::Duration::from_millis(1500), c.stats(req)).await;
-        let (stats, error) = match r {
-            Ok(Ok(s)) => (Some(StatsJson::from_pb(s.get_ref())), None),
-            Ok(Err(e)) => (None, Some(format!("{:?}: {}", e.code(), e.message()))),
-            Err(_) => (None, Some("no answer within 1.5 s".to_string())),
-        };
-        NodeJson {
-            node_id: info.node_id,
-            grpc_addr: info.grpc_addr,
-            http_addr: info.http_addr,
-            healthy: info.healthy,
-            reachable: stats.is_some(),
-            error,
-            stats,
-        }
-    });
-    let mut nodes = vec![NodeJson {
-        node_id: node.node_id.clone(),
-        grpc_addr: node.grpc_addr.clone(),
-        http_addr: node.http_addr.clone(),
-        healthy: true,
-        reachable: true,
-        error: None,
-        stats: Some(StatsJson::from_node(node)),
-    }];
-    nodes.extend(futures::future::join_all(fetches).await);
-    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+/// One peer's entry in `/api/cluster`: its `Stats` RPC (1 s deadline).
+async fn peer_json(
+    info: kvshare_proto::v1::Member,
+    mut client: kvshare_proto::v1::kv_cache_client::KvCacheClient<tonic::transport::Channel>,
+) -> NodeJson {
+    let mut req = tonic::Request::new(kvshare_proto::v1::StatsRequest {});
+    req.set_timeout(std::time::Duration::from_secs(1));
+    let r = tokio::time::timeout(std::time::Duration::from_millis(1500), client.stats(req)).await;
+    let (stats, error) = match r {
+        Ok(Ok(s)) => (Some(StatsJson::from_pb(s.get_ref())), None),
+        Ok(Err(e)) => (None, Some(format!("{:?}: {}", e.code(), e.message()))),
+        Err(_) => (None, Some("no answer within 1.5 s".to_string())),
+    };
+    NodeJson {
+        node_id: info.node_id,
+        grpc_addr: info.grpc_addr,
+        http_addr: info.http_addr,
+        healthy: info.healthy,
+        reachable: stats.is_some(),
+        error,
+        stats,
+    }
+}
 
+/// Totals and merged namespaces (top 10 by bytes, top 10 by hits) over reachable nodes.
+fn aggregate(nodes: &[NodeJson]) -> (TotalsJson, Vec<NamespaceJson>, Vec<NamespaceJson>) {
     let mut t = TotalsJson::default();
     let mut ns: std::collections::HashMap<String, NamespaceJson> = std::collections::HashMap::new();
     for s in nodes.iter().filter_map(|n| n.stats.as_ref()) {
-        t.capacity_bytes += s.capacity_bytes;
-        t.stored_bytes += s.stored_bytes;
-        t.stored_blocks += s.stored_blocks;
-        t.stored_raw_bytes += s.stored_raw_bytes;
-        t.stored_payload_bytes += s.stored_payload_bytes;
-        t.lookups += s.lookups;
-        t.lookup_blocks += s.lookup_blocks;
-        t.lookup_hit_blocks += s.lookup_hit_blocks;
-        t.lookup_tokens += s.lookup_tokens;
-        t.lookup_hit_tokens += s.lookup_hit_tokens;
-        t.evictions += s.evictions;
-        t.bytes_in += s.bytes_in;
-        t.bytes_out += s.bytes_out;
+        t.storage.add(&s.storage);
+        t.lookup.add(&s.lookup);
+        t.traffic.add(&s.traffic);
         for n in &s.namespaces {
             let e = ns
                 .entry(n.namespace.clone())
@@ -279,22 +304,39 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
             e.hits += n.hits;
         }
     }
-    let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-    t.compression_ratio = ratio(t.stored_raw_bytes, t.stored_payload_bytes);
-    t.block_hit_rate = ratio(t.lookup_hit_blocks, t.lookup_blocks);
-    t.token_hit_rate = ratio(t.lookup_hit_tokens, t.lookup_tokens);
     let mut all: Vec<NamespaceJson> = ns.into_values().collect();
     all.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.namespace.cmp(&b.namespace)));
     let by_bytes: Vec<NamespaceJson> = all.iter().take(10).cloned().collect();
     all.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.namespace.cmp(&b.namespace)));
     let by_hits: Vec<NamespaceJson> = all.into_iter().filter(|n| n.hits > 0).take(10).collect();
+    (t, by_bytes, by_hits)
+}
+
+/// Gathers `/api/cluster`: this node's stats plus each peer's `Stats` RPC (in parallel).
+pub async fn cluster_json(node: &NodeState) -> ClusterJson {
+    let peers = node.cluster.peer_clients();
+    let fetches = peers
+        .into_iter()
+        .map(|(info, client)| peer_json(info, client));
+    let mut nodes = vec![NodeJson {
+        node_id: node.node_id.clone(),
+        grpc_addr: node.grpc_addr.clone(),
+        http_addr: node.http_addr.clone(),
+        healthy: true,
+        reachable: true,
+        error: None,
+        stats: Some(StatsJson::from_node(node)),
+    }];
+    nodes.extend(futures::future::join_all(fetches).await);
+    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let (totals, namespaces_by_bytes, namespaces_by_hits) = aggregate(&nodes);
     ClusterJson {
         node_id: node.node_id.clone(),
         replicas: node.cluster.replicas(),
         nodes,
-        totals: t,
-        namespaces_by_bytes: by_bytes,
-        namespaces_by_hits: by_hits,
+        totals,
+        namespaces_by_bytes,
+        namespaces_by_hits,
     }
 }
 

@@ -2,8 +2,14 @@
 //!
 //! [`start`] binds the gRPC and HTTP listeners and serves until [`NodeHandle::shutdown`] (or a
 //! signal, in the `kvshared` binary). The gRPC side serves `kvshare.v1.KvCache`,
-//! `grpc.health.v1.Health` and server reflection; the HTTP side serves `/metrics`,
-//! `/api/stats`, `/healthz` and `/readyz`.
+//! `grpc.health.v1.Health` and server reflection (`grpc.reflection.v1` and `v1alpha`); the
+//! HTTP side serves `/dashboard`, `/api/cluster`, `/api/stats`, `/metrics`, `/healthz` and
+//! `/readyz`.
+//!
+//! Modules, each depending only on those listed after it: [`service`] (thin gRPC adapter) →
+//! [`put`] (the upload state machine) → [`routing`] (fan-out to owners) → [`state`] (the node:
+//! store, limits, metrics, cluster) → [`cluster`] (membership, health) ; [`http`] → [`state`];
+//! leaves: [`metrics`], [`rejection`], [`request`], [`config`].
 
 #![warn(missing_docs)]
 
@@ -11,9 +17,12 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;
-mod put;
-mod routing;
+pub mod put;
+pub mod rejection;
+pub mod request;
+pub mod routing;
 pub mod service;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +30,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kvshare_core::BlockStore;
+use kvshare_proto::transport::{
+    CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
+};
 use kvshare_proto::v1::kv_cache_server::KvCacheServer;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -30,10 +42,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use config::ServerConfig;
-pub use service::{KvCacheService, NodeState};
-
-/// Largest gRPC message a node accepts or sends: a 64 MiB block chunk plus framing.
-pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
+pub use service::KvCacheService;
+pub use state::NodeState;
 
 /// Errors starting or running a node.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +60,23 @@ pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
     /// Reflection service setup failed.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// I/O error.
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("setting up server reflection failed")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server failed")]
+    Http(#[source] std::io::Error),
+    /// The port file could not be written.
+    #[error("cannot write the port file {path}")]
+    PortFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running node.
@@ -87,10 +106,10 @@ impl NodeHandle {
         match tokio::time::timeout(drain, wait).await {
             Ok((g, h)) => {
                 if let Ok(Err(e)) = g {
-                    return Err(e.into());
+                    return Err(ServerError::Transport(e));
                 }
                 if let Ok(Err(e)) = h {
-                    return Err(e.into());
+                    return Err(ServerError::Http(e));
                 }
                 Ok(())
             }
@@ -107,143 +126,198 @@ impl NodeHandle {
     }
 }
 
-/// Binds listeners and starts serving.
-pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
-    if config.capacity == 0 {
-        return Err(ServerError::Config("--capacity must be > 0".into()));
-    }
-    let grpc_listener = TcpListener::bind(config.grpc_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.grpc_addr,
-            source,
-        })?;
-    let http_listener = TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.http_addr,
-            source,
-        })?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let http_addr = http_listener.local_addr()?;
-    let node_id = config.resolved_node_id();
+/// Addresses the node tells peers and clients to use.
+struct Advertised {
+    grpc: String,
+    http: String,
+}
 
-    let advertise = config.advertise_addr.clone().unwrap_or_else(|| {
-        if grpc_addr.ip().is_unspecified() {
-            format!("{}:{}", node_id, grpc_addr.port())
+/// Addresses to advertise: `--advertise-addr`, else the bound address (the node id as host
+/// when bound to an unspecified address, as in a Kubernetes StatefulSet).
+fn advertised(
+    config: &ServerConfig,
+    node_id: &str,
+    grpc: SocketAddr,
+    http: SocketAddr,
+) -> Advertised {
+    let grpc_adv = config.advertise_addr.clone().unwrap_or_else(|| {
+        if grpc.ip().is_unspecified() {
+            format!("{}:{}", node_id, grpc.port())
         } else {
-            grpc_addr.to_string()
+            grpc.to_string()
         }
     });
-    let http_advertise = if http_addr.ip().is_unspecified() {
-        format!(
-            "{}:{}",
-            advertise
-                .rsplit_once(':')
-                .map_or(advertise.as_str(), |(h, _)| h),
-            http_addr.port()
-        )
+    let http_adv = if http.ip().is_unspecified() {
+        let host = grpc_adv
+            .rsplit_once(':')
+            .map_or(grpc_adv.as_str(), |(h, _)| h);
+        format!("{host}:{}", http.port())
     } else {
-        http_addr.to_string()
+        http.to_string()
     };
-    let cluster = cluster::Cluster::new(
-        node_id.clone(),
-        advertise.clone(),
-        http_advertise.clone(),
-        cluster::ClusterConfig {
-            peers: config
-                .peers
-                .iter()
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect(),
-            peers_dns: config.peers_dns.clone(),
-            replicas: config.replicas,
-            health_interval: Duration::from_millis(config.peer_health_interval_ms.max(10)),
-            health_timeout: Duration::from_millis(config.peer_health_timeout_ms.max(10)),
-            failure_threshold: config.peer_failure_threshold.max(1),
-            forward_timeout: Duration::from_millis(config.forward_timeout_ms.max(10)),
-            dns_interval: Duration::from_millis(config.dns_interval_ms.max(100)),
-        },
-    );
+    Advertised {
+        grpc: grpc_adv,
+        http: http_adv,
+    }
+}
+
+fn cluster_config(config: &ServerConfig) -> cluster::ClusterConfig {
+    cluster::ClusterConfig {
+        peers: config
+            .peers
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        peers_dns: config.peers_dns.clone(),
+        replicas: config.replicas,
+        health_interval: Duration::from_millis(config.peer_health_interval_ms.max(10)),
+        health_timeout: Duration::from_millis(config.peer_health_timeout_ms.max(10)),
+        failure_threshold: config.peer_failure_threshold.max(1),
+        forward_timeout: Duration::from_millis(config.forward_timeout_ms.max(10)),
+        dns_interval: Duration::from_millis(config.dns_interval_ms.max(100)),
+    }
+}
+
+fn node_state(
+    config: &ServerConfig,
+    node_id: String,
+    addrs: Advertised,
+    cluster: Arc<cluster::Cluster>,
+) -> NodeState {
     let inflight_kib = (config.max_inflight_put / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
-    let state = Arc::new(NodeState {
-        node_id: node_id.clone(),
+    NodeState {
+        node_id,
         store: BlockStore::new(config.capacity),
         metrics: metrics::Metrics::new(),
-        max_block_size: config.max_block_size,
-        get_chunk_size: config
-            .get_chunk_size
-            .clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64) as usize,
-        max_keys: config.max_keys.max(1),
-        grpc_addr: advertise,
-        http_addr: http_advertise,
+        limits: state::Limits {
+            max_block_size: config.max_block_size,
+            get_chunk_size: config
+                .get_chunk_size
+                .clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64)
+                as usize,
+            max_keys: config.max_keys.max(1),
+            put_wait: Duration::from_millis(config.put_wait_ms),
+            inflight_kib,
+        },
+        grpc_addr: addrs.grpc,
+        http_addr: addrs.http,
         started: Instant::now(),
         inflight: Arc::new(Semaphore::new(inflight_kib as usize)),
-        put_wait: Duration::from_millis(config.put_wait_ms),
-        inflight_kib,
-        cluster: cluster.clone(),
-    });
+        cluster,
+    }
+}
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Serves gRPC (KvCache, health, reflection v1 and v1alpha) on `listener` until `shutdown`.
+async fn spawn_grpc(
+    listener: TcpListener,
+    state: Arc<NodeState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<KvCacheServer<KvCacheService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kvshare_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let kv = KvCacheServer::new(KvCacheService::new(state.clone()))
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kvshare_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(ServerError::Reflection)?;
+    let kv = KvCacheServer::new(KvCacheService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(true));
-
     // Small messages (lookups, headers) must not wait for Nagle's algorithm and delayed ACKs
     // (40 ms stalls): disable it on every accepted connection. (The builder's tcp_nodelay only
     // applies to listeners tonic binds itself.)
-    let incoming = TcpListenerStream::new(grpc_listener).map(|conn| {
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
         if let Ok(s) = &conn {
             let _ = s.set_nodelay(true);
         }
         conn
     });
-    let mut grpc_rx = shutdown_rx.clone();
-    let reporter = health_reporter.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .max_frame_size(Some(1 << 20))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(kv)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = grpc_rx.wait_for(|v| *v).await;
-                reporter
-                    .set_not_serving::<KvCacheServer<KvCacheService>>()
-                    .await;
-            }),
-    );
-    tokio::spawn(cluster.run(shutdown_rx.clone()));
-    let mut http_rx = shutdown_rx;
-    let app = http::router(http::HttpState {
-        node: state.clone(),
-        ready: ready.clone(),
-    });
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app)
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(kv)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+            health_reporter
+                .set_not_serving::<KvCacheServer<KvCacheService>>()
+                .await;
+        });
+    Ok(tokio::spawn(server))
+}
+
+/// Serves the HTTP endpoints on `listener` until `shutdown`.
+fn spawn_http(
+    listener: TcpListener,
+    state: http::HttpState,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<Result<(), std::io::Error>> {
+    let app = http::router(state);
+    tokio::spawn(async move {
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = http_rx.wait_for(|v| *v).await;
+                let _ = shutdown.wait_for(|v| *v).await;
             })
             .await
-    });
+    })
+}
+
+/// Binds listeners and starts serving.
+pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
+    if config.capacity == 0 {
+        return Err(ServerError::Config("--capacity must be > 0".into()));
+    }
+    let grpc_listener = bind(config.grpc_addr).await?;
+    let http_listener = bind(config.http_addr).await?;
+    let local = |l: &TcpListener, addr| {
+        l.local_addr()
+            .map_err(|source| ServerError::Bind { addr, source })
+    };
+    let grpc_addr = local(&grpc_listener, config.grpc_addr)?;
+    let http_addr = local(&http_listener, config.http_addr)?;
+    let node_id = config.resolved_node_id();
+    let addrs = advertised(&config, &node_id, grpc_addr, http_addr);
+    let cluster = cluster::Cluster::new(
+        node_id.clone(),
+        addrs.grpc.clone(),
+        addrs.http.clone(),
+        cluster_config(&config),
+    );
+    let state = Arc::new(node_state(&config, node_id.clone(), addrs, cluster.clone()));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let grpc_task = spawn_grpc(grpc_listener, state.clone(), shutdown_rx.clone()).await?;
+    tokio::spawn(cluster.run(shutdown_rx.clone()));
+    let http_state = http::HttpState {
+        node: state.clone(),
+        ready: ready.clone(),
+    };
+    let http_task = spawn_http(http_listener, http_state, shutdown_rx);
 
     if let Some(path) = &config.port_file {
         let body = serde_json::json!({ "grpc": grpc_addr.to_string(), "http": http_addr.to_string(), "node_id": node_id });
-        std::fs::write(path, body.to_string())?;
+        std::fs::write(path, body.to_string()).map_err(|source| ServerError::PortFile {
+            path: path.clone(),
+            source,
+        })?;
     }
     info!(%node_id, grpc = %grpc_addr, http = %http_addr, capacity = config.capacity, "kvshare node listening");
     Ok(NodeHandle {

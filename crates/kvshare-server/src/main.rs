@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use kvshare_server::ServerConfig;
+use kvshare_server::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -12,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let config = ServerConfig::parse();
     let filter = EnvFilter::try_new(&config.log_level)
         .with_context(|| format!("invalid --log-level {:?}", config.log_level))?;
-    if config.log_format == "json" {
+    if config.log_format == LogFormat::Json {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .json()

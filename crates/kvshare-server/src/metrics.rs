@@ -130,140 +130,169 @@ pub struct Metrics {
     pub peer_up: Family<PeerLabels, Gauge>,
 }
 
+/// Registers `metric` under `name` and returns it (metrics are handles: the registry keeps a
+/// clone that shares the value).
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kvshare");
+        let mut r = Registry::with_prefix("kvshare");
+        let r = &mut r;
+        let rpc_duration: HistogramFamily =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let m = Metrics {
-            lookups: Counter::default(),
-            lookup_blocks: Counter::default(),
-            lookup_hit_blocks: Counter::default(),
-            lookup_tokens: Counter::default(),
-            lookup_hit_tokens: Counter::default(),
-            hits: Counter::default(),
-            misses: Counter::default(),
-            puts: Family::default(),
-            evictions: Counter::default(),
-            received_bytes: Counter::default(),
-            sent_bytes: Counter::default(),
-            deletes: Counter::default(),
-            stored_bytes: Gauge::default(),
-            stored_blocks: Gauge::default(),
-            stored_raw_bytes: Gauge::default(),
-            capacity_bytes: Gauge::default(),
-            rpc_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            rpcs: Family::default(),
-            forwarded: Family::default(),
-            peer_requests: Family::default(),
-            replica_writes: Family::default(),
-            failovers: Counter::default(),
-            peer_up: Family::default(),
+            lookups: registered(r, "lookups", "Lookup RPCs served", Counter::default()),
+            lookup_blocks: registered(
+                r,
+                "lookup_blocks",
+                "Block keys asked by client lookups",
+                Counter::default(),
+            ),
+            lookup_hit_blocks: registered(
+                r,
+                "lookup_hit_blocks",
+                "Block keys in the cached prefixes returned by lookups",
+                Counter::default(),
+            ),
+            lookup_tokens: registered(
+                r,
+                "lookup_tokens",
+                "Prompt tokens covered by client lookups",
+                Counter::default(),
+            ),
+            lookup_hit_tokens: registered(
+                r,
+                "lookup_hit_tokens",
+                "Prompt tokens in the cached prefixes returned by lookups",
+                Counter::default(),
+            ),
+            hits: registered(
+                r,
+                "hits",
+                "Blocks found by lookups and gets",
+                Counter::default(),
+            ),
+            misses: registered(
+                r,
+                "misses",
+                "Blocks not found by lookups (first miss) and gets",
+                Counter::default(),
+            ),
+            puts: registered(
+                r,
+                "put_blocks",
+                "Blocks received by Put, by outcome",
+                Family::default(),
+            ),
+            received_bytes: registered(
+                r,
+                "received_bytes",
+                "Encoded payload bytes received by Put",
+                Counter::default(),
+            ),
+            sent_bytes: registered(
+                r,
+                "sent_bytes",
+                "Encoded payload bytes sent by Get",
+                Counter::default(),
+            ),
+            deletes: registered(
+                r,
+                "deleted_blocks",
+                "Blocks removed by Delete",
+                Counter::default(),
+            ),
+            rpcs: registered(
+                r,
+                "rpcs",
+                "RPCs handled, by method and gRPC status code",
+                Family::default(),
+            ),
+            rpc_duration: registered(r, "rpc_duration_seconds", "RPC handling time", rpc_duration),
+            evictions: registered(
+                r,
+                "evictions",
+                "Blocks evicted to stay under capacity",
+                Counter::default(),
+            ),
+            stored_bytes: registered(
+                r,
+                "stored_bytes",
+                "Bytes stored (payload plus index overhead)",
+                Gauge::default(),
+            ),
+            stored_blocks: registered(r, "stored_blocks", "Blocks stored", Gauge::default()),
+            stored_raw_bytes: registered(
+                r,
+                "stored_raw_bytes",
+                "Raw bytes the stored blocks decode to",
+                Gauge::default(),
+            ),
+            capacity_bytes: registered(
+                r,
+                "capacity_bytes",
+                "Configured capacity in bytes",
+                Gauge::default(),
+            ),
+            forwarded: registered(
+                r,
+                "forwarded_requests",
+                "Requests sent to peers on behalf of clients, by method",
+                Family::default(),
+            ),
+            peer_requests: registered(
+                r,
+                "peer_requests",
+                "Requests served from the local store for peers and smart clients",
+                Family::default(),
+            ),
+            replica_writes: registered(
+                r,
+                "replica_writes",
+                "Block writes to remote replicas, by result",
+                Family::default(),
+            ),
+            failovers: registered(
+                r,
+                "failovers",
+                "Blocks served by a replica other than the first owner",
+                Counter::default(),
+            ),
+            peer_up: registered(
+                r,
+                "peer_up",
+                "Whether a peer is healthy (1) or marked down (0)",
+                Family::default(),
+            ),
             registry: Registry::default(),
         };
-        registry.register("lookups", "Lookup RPCs served", m.lookups.clone());
-        registry.register(
-            "lookup_blocks",
-            "Block keys asked by client lookups",
-            m.lookup_blocks.clone(),
-        );
-        registry.register(
-            "lookup_hit_blocks",
-            "Block keys in the cached prefixes returned by lookups",
-            m.lookup_hit_blocks.clone(),
-        );
-        registry.register(
-            "lookup_tokens",
-            "Prompt tokens covered by client lookups",
-            m.lookup_tokens.clone(),
-        );
-        registry.register(
-            "lookup_hit_tokens",
-            "Prompt tokens in the cached prefixes returned by lookups",
-            m.lookup_hit_tokens.clone(),
-        );
-        registry.register("hits", "Blocks found by lookups and gets", m.hits.clone());
-        registry.register(
-            "misses",
-            "Blocks not found by lookups (first miss) and gets",
-            m.misses.clone(),
-        );
-        registry.register(
-            "put_blocks",
-            "Blocks received by Put, by outcome",
-            m.puts.clone(),
-        );
-        registry.register(
-            "received_bytes",
-            "Encoded payload bytes received by Put",
-            m.received_bytes.clone(),
-        );
-        registry.register(
-            "sent_bytes",
-            "Encoded payload bytes sent by Get",
-            m.sent_bytes.clone(),
-        );
-        registry.register(
-            "deleted_blocks",
-            "Blocks removed by Delete",
-            m.deletes.clone(),
-        );
-        registry.register(
-            "rpcs",
-            "RPCs handled, by method and gRPC status code",
-            m.rpcs.clone(),
-        );
-        registry.register(
-            "rpc_duration_seconds",
-            "RPC handling time",
-            m.rpc_duration.clone(),
-        );
-        registry.register(
-            "evictions",
-            "Blocks evicted to stay under capacity",
-            m.evictions.clone(),
-        );
-        registry.register(
-            "stored_bytes",
-            "Bytes stored (payload plus index overhead)",
-            m.stored_bytes.clone(),
-        );
-        registry.register("stored_blocks", "Blocks stored", m.stored_blocks.clone());
-        registry.register(
-            "stored_raw_bytes",
-            "Raw bytes the stored blocks decode to",
-            m.stored_raw_bytes.clone(),
-        );
-        registry.register(
-            "capacity_bytes",
-            "Configured capacity in bytes",
-            m.capacity_bytes.clone(),
-        );
-        registry.register(
-            "forwarded_requests",
-            "Requests sent to peers on behalf of clients, by method",
-            m.forwarded.clone(),
-        );
-        registry.register(
-            "peer_requests",
-            "Requests served from the local store for peers and smart clients",
-            m.peer_requests.clone(),
-        );
-        registry.register(
-            "replica_writes",
-            "Block writes to remote replicas, by result",
-            m.replica_writes.clone(),
-        );
-        registry.register(
-            "failovers",
-            "Blocks served by a replica other than the first owner",
-            m.failovers.clone(),
-        );
-        registry.register(
-            "peer_up",
-            "Whether a peer is healthy (1) or marked down (0)",
-            m.peer_up.clone(),
-        );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: std::mem::take(r),
+            ..m
+        }
+    }
+
+    /// Counts a client's lookup of `keys` blocks of which the first `hit` are cached
+    /// (`tokens_per_block` of the namespace, 0 when unknown).
+    pub fn count_client_lookup(&self, keys: u64, hit: u64, tokens_per_block: u64) {
+        self.lookups.inc();
+        self.lookup_blocks.inc_by(keys);
+        self.lookup_hit_blocks.inc_by(hit);
+        self.lookup_tokens.inc_by(keys * tokens_per_block);
+        self.lookup_hit_tokens.inc_by(hit * tokens_per_block);
+        self.hits.inc_by(hit);
+        if hit < keys {
+            self.misses.inc();
+        }
     }
 
     /// Prometheus text exposition of every metric.

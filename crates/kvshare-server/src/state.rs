@@ -1,0 +1,198 @@
+//! The state of one node, shared by the gRPC service and the HTTP endpoints: its store,
+//! limits, metrics and cluster view, and the operations on the local store that every request
+//! path uses.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvshare_core::{BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey};
+use kvshare_proto::v1 as pb;
+use tokio::sync::Semaphore;
+
+use crate::cluster::{Cluster, View};
+use crate::metrics::{Method, MethodLabels, Metrics, PutLabels, PutOutcome};
+use crate::rejection::Rejection;
+
+/// Raw size up to which a block is verified on the async runtime (larger: a blocking thread).
+const INLINE_VERIFY_BYTES: u64 = 64 * 1024;
+
+/// Limits a node enforces on requests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted raw block size.
+    pub max_block_size: u64,
+    /// Largest Get chunk.
+    pub get_chunk_size: usize,
+    /// Most keys per request.
+    pub max_keys: usize,
+    /// How long a put waits for in-flight budget.
+    pub put_wait: Duration,
+    /// Total in-flight upload budget, KiB.
+    pub inflight_kib: u32,
+}
+
+/// Shared state of a node, used by the gRPC service and the HTTP endpoints.
+pub struct NodeState {
+    /// Stable node id.
+    pub node_id: String,
+    /// The block store.
+    pub store: BlockStore,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Request limits.
+    pub limits: Limits,
+    /// gRPC address advertised to clients.
+    pub grpc_addr: String,
+    /// HTTP address.
+    pub http_addr: String,
+    /// Start time.
+    pub started: Instant,
+    /// In-flight upload budget, in KiB permits.
+    pub inflight: Arc<Semaphore>,
+    /// Membership and placement.
+    pub cluster: Arc<Cluster>,
+}
+
+/// Where a request is answered.
+pub enum Scope {
+    /// From this node's store: a request marked "do not forward", or a single-node cluster.
+    Local,
+    /// By fanning out to the owners in this view.
+    Cluster(Arc<View>),
+}
+
+impl NodeState {
+    /// Whether a request is answered here or fanned out (`no_forward`: the request carries
+    /// the do-not-forward header).
+    pub fn scope(&self, no_forward: bool) -> Scope {
+        if no_forward {
+            return Scope::Local;
+        }
+        let view = self.cluster.view();
+        if view.is_single() {
+            Scope::Local
+        } else {
+            Scope::Cluster(view)
+        }
+    }
+
+    /// Counts a request served from the local store for a peer or smart client.
+    pub fn count_peer_request(&self, method: Method) {
+        self.metrics
+            .peer_requests
+            .get_or_create(&MethodLabels { method })
+            .inc();
+    }
+
+    /// Counts one block's put outcome.
+    pub fn count_put(&self, outcome: PutOutcome) {
+        self.metrics
+            .puts
+            .get_or_create(&PutLabels { outcome })
+            .inc();
+    }
+
+    /// Removes `keys` of namespace `ns` from this node's store; returns how many were there.
+    pub fn remove_local(&self, ns: BlockKey, keys: &[BlockKey]) -> u32 {
+        keys.iter()
+            .filter(|k| {
+                self.store.remove(&StoreKey {
+                    namespace: ns,
+                    key: **k,
+                })
+            })
+            .count() as u32
+    }
+
+    /// Verifies a complete block (decode, length, checksum) and stores it here. `Ok(true)`
+    /// when newly stored, `Ok(false)` when it was already present.
+    pub async fn store_verified(
+        &self,
+        key: BlockKey,
+        parent: Option<BlockKey>,
+        block: Arc<EncodedBlock>,
+    ) -> Result<bool, Rejection> {
+        let sk = StoreKey {
+            namespace: block.header.namespace,
+            key,
+        };
+        if self.store.contains(&sk) {
+            self.count_put(PutOutcome::already_present);
+            return Ok(false);
+        }
+        let inserted = match verify(block.clone()).await {
+            Ok(()) => self.store.insert(sk, parent, block),
+            Err(e) => Err(e),
+        };
+        match inserted {
+            Ok(InsertOutcome::Stored { evicted }) => {
+                self.metrics.evictions.inc_by(evicted);
+                self.count_put(PutOutcome::stored);
+                Ok(true)
+            }
+            Ok(InsertOutcome::AlreadyPresent) => {
+                self.count_put(PutOutcome::already_present);
+                Ok(false)
+            }
+            Err(e) => {
+                self.count_put(PutOutcome::rejected);
+                Err(Rejection::from(&e))
+            }
+        }
+    }
+
+    /// Counters and gauges as the Stats RPC reports them.
+    pub fn stats(&self) -> pb::StatsResponse {
+        let st = self.store.stats();
+        let m = &self.metrics;
+        let put = |o| m.puts.get_or_create(&PutLabels { outcome: o }).get();
+        pb::StatsResponse {
+            node_id: self.node_id.clone(),
+            capacity_bytes: st.capacity_bytes,
+            stored_bytes: st.used_bytes,
+            stored_blocks: st.blocks,
+            stored_raw_bytes: st.raw_bytes,
+            lookups: m.lookups.get(),
+            hits: m.hits.get(),
+            misses: m.misses.get(),
+            puts_stored: put(PutOutcome::stored),
+            puts_present: put(PutOutcome::already_present),
+            puts_rejected: put(PutOutcome::rejected),
+            evictions: st.evictions,
+            bytes_in: m.received_bytes.get(),
+            bytes_out: m.sent_bytes.get(),
+            deletes: m.deletes.get(),
+            namespaces: st
+                .namespaces
+                .iter()
+                .map(|(ns, u)| pb::NamespaceStats {
+                    namespace: Bytes::copy_from_slice(&ns.0),
+                    blocks: u.blocks,
+                    bytes: u.bytes,
+                    hits: u.hits,
+                })
+                .collect(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            stored_payload_bytes: st.payload_bytes,
+            lookup_blocks: m.lookup_blocks.get(),
+            lookup_hit_blocks: m.lookup_hit_blocks.get(),
+            lookup_tokens: m.lookup_tokens.get(),
+            lookup_hit_tokens: m.lookup_hit_tokens.get(),
+        }
+    }
+}
+
+/// Decodes a block and checks its length and checksum; large compressed blocks off the async
+/// runtime.
+async fn verify(block: Arc<EncodedBlock>) -> Result<(), CoreError> {
+    if block.header.codec == kvshare_core::Codec::None
+        || block.header.raw_len <= INLINE_VERIFY_BYTES
+    {
+        return block.verify();
+    }
+    match tokio::task::spawn_blocking(move || block.verify()).await {
+        Ok(r) => r,
+        Err(e) => Err(CoreError::Corrupt(format!("verification task failed: {e}"))),
+    }
+}
