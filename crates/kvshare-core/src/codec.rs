@@ -10,8 +10,8 @@
 //! ```text
 //! u8 width (1..=8) | u8 tail_len | width x (u8 mode, u32 len) | plane data ... | tail bytes
 //! ```
-//! `mode` is 0 for a raw plane, 1 for a compressed one. Each plane holds `raw_len / width`
-//! bytes once decoded; the last `raw_len % width` bytes of the block travel raw as the tail.
+//! `mode` is 0 for a raw plane, 1 for an LZ4-compressed one, 2 for a zstd-compressed one.
+//! Each plane holds `raw_len / width` bytes once decoded; the last `raw_len % width` bytes of the block travel raw as the tail.
 
 use std::fmt;
 

@@ -24,6 +24,7 @@ pub struct HttpState {
 
 /// Storage figures, in `/api/stats` (one node) and `/api/cluster` totals (summed).
 #[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+#[serde(default)]
 pub struct StorageJson {
     /// Capacity in bytes.
     pub capacity_bytes: u64,
@@ -41,6 +42,7 @@ pub struct StorageJson {
 
 /// Prefix-lookup figures, in `/api/stats` and `/api/cluster` totals.
 #[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+#[serde(default)]
 pub struct LookupJson {
     /// Client lookups.
     pub lookups: u64,
@@ -60,6 +62,7 @@ pub struct LookupJson {
 
 /// Traffic figures, in `/api/stats` and `/api/cluster` totals.
 #[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+#[serde(default)]
 pub struct TrafficJson {
     /// Blocks evicted.
     pub evictions: u64,
@@ -73,45 +76,9 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b > 0 { a as f64 / b as f64 } else { 0.0 }
 }
 
-impl StorageJson {
-    /// Adds `o` (ratios are recomputed).
-    fn add(&mut self, o: &StorageJson) {
-        self.capacity_bytes += o.capacity_bytes;
-        self.stored_bytes += o.stored_bytes;
-        self.stored_blocks += o.stored_blocks;
-        self.stored_raw_bytes += o.stored_raw_bytes;
-        self.stored_payload_bytes += o.stored_payload_bytes;
-        self.compression_ratio = ratio(self.stored_raw_bytes, self.stored_payload_bytes);
-    }
-}
-
-impl LookupJson {
-    /// Adds `o` (ratios are recomputed).
-    fn add(&mut self, o: &LookupJson) {
-        self.lookups += o.lookups;
-        self.lookup_blocks += o.lookup_blocks;
-        self.lookup_hit_blocks += o.lookup_hit_blocks;
-        self.lookup_tokens += o.lookup_tokens;
-        self.lookup_hit_tokens += o.lookup_hit_tokens;
-        self.block_hit_rate = ratio(self.lookup_hit_blocks, self.lookup_blocks);
-        self.token_hit_rate = ratio(self.lookup_hit_tokens, self.lookup_tokens);
-    }
-}
-
-impl TrafficJson {
-    /// Adds `o`.
-    fn add(&mut self, o: &TrafficJson) {
-        self.evictions += o.evictions;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-    }
-}
-
-/// JSON body of `/api/stats`.
-#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
-pub struct StatsJson {
-    /// Node id.
-    pub node_id: String,
+/// Figures that add up across nodes: one node's in `/api/stats`, the sum in `/api/cluster`.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
+pub struct UsageJson {
     /// Storage figures.
     #[serde(flatten)]
     pub storage: StorageJson,
@@ -121,6 +88,16 @@ pub struct StatsJson {
     /// Traffic figures.
     #[serde(flatten)]
     pub traffic: TrafficJson,
+}
+
+/// JSON body of `/api/stats`.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
+pub struct StatsJson {
+    /// Node id.
+    pub node_id: String,
+    /// Storage, lookup and traffic figures.
+    #[serde(flatten)]
+    pub usage: UsageJson,
     /// Blocks found.
     pub hits: u64,
     /// Blocks not found.
@@ -164,28 +141,31 @@ impl StatsJson {
     pub fn from_pb(s: &kvshare_proto::v1::StatsResponse) -> Self {
         StatsJson {
             node_id: s.node_id.clone(),
-            storage: StorageJson {
-                capacity_bytes: s.capacity_bytes,
-                stored_bytes: s.stored_bytes,
-                stored_blocks: s.stored_blocks,
-                stored_raw_bytes: s.stored_raw_bytes,
-                stored_payload_bytes: s.stored_payload_bytes,
-                compression_ratio: ratio(s.stored_raw_bytes, s.stored_payload_bytes),
-            },
-            lookup: LookupJson {
-                lookups: s.lookups,
-                lookup_blocks: s.lookup_blocks,
-                lookup_hit_blocks: s.lookup_hit_blocks,
-                block_hit_rate: ratio(s.lookup_hit_blocks, s.lookup_blocks),
-                lookup_tokens: s.lookup_tokens,
-                lookup_hit_tokens: s.lookup_hit_tokens,
-                token_hit_rate: ratio(s.lookup_hit_tokens, s.lookup_tokens),
-            },
-            traffic: TrafficJson {
-                evictions: s.evictions,
-                bytes_in: s.bytes_in,
-                bytes_out: s.bytes_out,
-            },
+            usage: UsageJson {
+                storage: StorageJson {
+                    capacity_bytes: s.capacity_bytes,
+                    stored_bytes: s.stored_bytes,
+                    stored_blocks: s.stored_blocks,
+                    stored_raw_bytes: s.stored_raw_bytes,
+                    stored_payload_bytes: s.stored_payload_bytes,
+                    compression_ratio: 0.0,
+                },
+                lookup: LookupJson {
+                    lookups: s.lookups,
+                    lookup_blocks: s.lookup_blocks,
+                    lookup_hit_blocks: s.lookup_hit_blocks,
+                    block_hit_rate: 0.0,
+                    lookup_tokens: s.lookup_tokens,
+                    lookup_hit_tokens: s.lookup_hit_tokens,
+                    token_hit_rate: 0.0,
+                },
+                traffic: TrafficJson {
+                    evictions: s.evictions,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                },
+            }
+            .with_ratios(),
             hits: s.hits,
             misses: s.misses,
             hit_rate: ratio(s.hits, s.hits + s.misses),
@@ -213,6 +193,8 @@ impl StatsJson {
 pub struct NodeJson {
     /// Node id (or `unknown@addr` before the first contact).
     pub node_id: String,
+    /// Its stats, when reachable.
+    pub stats: Option<StatsJson>,
     /// gRPC address.
     pub grpc_addr: String,
     /// HTTP address.
@@ -223,22 +205,6 @@ pub struct NodeJson {
     pub reachable: bool,
     /// Why not, when unreachable.
     pub error: Option<String>,
-    /// Its stats, when reachable.
-    pub stats: Option<StatsJson>,
-}
-
-/// Cluster-wide totals in `/api/cluster` (over reachable nodes).
-#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Default)]
-pub struct TotalsJson {
-    /// Storage, summed.
-    #[serde(flatten)]
-    pub storage: StorageJson,
-    /// Lookups, summed.
-    #[serde(flatten)]
-    pub lookup: LookupJson,
-    /// Traffic, summed.
-    #[serde(flatten)]
-    pub traffic: TrafficJson,
 }
 
 /// Body of `/api/cluster`: every member's stats, aggregated through one node.
@@ -251,7 +217,7 @@ pub struct ClusterJson {
     /// Every known member.
     pub nodes: Vec<NodeJson>,
     /// Totals over reachable members.
-    pub totals: TotalsJson,
+    pub totals: UsageJson,
     /// Top namespaces by bytes (merged over members).
     pub namespaces_by_bytes: Vec<NamespaceJson>,
     /// Top namespaces by hits.
@@ -282,34 +248,60 @@ async fn peer_json(
     }
 }
 
-/// Totals and merged namespaces (top 10 by bytes, top 10 by hits) over reachable nodes.
-fn aggregate(nodes: &[NodeJson]) -> (TotalsJson, Vec<NamespaceJson>, Vec<NamespaceJson>) {
-    let mut t = TotalsJson::default();
-    let mut ns: std::collections::HashMap<String, NamespaceJson> = std::collections::HashMap::new();
-    for s in nodes.iter().filter_map(|n| n.stats.as_ref()) {
-        t.storage.add(&s.storage);
-        t.lookup.add(&s.lookup);
-        t.traffic.add(&s.traffic);
-        for n in &s.namespaces {
-            let e = ns
-                .entry(n.namespace.clone())
-                .or_insert_with(|| NamespaceJson {
-                    namespace: n.namespace.clone(),
-                    blocks: 0,
-                    bytes: 0,
-                    hits: 0,
-                });
-            e.blocks += n.blocks;
-            e.bytes += n.bytes;
-            e.hits += n.hits;
+impl UsageJson {
+    /// Sets the ratios from the counts.
+    fn with_ratios(mut self) -> Self {
+        let (st, lk) = (&mut self.storage, &mut self.lookup);
+        st.compression_ratio = ratio(st.stored_raw_bytes, st.stored_payload_bytes);
+        lk.block_hit_rate = ratio(lk.lookup_hit_blocks, lk.lookup_blocks);
+        lk.token_hit_rate = ratio(lk.lookup_hit_tokens, lk.lookup_tokens);
+        self
+    }
+
+    /// Every count summed over `all` (each integer field added by name), ratios recomputed.
+    fn sum<'a>(all: impl Iterator<Item = &'a UsageJson>) -> UsageJson {
+        let mut sum = serde_json::Map::new();
+        for u in all {
+            let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(u) else {
+                continue;
+            };
+            for (name, v) in fields {
+                if let Some(n) = v.as_u64() {
+                    let total = sum.get(&name).and_then(|t| t.as_u64()).unwrap_or(0);
+                    sum.insert(name, total.saturating_add(n).into());
+                }
+            }
         }
+        serde_json::from_value::<UsageJson>(serde_json::Value::Object(sum))
+            .unwrap_or_default()
+            .with_ratios()
+    }
+}
+
+/// Totals and merged namespaces (top 10 by bytes, top 10 by hits) over reachable nodes.
+fn aggregate(nodes: &[NodeJson]) -> (UsageJson, Vec<NamespaceJson>, Vec<NamespaceJson>) {
+    let reachable = || nodes.iter().filter_map(|n| n.stats.as_ref());
+    let totals = UsageJson::sum(reachable().map(|s| &s.usage));
+    let mut ns: std::collections::HashMap<String, NamespaceJson> = std::collections::HashMap::new();
+    for n in reachable().flat_map(|s| &s.namespaces) {
+        let e = ns
+            .entry(n.namespace.clone())
+            .or_insert_with(|| NamespaceJson {
+                namespace: n.namespace.clone(),
+                blocks: 0,
+                bytes: 0,
+                hits: 0,
+            });
+        e.blocks += n.blocks;
+        e.bytes += n.bytes;
+        e.hits += n.hits;
     }
     let mut all: Vec<NamespaceJson> = ns.into_values().collect();
     all.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.namespace.cmp(&b.namespace)));
     let by_bytes: Vec<NamespaceJson> = all.iter().take(10).cloned().collect();
     all.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.namespace.cmp(&b.namespace)));
     let by_hits: Vec<NamespaceJson> = all.into_iter().filter(|n| n.hits > 0).take(10).collect();
-    (t, by_bytes, by_hits)
+    (totals, by_bytes, by_hits)
 }
 
 /// Gathers `/api/cluster`: this node's stats plus each peer's `Stats` RPC (in parallel).
@@ -426,4 +418,44 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_sums_counts_and_recomputes_ratios() {
+        let node = |raw, payload, hit, asked| {
+            UsageJson {
+                storage: StorageJson {
+                    stored_raw_bytes: raw,
+                    stored_payload_bytes: payload,
+                    compression_ratio: 9.0,
+                    ..Default::default()
+                },
+                lookup: LookupJson {
+                    lookup_tokens: asked,
+                    lookup_hit_tokens: hit,
+                    ..Default::default()
+                },
+                traffic: TrafficJson {
+                    evictions: 1,
+                    ..Default::default()
+                },
+            }
+            .with_ratios()
+        };
+        let (a, b) = (node(300, 100, 1, 4), node(100, 100, 3, 4));
+        let t = UsageJson::sum([&a, &b].into_iter());
+        assert_eq!(t.storage.stored_raw_bytes, 400);
+        assert_eq!(t.storage.compression_ratio, 2.0);
+        assert_eq!(t.lookup.token_hit_rate, 0.5);
+        assert_eq!(t.traffic.evictions, 2);
+        let json = serde_json::to_value(&t).unwrap_or_default();
+        assert_eq!(
+            json["stored_raw_bytes"], 400,
+            "fields are flattened: {json}"
+        );
+    }
 }

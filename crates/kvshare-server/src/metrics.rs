@@ -130,155 +130,68 @@ pub struct Metrics {
     pub peer_up: Family<PeerLabels, Gauge>,
 }
 
-/// Registers `metric` under `name` and returns it (metrics are handles: the registry keeps a
-/// clone that shares the value).
-fn registered<M: prometheus_client::registry::Metric + Clone>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    metric: M,
-) -> M {
-    registry.register(name, help, metric.clone());
-    metric
+/// Registers clones of the metric handles (they share their values) as `name` with `help`.
+macro_rules! register {
+    ($registry:expr, $m:expr; $($field:ident: $name:literal, $help:literal;)*) => {
+        $( $registry.register($name, $help, $m.$field.clone()); )*
+    };
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("kvshare");
-        let r = &mut r;
-        let rpc_duration: HistogramFamily =
-            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let m = Metrics {
-            lookups: registered(r, "lookups", "Lookup RPCs served", Counter::default()),
-            lookup_blocks: registered(
-                r,
-                "lookup_blocks",
-                "Block keys asked by client lookups",
-                Counter::default(),
-            ),
-            lookup_hit_blocks: registered(
-                r,
-                "lookup_hit_blocks",
-                "Block keys in the cached prefixes returned by lookups",
-                Counter::default(),
-            ),
-            lookup_tokens: registered(
-                r,
-                "lookup_tokens",
-                "Prompt tokens covered by client lookups",
-                Counter::default(),
-            ),
-            lookup_hit_tokens: registered(
-                r,
-                "lookup_hit_tokens",
-                "Prompt tokens in the cached prefixes returned by lookups",
-                Counter::default(),
-            ),
-            hits: registered(
-                r,
-                "hits",
-                "Blocks found by lookups and gets",
-                Counter::default(),
-            ),
-            misses: registered(
-                r,
-                "misses",
-                "Blocks not found by lookups (first miss) and gets",
-                Counter::default(),
-            ),
-            puts: registered(
-                r,
-                "put_blocks",
-                "Blocks received by Put, by outcome",
-                Family::default(),
-            ),
-            received_bytes: registered(
-                r,
-                "received_bytes",
-                "Encoded payload bytes received by Put",
-                Counter::default(),
-            ),
-            sent_bytes: registered(
-                r,
-                "sent_bytes",
-                "Encoded payload bytes sent by Get",
-                Counter::default(),
-            ),
-            deletes: registered(
-                r,
-                "deleted_blocks",
-                "Blocks removed by Delete",
-                Counter::default(),
-            ),
-            rpcs: registered(
-                r,
-                "rpcs",
-                "RPCs handled, by method and gRPC status code",
-                Family::default(),
-            ),
-            rpc_duration: registered(r, "rpc_duration_seconds", "RPC handling time", rpc_duration),
-            evictions: registered(
-                r,
-                "evictions",
-                "Blocks evicted to stay under capacity",
-                Counter::default(),
-            ),
-            stored_bytes: registered(
-                r,
-                "stored_bytes",
-                "Bytes stored (payload plus index overhead)",
-                Gauge::default(),
-            ),
-            stored_blocks: registered(r, "stored_blocks", "Blocks stored", Gauge::default()),
-            stored_raw_bytes: registered(
-                r,
-                "stored_raw_bytes",
-                "Raw bytes the stored blocks decode to",
-                Gauge::default(),
-            ),
-            capacity_bytes: registered(
-                r,
-                "capacity_bytes",
-                "Configured capacity in bytes",
-                Gauge::default(),
-            ),
-            forwarded: registered(
-                r,
-                "forwarded_requests",
-                "Requests sent to peers on behalf of clients, by method",
-                Family::default(),
-            ),
-            peer_requests: registered(
-                r,
-                "peer_requests",
-                "Requests served from the local store for peers and smart clients",
-                Family::default(),
-            ),
-            replica_writes: registered(
-                r,
-                "replica_writes",
-                "Block writes to remote replicas, by result",
-                Family::default(),
-            ),
-            failovers: registered(
-                r,
-                "failovers",
-                "Blocks served by a replica other than the first owner",
-                Counter::default(),
-            ),
-            peer_up: registered(
-                r,
-                "peer_up",
-                "Whether a peer is healthy (1) or marked down (0)",
-                Family::default(),
-            ),
-            registry: Registry::default(),
+        let mut m = Metrics {
+            registry: Registry::with_prefix("kvshare"),
+            lookups: Counter::default(),
+            lookup_blocks: Counter::default(),
+            lookup_hit_blocks: Counter::default(),
+            lookup_tokens: Counter::default(),
+            lookup_hit_tokens: Counter::default(),
+            hits: Counter::default(),
+            misses: Counter::default(),
+            puts: Family::default(),
+            received_bytes: Counter::default(),
+            sent_bytes: Counter::default(),
+            deletes: Counter::default(),
+            rpcs: Family::default(),
+            rpc_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            evictions: Counter::default(),
+            stored_bytes: Gauge::default(),
+            stored_blocks: Gauge::default(),
+            stored_raw_bytes: Gauge::default(),
+            capacity_bytes: Gauge::default(),
+            forwarded: Family::default(),
+            peer_requests: Family::default(),
+            replica_writes: Family::default(),
+            failovers: Counter::default(),
+            peer_up: Family::default(),
         };
-        Metrics {
-            registry: std::mem::take(r),
-            ..m
-        }
+        register!(m.registry, m;
+            lookups: "lookups", "Lookup RPCs served";
+            lookup_blocks: "lookup_blocks", "Block keys asked by client lookups";
+            lookup_hit_blocks: "lookup_hit_blocks", "Block keys in the cached prefixes returned by lookups";
+            lookup_tokens: "lookup_tokens", "Prompt tokens covered by client lookups";
+            lookup_hit_tokens: "lookup_hit_tokens", "Prompt tokens in the cached prefixes returned by lookups";
+            hits: "hits", "Blocks found by lookups and gets";
+            misses: "misses", "Blocks not found by lookups (first miss) and gets";
+            puts: "put_blocks", "Blocks received by Put, by outcome";
+            received_bytes: "received_bytes", "Encoded payload bytes received by Put";
+            sent_bytes: "sent_bytes", "Encoded payload bytes sent by Get";
+            deletes: "deleted_blocks", "Blocks removed by Delete";
+            rpcs: "rpcs", "RPCs handled, by method and gRPC status code";
+            rpc_duration: "rpc_duration_seconds", "RPC handling time";
+            evictions: "evictions", "Blocks evicted to stay under capacity";
+            stored_bytes: "stored_bytes", "Bytes stored (payload plus index overhead)";
+            stored_blocks: "stored_blocks", "Blocks stored";
+            stored_raw_bytes: "stored_raw_bytes", "Raw bytes the stored blocks decode to";
+            capacity_bytes: "capacity_bytes", "Configured capacity in bytes";
+            forwarded: "forwarded_requests", "Requests sent to peers on behalf of clients, by method";
+            peer_requests: "peer_requests", "Requests served from the local store for peers and smart clients";
+            replica_writes: "replica_writes", "Block writes to remote replicas, by result";
+            failovers: "failovers", "Blocks served by a replica other than the first owner";
+            peer_up: "peer_up", "Whether a peer is healthy (1) or marked down (0)";
+        );
+        m
     }
 
     /// Counts a client's lookup of `keys` blocks of which the first `hit` are cached

@@ -269,7 +269,7 @@ impl<'a> PutSession<'a> {
 
     /// A complete block: store it here, or on its owners.
     async fn complete_block(&mut self, p: PendingBlock) {
-        let Some(header) = p.header.clone() else {
+        let Some(header) = p.header else {
             return;
         };
         let block = Arc::new(EncodedBlock {

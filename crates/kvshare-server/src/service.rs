@@ -32,6 +32,20 @@ impl KvCacheService {
         KvCacheService { state }
     }
 
+    /// Runs `handler` (given whether the request carries the do-not-forward header) and
+    /// records the RPC's latency and status code.
+    async fn serve<Req, T>(
+        &self,
+        method: Method,
+        request: Request<Req>,
+        handler: impl AsyncFnOnce(bool, Request<Req>) -> Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let t0 = Instant::now();
+        let no_forward = is_no_forward(request.metadata());
+        let r = handler(no_forward, request).await;
+        self.record_rpc(method, t0, r.map(Response::new))
+    }
+
     /// Records an RPC's latency and status code, and passes its result through.
     fn record_rpc<T>(
         &self,
@@ -151,25 +165,23 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         &self,
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
-        let t0 = Instant::now();
-        let no_forward = is_no_forward(request.metadata());
-        let r = self.lookup_inner(no_forward, request.get_ref()).await;
-        self.record_rpc(Method::lookup, t0, r.map(Response::new))
+        self.serve(Method::lookup, request, async |nf, r| {
+            self.lookup_inner(nf, r.get_ref()).await
+        })
+        .await
     }
 
     async fn put(
         &self,
         request: Request<Streaming<pb::PutRequest>>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let t0 = Instant::now();
-        let no_forward = is_no_forward(request.metadata());
-        if no_forward {
-            self.state.count_peer_request(Method::put);
-        }
-        let r = PutSession::new(&self.state, no_forward)
-            .run(request.into_inner())
-            .await;
-        self.record_rpc(Method::put, t0, r.map(Response::new))
+        self.serve(Method::put, request, async |nf, r| {
+            if nf {
+                self.state.count_peer_request(Method::put);
+            }
+            PutSession::new(&self.state, nf).run(r.into_inner()).await
+        })
+        .await
     }
 
     type GetStream = GetStream;
@@ -178,42 +190,43 @@ impl pb::kv_cache_server::KvCache for KvCacheService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
-        let t0 = Instant::now();
-        let no_forward = is_no_forward(request.metadata());
-        let r = self.get_inner(no_forward, request.get_ref()).await;
-        self.record_rpc(Method::get, t0, r.map(Response::new))
+        self.serve(Method::get, request, async |nf, r| {
+            self.get_inner(nf, r.get_ref()).await
+        })
+        .await
     }
 
     async fn delete(
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let t0 = Instant::now();
-        let no_forward = is_no_forward(request.metadata());
-        let r = self.delete_inner(no_forward, request.get_ref()).await;
-        self.record_rpc(Method::delete, t0, r.map(Response::new))
+        self.serve(Method::delete, request, async |nf, r| {
+            self.delete_inner(nf, r.get_ref()).await
+        })
+        .await
     }
 
     async fn stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let t0 = Instant::now();
-        self.record_rpc(Method::stats, t0, Ok(Response::new(self.state.stats())))
+        self.serve(Method::stats, request, async |_, _| Ok(self.state.stats()))
+            .await
     }
 
     async fn cluster_info(
         &self,
-        _request: Request<pb::ClusterInfoRequest>,
+        request: Request<pb::ClusterInfoRequest>,
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
-        let t0 = Instant::now();
-        let s = &self.state;
-        let info = pb::ClusterInfoResponse {
-            node_id: s.node_id.clone(),
-            members: s.cluster.members_info(),
-            replicas: s.cluster.replicas(),
-            placement: kvshare_core::placement::PLACEMENT_NAME.into(),
-        };
-        self.record_rpc(Method::cluster_info, t0, Ok(Response::new(info)))
+        self.serve(Method::cluster_info, request, async |_, _| {
+            let s = &self.state;
+            Ok(pb::ClusterInfoResponse {
+                node_id: s.node_id.clone(),
+                members: s.cluster.members_info(),
+                replicas: s.cluster.replicas(),
+                placement: kvshare_core::placement::PLACEMENT_NAME.into(),
+            })
+        })
+        .await
     }
 }

@@ -42,14 +42,14 @@ pub struct NodeState {
     pub metrics: Metrics,
     /// Request limits.
     pub limits: Limits,
+    /// In-flight upload budget, in KiB permits.
+    pub inflight: Arc<Semaphore>,
     /// gRPC address advertised to clients.
     pub grpc_addr: String,
     /// HTTP address.
     pub http_addr: String,
     /// Start time.
     pub started: Instant,
-    /// In-flight upload budget, in KiB permits.
-    pub inflight: Arc<Semaphore>,
     /// Membership and placement.
     pub cluster: Arc<Cluster>,
 }
