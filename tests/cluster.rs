@@ -16,7 +16,7 @@ use kvshare_tests::{
 const BLOCKS: usize = 10_000;
 
 async fn start_cluster(n: usize, extra_peer_ports: &[u16]) -> (Vec<NodeHandle>, Vec<String>) {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..n).map(|_| free_port().expect("free port")).collect();
     let mut peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     peers.extend(extra_peer_ports.iter().map(|p| format!("127.0.0.1:{p}")));
     let mut nodes = Vec::new();
@@ -192,7 +192,7 @@ async fn three_nodes_spread_replicate_and_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_node_takes_about_a_quarter_of_ownership_and_loses_nothing() {
     // Nodes 0-2 list node 3's address from the start; node 3 is down at first.
-    let port3 = free_port();
+    let port3 = free_port().expect("free port");
     let (mut nodes, peers) = start_cluster(3, &[port3]).await;
     let ns = Namespace::new("join-test", minilm_layout(DType::BF16, 1));
     let tokens = prompt_tokens(BLOCKS, 3);

@@ -10,19 +10,8 @@ use kvshare_proto::v1 as pb;
 use kvshare_proto::v1::kv_cache_client::KvCacheClient;
 
 fn wait_for_port_file(path: &std::path::Path) -> serde_json::Value {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&s)
-        {
-            return v;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "kvshared did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kvshare_testkit::wait_for_port_file(path, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("kvshared did not start: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvshare_client::{ClientOptions, ClusterClient, KvClient, PutItem};
 use kvshare_core::{BlockKey, DType, EncodedBlock, Namespace};
-use kvshare_tests::{
+use kvshare_testkit::{
     NodeProcess, free_port, kv_blocks, kv_sample_bytes, lz4_items, minilm_layout, prompt_tokens,
     wait_for_members,
 };
@@ -66,13 +66,15 @@ impl Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_node_under_load_costs_no_errors_and_it_rejoins() {
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let port = || free_port().expect("free port");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (port(), port())).collect();
     let peers: Vec<String> = ports
         .iter()
         .map(|(g, _)| format!("127.0.0.1:{g}"))
         .collect();
     let start = |i: usize| {
         NodeProcess::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_kvshared")),
             &format!("node-{i}"),
             ports[i].0,
             ports[i].1,

@@ -3,14 +3,24 @@
 //! puts and gets keep flowing through the others; healing brings it back.
 //!
 //! The namespaces, veth pairs and bridge are made and removed by the test (addresses in
-//! 10.213.<n>.0/24 exist only inside them). Skipped, with a message, where the sandbox does not
-//! allow `ip netns` (not root, or no iproute2).
+//! 10.213.<n>.0/24 exist only inside them). The client is this test binary itself, re-run
+//! inside the client namespace to execute one [`probe`] command (so all traffic stays inside
+//! the namespaces). Skipped, with a message, where the sandbox does not allow `ip netns` (not
+//! root, or no iproute2).
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvshare_tests::{kvshare_cli_bin, kvshared_bin, repo_root};
+use kvshare_client::{ClientOptions, KvClient};
+use kvshare_core::{DType, Namespace};
+use kvshare_testkit::{kv_sample_bytes, minilm_layout};
+
+/// Environment variable carrying a probe command (`status|put|get|lookup <endpoint>`).
+const PROBE_ENV: &str = "KVSHARE_PARTITION_PROBE";
+/// Prefix of the probe's answer line on stdout.
+const PROBE_ANSWER: &str = "probe-answer: ";
+/// Blocks the probe puts and gets (16 tokens each, real bf16 K/V).
+const PROBE_BLOCKS: usize = 4;
 
 struct Net {
     tag: String,
@@ -53,28 +63,118 @@ fn in_ns(ns: &str, args: &[&str]) -> Result<(), String> {
     ip(&a)
 }
 
-/// kvshare CLI in the client namespace; returns stdout.
-fn cli(client_ns: &str, args: &[&str]) -> Result<String, String> {
-    let bin = kvshare_cli_bin();
+/// Runs one probe command inside the client namespace (this test binary, re-executed with
+/// [`PROBE_ENV`] set); returns the probe's answer.
+fn probe_in(client_ns: &str, command: &str) -> Result<String, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = Command::new("ip")
         .args(["netns", "exec", client_ns])
-        .arg(&bin)
-        .args(["--timeout", "5"])
-        .args(args)
+        .arg(exe)
+        .args([
+            "probe",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(PROBE_ENV, command)
         .output()
         .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // libtest prints "test probe ... " on the same line, before the answer.
+    let answer = stdout.lines().find_map(|l| l.split_once(PROBE_ANSWER));
+    match answer.map(|(_, a)| a) {
+        Some(answer) if out.status.success() => Ok(answer.to_string()),
+        _ => Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr))),
+    }
+}
+
+/// The probe's namespace, prompt and K/V: 4 blocks of 16 tokens of the real bf16 sample.
+fn probe_prompt() -> (Namespace, Vec<u32>, Vec<Vec<u8>>) {
+    let layout = minilm_layout(DType::BF16, 16);
+    let block = layout.block_bytes() as usize;
+    let data = kv_sample_bytes(DType::BF16);
+    let blocks = data
+        .chunks(block)
+        .take(PROBE_BLOCKS)
+        .map(<[u8]>::to_vec)
+        .collect();
+    (
+        Namespace::new("partition", layout),
+        (5000..5064).collect(),
+        blocks,
+    )
+}
+
+/// One probe command against `endpoint`: `status` (member health), `put`, `get` (verified
+/// and compared with what was put) or `lookup`.
+async fn run_probe(command: &str) -> Result<String, String> {
+    let (cmd, endpoint) = command.split_once(' ').ok_or("probe: <cmd> <endpoint>")?;
+    let opts = ClientOptions {
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let mut c = KvClient::connect(endpoint, opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (ns, tokens, blocks) = probe_prompt();
+    let answer = match cmd {
+        "status" => {
+            let info = c.cluster_info().await.map_err(|e| e.to_string())?;
+            let health: Vec<String> = info
+                .members
+                .iter()
+                .map(|m| format!("{}={}", m.node_id, if m.healthy { "up" } else { "down" }))
+                .collect();
+            health.join(" ")
+        }
+        "put" => {
+            let r = c
+                .put_prefix(&ns, &tokens, &blocks)
+                .await
+                .map_err(|e| e.to_string())?;
+            format!("{} stored", r.stored())
+        }
+        "get" => {
+            let got = c
+                .get_prefix(&ns, &tokens)
+                .await
+                .map_err(|e| e.to_string())?;
+            format!("{} verified blocks, equal={}", got.len(), got == blocks)
+        }
+        "lookup" => {
+            let hit = c
+                .lookup(&ns, &tokens)
+                .await
+                .map_err(|e| e.to_string())?
+                .hit_blocks;
+            format!("{hit} of {PROBE_BLOCKS} blocks")
+        }
+        other => return Err(format!("unknown probe command {other:?}")),
+    };
+    Ok(answer)
+}
+
+/// Not a test on its own: the client half of the partition test, run by [`probe_in`].
+#[test]
+#[ignore = "run by the partition test inside the client namespace"]
+fn probe() {
+    let Ok(command) = std::env::var(PROBE_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    match rt.block_on(run_probe(&command)) {
+        Ok(answer) => println!("{PROBE_ANSWER}{answer}"),
+        Err(e) => panic!("probe {command:?} failed: {e}"),
     }
 }
 
 fn member_up(status: &str, node: &str) -> Option<bool> {
     status
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(node))
-        .map(|l| l.split_whitespace().nth(2) == Some("up"))
+        .split_whitespace()
+        .find_map(|m| m.strip_prefix(&format!("{node}=")))
+        .map(|s| s == "up")
 }
 
 fn setup(tag: &str, subnet: u8, net: &mut Net) -> Result<(), String> {
@@ -143,7 +243,7 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
     let client = format!("kvs{tag}n10");
     let addr = |h: u8| format!("10.213.{subnet}.{h}:50051");
     let peers = [addr(1), addr(2), addr(3)].join(",");
-    let server = kvshared_bin();
+    let server = env!("CARGO_BIN_EXE_kvshared");
     for h in [1u8, 2, 3] {
         let child = Command::new("ip")
             .args(["netns", "exec", &format!("kvs{tag}n{h}")])
@@ -171,7 +271,7 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
     }
     let ep = |h: u8| format!("http://{}", addr(h));
     wait_until("all three nodes up", Duration::from_secs(30), || {
-        cli(&client, &["--endpoint", &ep(1), "status"])
+        probe_in(&client, &format!("status {}", ep(1)))
             .map(|s| {
                 [1, 2, 3]
                     .iter()
@@ -188,7 +288,7 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
         Duration::from_secs(10),
         || {
             [1u8, 2].iter().all(|h| {
-                cli(&client, &["--endpoint", &ep(*h), "status"])
+                probe_in(&client, &format!("status {}", ep(*h)))
                     .is_ok_and(|s| member_up(&s, "node-3") == Some(false))
             })
         },
@@ -199,65 +299,18 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
     assert!(took < Duration::from_secs(5));
 
     // Traffic keeps flowing through the others: put via node 1, get via node 2.
-    let dir = tempfile_dir();
-    let kv = repo_root().join("tests/data/kv-bf16-256tok.bin");
-    let data = std::fs::read(&kv).expect("kv data");
-    let kv_file = dir.join("blocks.bin");
-    std::fs::write(&kv_file, &data[..147_456 * 4]).expect("write");
-    let tokens: Vec<String> = (5000..5064).map(|t: u32| t.to_string()).collect();
-    let tokens = tokens.join(",");
-    let kv_path = kv_file.to_string_lossy().into_owned();
-    let put = cli(
-        &client,
-        &[
-            "--endpoint",
-            &ep(1),
-            "put",
-            "--tokens",
-            &tokens,
-            "--kv-file",
-            &kv_path,
-        ],
-    )
-    .expect("put during partition");
-    assert!(put.contains("4 stored"), "{put}");
-    let out_path = dir.join("out.bin").to_string_lossy().into_owned();
-    let got = cli(
-        &client,
-        &[
-            "--endpoint",
-            &ep(2),
-            "get",
-            "--tokens",
-            &tokens,
-            "--out",
-            &out_path,
-        ],
-    )
-    .expect("get during partition");
-    assert!(got.contains("wrote 4 verified blocks"), "{got}");
-    assert_eq!(
-        std::fs::read(Path::new(&out_path)).expect("read"),
-        &data[..147_456 * 4]
-    );
-    let look = cli(
-        &client,
-        &["--endpoint", &ep(2), "lookup", "--tokens", &tokens],
-    )
-    .expect("lookup");
-    assert!(look.contains("4 of 4 blocks"), "{look}");
+    let put = probe_in(&client, &format!("put {}", ep(1))).expect("put during partition");
+    assert_eq!(put, format!("{PROBE_BLOCKS} stored"));
+    let got = probe_in(&client, &format!("get {}", ep(2))).expect("get during partition");
+    assert_eq!(got, format!("{PROBE_BLOCKS} verified blocks, equal=true"));
+    let look = probe_in(&client, &format!("lookup {}", ep(2))).expect("lookup");
+    assert_eq!(look, format!("{PROBE_BLOCKS} of {PROBE_BLOCKS} blocks"));
 
     // Heal: node 3 comes back.
     in_ns(&hub, &["ip", "link", "set", &format!("kv{tag}b3"), "up"]).expect("heal link");
     let back = wait_until("node-3 back up", Duration::from_secs(15), || {
-        cli(&client, &["--endpoint", &ep(1), "status"])
+        probe_in(&client, &format!("status {}", ep(1)))
             .is_ok_and(|s| member_up(&s, "node-3") == Some(true))
     });
     println!("node-3 back up {back:?} after the link was restored");
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("kvshare-partition-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
 }

@@ -1,0 +1,216 @@
+//! Helpers shared by kvshare's tests and benches that run real processes: free ports, waiting
+//! for a listener or a port file, `kvshared` child processes, cluster membership, and the real
+//! K/V sample in `tests/data`. Test code: helpers panic with a message on failure.
+
+#![warn(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kvshare_core::sample::KvSample;
+use kvshare_core::{DType, KvLayout};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests on one machine).
+pub fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()
+        .map(|a| a.port())
+}
+
+/// Waits until something accepts TCP connections on `addr` (`host:port`).
+pub fn wait_for_listener(addr: &str, timeout: Duration) -> Result<(), String> {
+    let t0 = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(_) => return Ok(()),
+            Err(e) if t0.elapsed() > timeout => {
+                return Err(format!("nothing listens on {addr} after {timeout:?}: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Waits until `path` holds the JSON `kvshared --port-file` writes once it listens.
+pub fn wait_for_port_file(path: &Path, timeout: Duration) -> Result<serde_json::Value, String> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str(&s)
+        {
+            return Ok(v);
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("{} not written after {timeout:?}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The all-MiniLM-L6-v2 layout of the sample K/V with `tokens_per_block` tokens per block.
+pub fn minilm_layout(dtype: DType, tokens_per_block: u32) -> KvLayout {
+    KvLayout {
+        num_layers: 6,
+        num_kv_heads: 12,
+        head_dim: 32,
+        dtype,
+        tokens_per_block,
+    }
+}
+
+/// Real K/V activations (256 tokens, `[layer][k,v][token][head][dim]`) from `tests/data`.
+pub fn kv_sample_bytes(dtype: DType) -> Vec<u8> {
+    let name = match dtype {
+        DType::F16 => "kv-f16-256tok.bin",
+        DType::BF16 => "kv-bf16-256tok.bin",
+        other => panic!("no sample for {other:?}"),
+    };
+    let path = repo_root().join("tests/data").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// `n` blocks of real K/V in block layout; block `i` holds the sample positions starting at
+/// `(i * stride + offset) % 256`.
+pub fn kv_blocks(
+    data: &[u8],
+    layout: KvLayout,
+    n: usize,
+    stride: usize,
+    offset: usize,
+) -> Vec<Vec<u8>> {
+    let sample = KvSample::new(data, layout).expect("sample layout");
+    (0..n).map(|i| sample.block(i * stride + offset)).collect()
+}
+
+/// The token ids the sample K/V were computed for.
+pub fn sample_tokens() -> Vec<u32> {
+    let path = repo_root().join("tests/data/tokens-256.u32");
+    let b = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// A prompt of `n` tokens: the sample's tokens, repeated with a per-repetition and per-`seed`
+/// offset so that no two blocks of different prompts (or repetitions) are equal.
+pub fn prompt_tokens(n: usize, seed: u32) -> Vec<u32> {
+    let base = sample_tokens();
+    (0..n)
+        .map(|i| {
+            base[i % base.len()]
+                .wrapping_add((i / base.len()) as u32 * 40_000)
+                .wrapping_add(seed.wrapping_mul(1_000_003))
+        })
+        .collect()
+}
+
+/// A `kvshared` child process; killed (SIGKILL) when dropped.
+pub struct NodeProcess {
+    /// Node id.
+    pub node_id: String,
+    /// gRPC address.
+    pub grpc: String,
+    /// HTTP address.
+    pub http: String,
+    child: Option<std::process::Child>,
+}
+
+impl NodeProcess {
+    /// Starts the `kvshared` binary `bin` with the given ports, peers and extra flags, and
+    /// waits until it listens.
+    pub fn start(
+        bin: &Path,
+        node_id: &str,
+        grpc_port: u16,
+        http_port: u16,
+        peers: &[String],
+        extra: &[&str],
+    ) -> Self {
+        let grpc = format!("127.0.0.1:{grpc_port}");
+        let http = format!("127.0.0.1:{http_port}");
+        let child = std::process::Command::new(bin)
+            .args([
+                "--node-id",
+                node_id,
+                "--grpc-addr",
+                &grpc,
+                "--http-addr",
+                &http,
+            ])
+            .args(["--peers", &peers.join(",")])
+            .args([
+                "--peer-health-interval-ms",
+                "200",
+                "--peer-health-timeout-ms",
+                "300",
+                "--log-level",
+                "warn",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn kvshared");
+        if let Err(e) = wait_for_listener(&grpc, Duration::from_secs(20)) {
+            panic!("{node_id} did not start: {e}");
+        }
+        NodeProcess {
+            node_id: node_id.into(),
+            grpc,
+            http,
+            child: Some(child),
+        }
+    }
+
+    /// gRPC endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Kills the process with SIGKILL (no graceful shutdown) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the node at `endpoint` sees `healthy` members (itself included) in ClusterInfo.
+pub async fn wait_for_members(endpoint: &str, healthy: usize) {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(mut c) = kvshare_client::KvClient::connect(endpoint, Default::default()).await
+            && let Ok(info) = c.cluster_info().await
+            && info.members.iter().filter(|m| m.healthy).count() == healthy
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "{endpoint} never saw {healthy} healthy members"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// LZ4-encoded upload items for every full block of `tokens`; block `i` carries `raw[i % len]`.
+pub fn lz4_items(
+    ns: &kvshare_core::Namespace,
+    tokens: &[u32],
+    raw: &[Vec<u8>],
+) -> Vec<kvshare_client::PutItem> {
+    let keys = ns.block_keys(tokens).expect("keys");
+    let blocks: Vec<&Vec<u8>> = (0..keys.len()).map(|i| &raw[i % raw.len()]).collect();
+    kvshare_client::encode_prefix(ns, &keys, &blocks, kvshare_core::Codec::Lz4).expect("encode")
+}
