@@ -247,7 +247,7 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
     for h in [1u8, 2, 3] {
         let child = Command::new("ip")
             .args(["netns", "exec", &format!("kvs{tag}n{h}")])
-            .arg(&server)
+            .arg(server)
             .args(["--node-id", &format!("node-{h}"), "--grpc-addr", &addr(h)])
             .args([
                 "--http-addr",
