@@ -129,7 +129,7 @@ async fn start_cluster(args: &DemoArgs) -> anyhow::Result<Vec<kvshare_server::No
     let t0 = Instant::now();
     while nodes
         .iter()
-        .any(|n| n.state.cluster.view().members.len() < n_nodes)
+        .any(|n| n.state.cluster.view().members().len() < n_nodes)
     {
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(20),
