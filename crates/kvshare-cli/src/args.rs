@@ -83,8 +83,8 @@ pub struct NamespaceArgs {
     /// Tenant isolation salt.
     #[arg(long, env = "KVSHARE_TENANT_SALT")]
     pub tenant_salt: Option<String>,
+    /// How block keys are computed.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub scheme: SchemeArgs,
 }
 
@@ -155,11 +155,11 @@ impl TokenArgs {
 /// A prompt: the namespace it is keyed in and its token ids.
 #[derive(Debug, Clone, Args)]
 pub struct PromptArgs {
+    /// The namespace (model, layout, key scheme).
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub ns: NamespaceArgs,
+    /// The token ids.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub tokens: TokenArgs,
 }
 
