@@ -20,8 +20,8 @@ echo "== benchmark smoke run (kvshare vs redis, tiny sizes)"
 # --tests keeps the feature set of the test build above, so nothing is rebuilt but the binaries.
 cargo build --locked --workspace --bins --tests
 target/debug/kvshare-bench --quick --compare redis --parts throughput,lookup --sizes 64KiB --concurrency 2 --bytes-per-cell 8MiB --out-dir target/bench-smoke
-echo "== worker bench smoke run (two worker processes; fails unless reuse is bit-exact)"
-target/debug/kvshare-worker bench --quick
+echo "== worker TTFT bench smoke run (two worker processes; fails unless reuse is bit-exact)"
+target/debug/kvshare-bench ttft --quick
 echo "== python interop tests"
 # kvshared was built by cargo test --workspace (kvshare-server has integration tests).
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-tests.sh

@@ -11,34 +11,57 @@
 //! - Memory: RSS of the node against stored bytes once full of 256 KiB blocks.
 //!
 //! Payloads are real K/V (tests/data, tiled to the block size), never random bytes or zeros.
+//!
+//! `kvshare-bench ttft` measures the inference workers instead: time to first token of a
+//! `kvshare-worker` process with and without reuse of another worker's blocks (see [`ttft`]).
 
 mod chart;
 mod procs;
 mod throughput;
 mod trace;
+mod ttft;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use kvshare_core::Codec;
 use serde::Serialize;
 
-/// Command-line options.
-#[derive(Debug, Clone, Parser)]
+/// Command line: the suite's options, or a subcommand for another bench.
+#[derive(Debug, Parser)]
 #[command(
     name = "kvshare-bench",
-    about = "kvshare benchmarks against a Redis baseline"
+    about = "kvshare benchmarks against a Redis baseline",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(flatten)]
+    suite: Args,
+    #[command(subcommand)]
+    bench: Option<Bench>,
+}
+
+/// Benches other than the suite against Redis.
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Time to first token of an inference worker, full prefill vs reuse of another worker's
+    /// blocks (two `kvshare-worker stdio` processes, an embedded cache node).
+    Ttft(ttft::TtftArgs),
+}
+
+/// Options of the suite (throughput, lookup latency, trace, memory).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Baseline to run side by side: `redis`, or `none`.
-    #[arg(long, default_value = "redis")]
-    pub compare: String,
+    /// Baseline to run side by side.
+    #[arg(long, value_enum, default_value = "redis")]
+    pub compare: Baseline,
     /// Quick mode for CI smoke runs (fewer sizes and operations; well under 2 minutes).
     #[arg(long)]
     pub quick: bool,
-    /// Codec kvshare clients use: none, lz4, byteplane-lz4, byteplane-zstd.
-    #[arg(long, default_value = "byteplane-zstd")]
-    pub codec: String,
+    /// Codec kvshare clients use.
+    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    pub codec: Codec,
     /// Where to write bench.json and bench.svg.
     #[arg(long, default_value = "bench-out")]
     pub out_dir: PathBuf,
@@ -51,13 +74,36 @@ pub struct Args {
     /// Raw bytes moved per measurement cell (e.g. 512MiB).
     #[arg(long)]
     pub bytes_per_cell: Option<String>,
-    /// Which parts to run (comma-separated): throughput, lookup, trace, memory.
+    /// Which parts to run (comma-separated).
     #[arg(
         long,
+        value_enum,
         value_delimiter = ',',
         default_value = "throughput,lookup,trace,memory"
     )]
-    pub parts: Vec<String>,
+    pub parts: Vec<Part>,
+}
+
+/// The baseline measured next to kvshare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// A private `redis-server` process.
+    Redis,
+    /// No baseline.
+    None,
+}
+
+/// A part of the suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Put, get and mixed throughput.
+    Throughput,
+    /// Lookup latency of long prompts.
+    Lookup,
+    /// Prefix-sharing trace.
+    Trace,
+    /// Node RSS at full capacity.
+    Memory,
 }
 
 /// Everything measured, as written to bench.json.
@@ -96,12 +142,20 @@ fn machine() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.bench {
+        Some(Bench::Ttft(args)) => ttft::run(args).await,
+        None => suite(cli.suite).await,
+    }
+}
+
+/// Runs the selected parts of the suite and writes bench.json and bench.svg.
+async fn suite(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let mut report = Report {
         machine: machine(),
-        codec: args.codec.clone(),
+        codec: args.codec.name().into(),
         ..Default::default()
     };
     println!(
@@ -110,9 +164,9 @@ async fn main() -> anyhow::Result<()> {
         args.codec,
         if args.quick { " (quick)" } else { "" }
     );
-    let part = |p: &str| args.parts.iter().any(|x| x == p);
+    let part = |p: Part| args.parts.contains(&p);
 
-    let redis = if args.compare == "redis" {
+    let redis = if args.compare == Baseline::Redis {
         Some(procs::Redis::start().await?)
     } else {
         None
@@ -121,20 +175,20 @@ async fn main() -> anyhow::Result<()> {
         println!("baseline: {}", r.version);
         report.baseline = r.version.clone();
     }
-    if part("throughput") || part("lookup") {
+    if part(Part::Throughput) || part(Part::Lookup) {
         let node = procs::Node::start("4GiB", &[]).await?;
-        if part("throughput") {
+        if part(Part::Throughput) {
             report.throughput = throughput::run(&args, &node, redis.as_ref()).await?;
         }
-        if part("lookup") {
+        if part(Part::Lookup) {
             report.lookup = throughput::lookups(&args, &node, redis.as_ref()).await?;
         }
         node.stop();
     }
-    if part("memory") {
+    if part(Part::Memory) {
         report.memory = Some(throughput::memory(&args).await?);
     }
-    if part("trace") {
+    if part(Part::Trace) {
         report.trace = Some(trace::run(&args).await?);
     }
     if let Some(r) = redis {

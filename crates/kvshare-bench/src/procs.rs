@@ -1,4 +1,5 @@
-//! The servers under test, each its own process on loopback: `kvshared` and `redis-server`.
+//! The processes a bench runs against, each on loopback: `kvshared`, `redis-server` and
+//! `kvshare-worker` (found next to this binary).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -6,12 +7,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+/// A loopback port free right now (the OS's pick; free until someone binds it).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
+/// Waits until `127.0.0.1:port` accepts connections; fails when `child` exits first or after
+/// 20 s.
 async fn wait_for_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
     let t0 = Instant::now();
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -29,6 +33,27 @@ async fn wait_for_port(port: u16, what: &str, child: &mut Child) -> anyhow::Resu
     Ok(())
 }
 
+/// The binary `name` of package `package`: the path in the environment variable `env`, else
+/// the file of that name next to the running executable (the same target directory).
+pub fn sibling_binary(name: &str, env: &str, package: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("{env}={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let p = std::env::current_exe()?.with_file_name(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build -p {package}` (add --release for a release \
+             build of this bench), or set {env} to its path",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
 /// Resident set size of a process, bytes (Linux /proc).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -42,75 +67,85 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A `kvshared` child process.
-pub struct Node {
+/// A server child process listening on a loopback port.
+struct Server {
     child: Child,
-    /// gRPC endpoint URL.
-    pub endpoint: String,
 }
 
-fn kvshared_path() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("KVSHARED_BIN") {
-        return Ok(PathBuf::from(p));
+impl Server {
+    /// Spawns `cmd` (stdout discarded) and waits until it listens on `port`.
+    async fn start(mut cmd: Command, port: u16, what: &str) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        if let Err(e) = wait_for_port(port, what, &mut child).await {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(Server { child })
     }
-    let exe = std::env::current_exe()?;
-    let p = exe.with_file_name("kvshared");
-    if p.exists() {
-        Ok(p)
-    } else {
-        bail!(
-            "{} not found: build it with `cargo build --release -p kvshare-server` (or set KVSHARED_BIN)",
-            p.display()
-        )
+
+    /// Kills the process and reaps it.
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// A `kvshared` child process.
+pub struct Node {
+    server: Server,
+    /// gRPC endpoint URL.
+    pub endpoint: String,
 }
 
 impl Node {
     /// Starts a node with `capacity` and extra flags.
     pub async fn start(capacity: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let (grpc, http) = (free_port()?, free_port()?);
-        let mut child = Command::new(kvshared_path()?)
-            .args([
-                "--grpc-addr",
-                &format!("127.0.0.1:{grpc}"),
-                "--http-addr",
-                &format!("127.0.0.1:{http}"),
-            ])
-            .args([
-                "--capacity",
-                capacity,
-                "--node-id",
-                "bench-node",
-                "--log-level",
-                "warn",
-            ])
-            .args(["--max-inflight-put", "2GiB"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting kvshared")?;
-        wait_for_port(grpc, "kvshared", &mut child).await?;
+        let mut cmd = Command::new(sibling_binary(
+            "kvshared",
+            "KVSHARED_BIN",
+            "kvshare-server",
+        )?);
+        cmd.args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .args([
+            "--capacity",
+            capacity,
+            "--node-id",
+            "bench-node",
+            "--log-level",
+            "warn",
+        ])
+        .args(["--max-inflight-put", "2GiB"])
+        .args(extra);
         Ok(Node {
-            child,
+            server: Server::start(cmd, grpc, "kvshared").await?,
             endpoint: format!("http://127.0.0.1:{grpc}"),
         })
     }
 
     /// Process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.server.child.id()
     }
 
     /// Stops the node.
-    pub fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn stop(self) {
+        self.server.stop();
     }
 }
 
 /// A `redis-server` child process: loopback, no persistence.
 pub struct Redis {
-    child: Child,
+    server: Server,
     /// Connection URL.
     pub url: String,
     /// Version string.
@@ -166,39 +201,34 @@ impl Redis {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("kvshare-bench-redis-{port}"));
         std::fs::create_dir_all(&dir)?;
-        let mut child = Command::new(&bin)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args([
-                "--protected-mode",
-                "no",
-                "--dir",
-                &dir.to_string_lossy(),
-                "--io-threads",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        wait_for_port(port, "redis-server", &mut child).await?;
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--protected-mode",
+            "no",
+            "--dir",
+            &dir.to_string_lossy(),
+            "--io-threads",
+            "1",
+        ]);
         Ok(Redis {
-            child,
+            server: Server::start(cmd, port, "redis-server").await?,
             url: format!("redis://127.0.0.1:{port}/"),
             version,
         })
     }
 
     /// Stops the server.
-    pub fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn stop(self) {
+        self.server.stop();
     }
 }

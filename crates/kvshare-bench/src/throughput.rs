@@ -121,6 +121,15 @@ impl Op {
             Op::Mixed => "mixed",
         }
     }
+
+    /// Whether the `i`-th operation of a task is a put (else a get).
+    fn is_put(self, i: usize) -> bool {
+        match self {
+            Op::Put => true,
+            Op::Get => false,
+            Op::Mixed => i.is_multiple_of(2),
+        }
+    }
 }
 
 struct Totals {
@@ -130,19 +139,49 @@ struct Totals {
 
 const NS: BlockKey = BlockKey([0xb5; 32]);
 
-async fn kvshare_cell(
-    endpoint: &str,
-    codec: Codec,
+/// One measurement: `ops` operations of `op` on `size`-byte blocks by `conc` clients.
+#[derive(Clone, Copy)]
+struct Load {
+    op: Op,
     size: u64,
     conc: usize,
     ops: usize,
-    op: Op,
+}
+
+impl Load {
+    fn per_task(&self) -> usize {
+        self.ops.div_ceil(self.conc)
+    }
+
+    fn cell(&self, system: &str, secs: f64, t: &Totals) -> Cell {
+        Cell {
+            system: system.into(),
+            op: self.op.name().into(),
+            block_bytes: self.size,
+            concurrency: self.conc,
+            ops: self.ops,
+            seconds: secs,
+            raw_gbps: t.raw as f64 / secs / 1e9,
+            wire_gbps: t.wire as f64 / secs / 1e9,
+            ops_per_s: self.ops as f64 / secs,
+        }
+    }
+}
+
+/// The key of block `k` in Redis, under `prefix`.
+fn redis_key(prefix: &str, k: &BlockKey) -> String {
+    format!("{prefix}:{}", k.to_hex())
+}
+
+async fn kvshare_cell(
+    endpoint: &str,
+    codec: Codec,
+    load: Load,
     keys: Arc<Vec<BlockKey>>,
 ) -> anyhow::Result<Totals> {
-    let layout = layout_for(size);
-    let per_task = ops.div_ceil(conc);
+    let layout = layout_for(load.size);
     let mut tasks = Vec::new();
-    for t in 0..conc {
+    for t in 0..load.conc {
         let mut c = KvClient::connect(
             endpoint,
             ClientOptions {
@@ -155,15 +194,10 @@ async fn kvshare_cell(
         let keys = keys.clone();
         tasks.push(tokio::spawn(async move {
             let (mut raw_total, mut wire_total) = (0u64, 0u64);
-            for i in 0..per_task {
-                let put = match op {
-                    Op::Put => true,
-                    Op::Get => false,
-                    Op::Mixed => i % 2 == 0,
-                };
-                if put {
+            for i in 0..load.per_task() {
+                if load.op.is_put(i) {
                     // The worker's side of a put: compress real K/V, then send.
-                    let raw = kv_block(size as usize, t * 1000 + i);
+                    let raw = kv_block(load.size as usize, t * 1000 + i);
                     let block = EncodedBlock::encode(NS, layout, codec, &raw)?;
                     wire_total += block.payload.len() as u64;
                     raw_total += raw.len() as u64;
@@ -198,31 +232,18 @@ async fn kvshare_cell(
     Ok(t)
 }
 
-async fn redis_cell(
-    url: &str,
-    size: u64,
-    conc: usize,
-    ops: usize,
-    op: Op,
-    keys: Arc<Vec<String>>,
-) -> anyhow::Result<Totals> {
+async fn redis_cell(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Result<Totals> {
     let client = redis::Client::open(url)?;
-    let per_task = ops.div_ceil(conc);
     let mut tasks = Vec::new();
-    for t in 0..conc {
+    for t in 0..load.conc {
         let mut con = client.get_multiplexed_async_connection().await?;
         let keys = keys.clone();
         tasks.push(tokio::spawn(async move {
             let mut raw_total = 0u64;
-            for i in 0..per_task {
-                let put = match op {
-                    Op::Put => true,
-                    Op::Get => false,
-                    Op::Mixed => i % 2 == 0,
-                };
-                if put {
-                    let raw = kv_block(size as usize, t * 1000 + i);
-                    let key = format!("kv:{}", hex_key(&random_key()));
+            for i in 0..load.per_task() {
+                if load.op.is_put(i) {
+                    let raw = kv_block(load.size as usize, t * 1000 + i);
+                    let key = redis_key("kv", &random_key());
                     raw_total += raw.len() as u64;
                     let () = redis::cmd("SET")
                         .arg(&key)
@@ -246,159 +267,254 @@ async fn redis_cell(
     Ok(Totals { raw, wire: raw })
 }
 
-fn hex_key(k: &BlockKey) -> String {
-    k.to_hex()
+/// Block sizes, concurrency levels and bytes per cell of a throughput run.
+struct Plan {
+    sizes: Vec<u64>,
+    concs: Vec<usize>,
+    budget: u64,
 }
 
-fn cell(system: &str, op: Op, size: u64, conc: usize, ops: usize, secs: f64, t: &Totals) -> Cell {
-    Cell {
-        system: system.into(),
-        op: op.name().into(),
-        block_bytes: size,
-        concurrency: conc,
-        ops,
-        seconds: secs,
-        raw_gbps: t.raw as f64 / secs / 1e9,
-        wire_gbps: t.wire as f64 / secs / 1e9,
-        ops_per_s: ops as f64 / secs,
+impl Plan {
+    fn new(args: &Args) -> anyhow::Result<Plan> {
+        let sizes: Vec<u64> = if !args.sizes.is_empty() {
+            args.sizes
+                .iter()
+                .map(|s| parse_size(s))
+                .collect::<Result<_, _>>()?
+        } else if args.quick {
+            vec![256 << 10, 1 << 20]
+        } else {
+            vec![64 << 10, 256 << 10, 1 << 20, 4 << 20]
+        };
+        let concs: Vec<usize> = if !args.concurrency.is_empty() {
+            args.concurrency.clone()
+        } else if args.quick {
+            vec![4]
+        } else {
+            vec![1, 4, 16]
+        };
+        let budget = match &args.bytes_per_cell {
+            Some(b) => parse_size(b)?,
+            None if args.quick => 64 << 20,
+            None => 384 << 20,
+        };
+        Ok(Plan {
+            sizes,
+            concs,
+            budget,
+        })
     }
+}
+
+/// Stores `keys` as distinct real K/V blocks of `size` bytes in kvshare, for gets.
+async fn populate_kvshare(
+    node: &Node,
+    codec: Codec,
+    size: u64,
+    keys: &[BlockKey],
+) -> anyhow::Result<()> {
+    let layout = layout_for(size);
+    let mut c = KvClient::connect(
+        &node.endpoint,
+        ClientOptions {
+            codec,
+            ..Default::default()
+        },
+    )
+    .await?;
+    for chunk in keys.chunks(8) {
+        let items = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let raw = kv_block(size as usize, 500 + i);
+                Ok(PutItem {
+                    key: *k,
+                    parent: None,
+                    block: EncodedBlock::encode(NS, layout, codec, &raw)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        c.put_blocks(items).await?;
+    }
+    Ok(())
+}
+
+/// A multiplexed connection to the baseline.
+async fn redis_connection(r: &Redis) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(r.url.as_str())?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// Stores `keys` as the same blocks in Redis.
+async fn populate_redis(r: &Redis, size: u64, keys: &[String]) -> anyhow::Result<()> {
+    let mut con = redis_connection(r).await?;
+    for (i, k) in keys.iter().enumerate() {
+        let () = redis::cmd("SET")
+            .arg(k)
+            .arg(kv_block(size as usize, 500 + i))
+            .query_async(&mut con)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Put/get/mixed throughput for every size and concurrency.
 pub async fn run(args: &Args, node: &Node, redis: Option<&Redis>) -> anyhow::Result<Vec<Cell>> {
-    let codec = Codec::parse(&args.codec)?;
-    let sizes: Vec<u64> = if args.sizes.is_empty() {
-        if args.quick {
-            vec![256 << 10, 1 << 20]
-        } else {
-            vec![64 << 10, 256 << 10, 1 << 20, 4 << 20]
-        }
-    } else {
-        args.sizes
-            .iter()
-            .map(|s| parse_size(s))
-            .collect::<Result<_, _>>()?
-    };
-    let concs: Vec<usize> = if args.concurrency.is_empty() {
-        if args.quick { vec![4] } else { vec![1, 4, 16] }
-    } else {
-        args.concurrency.clone()
-    };
-    let budget = match &args.bytes_per_cell {
-        Some(b) => parse_size(b)?,
-        None if args.quick => 64 << 20,
-        None => 384 << 20,
-    };
+    let plan = Plan::new(args)?;
     let mut cells = Vec::new();
     println!(
         "\n== throughput: raw K/V GB/s (wire GB/s), {} per cell",
-        format_size(budget)
+        format_size(plan.budget)
     );
     println!(
         "{:<6} {:>9} {:>5} {:>18} {:>18} {:>8}",
         "op", "block", "conc", "kvshare", "redis", "ratio"
     );
-    for &size in &sizes {
-        let ops = (budget / size).max(16) as usize;
+    for &size in &plan.sizes {
+        let ops = (plan.budget / size).max(16) as usize;
         // Pre-populate blocks for gets (distinct real K/V), in both systems.
-        let n_keys = ops.min(128);
-        let keys: Vec<BlockKey> = (0..n_keys).map(|_| random_key()).collect();
-        let layout = layout_for(size);
-        let mut c = KvClient::connect(
-            &node.endpoint,
-            ClientOptions {
-                codec,
-                ..Default::default()
-            },
-        )
-        .await?;
-        for chunk in keys.chunks(8) {
-            let items = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, k)| {
-                    Ok(PutItem {
-                        key: *k,
-                        parent: None,
-                        block: EncodedBlock::encode(
-                            NS,
-                            layout,
-                            codec,
-                            &kv_block(size as usize, 500 + i),
-                        )?,
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            c.put_blocks(items).await?;
-        }
-        let keys = Arc::new(keys);
-        let rkeys: Arc<Vec<String>> =
-            Arc::new(keys.iter().map(|k| format!("kv:{}", hex_key(k))).collect());
+        let keys: Vec<BlockKey> = (0..ops.min(128)).map(|_| random_key()).collect();
+        populate_kvshare(node, args.codec, size, &keys).await?;
+        let rkeys: Vec<String> = keys.iter().map(|k| redis_key("kv", k)).collect();
         if let Some(r) = redis {
-            let client = redis::Client::open(r.url.as_str())?;
-            let mut con = client.get_multiplexed_async_connection().await?;
-            for (i, k) in rkeys.iter().enumerate() {
-                let () = redis::cmd("SET")
-                    .arg(k)
-                    .arg(kv_block(size as usize, 500 + i))
-                    .query_async(&mut con)
-                    .await?;
-            }
+            populate_redis(r, size, &rkeys).await?;
         }
-        for &conc in &concs {
+        let (keys, rkeys) = (Arc::new(keys), Arc::new(rkeys));
+        for &conc in &plan.concs {
             for op in [Op::Get, Op::Put, Op::Mixed] {
-                let t0 = Instant::now();
-                let kt =
-                    kvshare_cell(&node.endpoint, codec, size, conc, ops, op, keys.clone()).await?;
-                let ks = cell(
-                    "kvshare",
+                let load = Load {
                     op,
                     size,
                     conc,
                     ops,
-                    t0.elapsed().as_secs_f64(),
-                    &kt,
-                );
+                };
+                let t0 = Instant::now();
+                let kt = kvshare_cell(&node.endpoint, args.codec, load, keys.clone()).await?;
+                let ks = load.cell("kvshare", t0.elapsed().as_secs_f64(), &kt);
                 let rs = match redis {
                     Some(r) => {
                         let t0 = Instant::now();
-                        let rt = redis_cell(&r.url, size, conc, ops, op, rkeys.clone()).await?;
-                        Some(cell(
-                            "redis",
-                            op,
-                            size,
-                            conc,
-                            ops,
-                            t0.elapsed().as_secs_f64(),
-                            &rt,
-                        ))
+                        let rt = redis_cell(&r.url, load, rkeys.clone()).await?;
+                        Some(load.cell("redis", t0.elapsed().as_secs_f64(), &rt))
                     }
                     None => None,
                 };
-                println!(
-                    "{:<6} {:>9} {:>5} {:>8.3} ({:>6.3}) {:>8} {:>9} {:>8}",
-                    op.name(),
-                    format_size(size),
-                    conc,
-                    ks.raw_gbps,
-                    ks.wire_gbps,
-                    rs.as_ref()
-                        .map_or("-".into(), |r| format!("{:.3}", r.raw_gbps)),
-                    "",
-                    rs.as_ref()
-                        .map_or("-".into(), |r| format!("{:.2}x", ks.raw_gbps / r.raw_gbps))
-                );
+                print_cells(&ks, rs.as_ref());
                 cells.push(ks);
                 cells.extend(rs);
             }
         }
         if let Some(r) = redis {
-            let client = redis::Client::open(r.url.as_str())?;
-            let mut con = client.get_multiplexed_async_connection().await?;
-            let () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
+            let () = redis::cmd("FLUSHALL")
+                .query_async(&mut redis_connection(r).await?)
+                .await?;
         }
     }
     Ok(cells)
+}
+
+/// One row of the throughput table: kvshare and, when measured, Redis.
+fn print_cells(ks: &Cell, rs: Option<&Cell>) {
+    println!(
+        "{:<6} {:>9} {:>5} {:>8.3} ({:>6.3}) {:>8} {:>9} {:>8}",
+        ks.op,
+        format_size(ks.block_bytes),
+        ks.concurrency,
+        ks.raw_gbps,
+        ks.wire_gbps,
+        rs.map_or("-".into(), |r| format!("{:.3}", r.raw_gbps)),
+        "",
+        rs.map_or("-".into(), |r| format!("{:.2}x", ks.raw_gbps / r.raw_gbps))
+    );
+}
+
+/// Layout and namespace of the lookup test: one-token blocks of 32 bytes.
+const LOOKUP_LAYOUT: KvLayout = KvLayout {
+    num_layers: 1,
+    num_kv_heads: 1,
+    head_dim: 8,
+    dtype: DType::BF16,
+    tokens_per_block: 1,
+};
+const LOOKUP_NS: BlockKey = BlockKey([0x1c; 32]);
+
+/// Stores a chain of `keys` (tiny blocks, each the parent of the next) in kvshare.
+async fn populate_chain(c: &mut KvClient, keys: &[BlockKey]) -> anyhow::Result<()> {
+    for (ci, chunk) in keys.chunks(1024).enumerate() {
+        let items = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let idx = ci * 1024 + i;
+                let raw = kv_block(32, idx);
+                Ok(PutItem {
+                    key: *k,
+                    parent: idx.checked_sub(1).map(|p| keys[p]),
+                    block: EncodedBlock::encode(LOOKUP_NS, LOOKUP_LAYOUT, Codec::None, &raw)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        c.put_blocks(items).await?;
+    }
+    Ok(())
+}
+
+/// Stores `keys` in Redis (pipelined) and returns the connection for the measurement.
+async fn populate_redis_keys(
+    r: &Redis,
+    keys: &[String],
+) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let mut con = redis_connection(r).await?;
+    for chunk in keys.chunks(1024) {
+        let mut p = redis::pipe();
+        for k in chunk {
+            p.cmd("SET").arg(k).arg(&b"x"[..]).ignore();
+        }
+        let () = p.query_async(&mut con).await?;
+    }
+    Ok(con)
+}
+
+/// Lookups measured per prompt length.
+fn lookup_samples(quick: bool, blocks: usize) -> usize {
+    match (quick, blocks) {
+        (true, 8192) => 100,
+        (true, _) => 300,
+        (false, 8192) => 1000,
+        (false, 2048) => 3000,
+        (false, _) => 5000,
+    }
+}
+
+/// Latencies (µs) of `samples` calls of `lookup`, each of which must find all `n` blocks.
+async fn lookup_latencies(
+    system: &str,
+    n: usize,
+    samples: usize,
+    mut lookup: impl AsyncFnMut() -> anyhow::Result<usize>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut lat = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t0 = Instant::now();
+        let hit = lookup().await?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+        anyhow::ensure!(hit == n, "{system} lookup found {hit} of {n}");
+    }
+    Ok(lat)
+}
+
+/// Leading `keys` present in Redis: one pipelined `EXISTS` per key.
+async fn redis_leading_present(
+    con: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+) -> anyhow::Result<usize> {
+    let mut p = redis::pipe();
+    for k in keys {
+        p.cmd("EXISTS").arg(k);
+    }
+    let found: Vec<i64> = p.query_async(con).await?;
+    Ok(found.iter().take_while(|&&e| e == 1).count())
 }
 
 /// Lookup latency of long prompts.
@@ -408,45 +524,12 @@ pub async fn lookups(
     redis: Option<&Redis>,
 ) -> anyhow::Result<Vec<LookupRow>> {
     let longest = 8192;
-    let layout = KvLayout {
-        num_layers: 1,
-        num_kv_heads: 1,
-        head_dim: 8,
-        dtype: DType::BF16,
-        tokens_per_block: 1,
-    };
-    let ns = BlockKey([0x1c; 32]);
     let keys: Vec<BlockKey> = (0..longest).map(|_| random_key()).collect();
     let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
-    for (ci, chunk) in keys.chunks(1024).enumerate() {
-        let items = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let idx = ci * 1024 + i;
-                Ok(PutItem {
-                    key: *k,
-                    parent: idx.checked_sub(1).map(|p| keys[p]),
-                    block: EncodedBlock::encode(ns, layout, Codec::None, &kv_block(32, idx))?,
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        c.put_blocks(items).await?;
-    }
-    let rkeys: Vec<String> = keys.iter().map(|k| format!("lk:{}", hex_key(k))).collect();
+    populate_chain(&mut c, &keys).await?;
+    let rkeys: Vec<String> = keys.iter().map(|k| redis_key("lk", k)).collect();
     let mut rcon = match redis {
-        Some(r) => {
-            let client = redis::Client::open(r.url.as_str())?;
-            let mut con = client.get_multiplexed_async_connection().await?;
-            for chunk in rkeys.chunks(1024) {
-                let mut p = redis::pipe();
-                for k in chunk {
-                    p.cmd("SET").arg(k).arg(&b"x"[..]).ignore();
-                }
-                let () = p.query_async(&mut con).await?;
-            }
-            Some(con)
-        }
+        Some(r) => Some(populate_redis_keys(r, &rkeys).await?),
         None => None,
     };
     let mut rows = Vec::new();
@@ -456,34 +539,17 @@ pub async fn lookups(
         "system", "blocks", "samples", "p50 us", "p99 us", "p999 us"
     );
     for &n in &[128usize, 2048, 8192] {
-        let samples = match (args.quick, n) {
-            (true, 8192) => 100,
-            (true, _) => 300,
-            (false, 8192) => 1000,
-            (false, 2048) => 3000,
-            (false, _) => 5000,
-        };
-        let mut lat = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            let t0 = Instant::now();
-            let hit = c.lookup_keys(&ns, &keys[..n]).await?;
-            lat.push(t0.elapsed().as_secs_f64() * 1e6);
-            anyhow::ensure!(hit == n, "kvshare lookup found {hit} of {n}");
-        }
+        let samples = lookup_samples(args.quick, n);
+        let lat = lookup_latencies("kvshare", n, samples, async || {
+            Ok(c.lookup_keys(&LOOKUP_NS, &keys[..n]).await?)
+        })
+        .await?;
         rows.push(row("kvshare", n, lat));
         if let Some(con) = rcon.as_mut() {
-            let mut lat = Vec::with_capacity(samples);
-            for _ in 0..samples {
-                let t0 = Instant::now();
-                let mut p = redis::pipe();
-                for k in &rkeys[..n] {
-                    p.cmd("EXISTS").arg(k);
-                }
-                let found: Vec<i64> = p.query_async(con).await?;
-                let hit = found.iter().take_while(|&&e| e == 1).count();
-                lat.push(t0.elapsed().as_secs_f64() * 1e6);
-                anyhow::ensure!(hit == n, "redis found {hit} of {n}");
-            }
+            let lat = lookup_latencies("redis", n, samples, async || {
+                redis_leading_present(con, &rkeys[..n]).await
+            })
+            .await?;
             rows.push(row("redis", n, lat));
         }
     }

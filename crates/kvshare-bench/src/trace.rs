@@ -71,128 +71,186 @@ fn draw(cdf: &[f64], rng: &mut impl Rng) -> usize {
     cdf.partition_point(|&c| c < u).min(cdf.len() - 1)
 }
 
+/// The trace's shape: its namespace, the popularity of prompts, and how many requests.
+struct Trace {
+    ns: Namespace,
+    codec: Codec,
+    systems: usize,
+    docs: usize,
+    requests: usize,
+    workers: usize,
+    capacity: u64,
+    sys_cdf: Vec<f64>,
+    doc_cdf: Vec<f64>,
+    /// Requests handed out so far (shared by the workers).
+    next: AtomicUsize,
+}
+
+/// What one request did.
+struct Served {
+    request: usize,
+    hit_tokens: usize,
+    prompt_tokens: usize,
+    raw_fetched: u64,
+    wire_fetched: u64,
+}
+
+impl Trace {
+    fn new(args: &Args) -> Trace {
+        // 2 layers x 4 KV heads x 64 dims, bf16, 16-token blocks: 16 KiB per block.
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 4,
+            head_dim: 64,
+            dtype: DType::BF16,
+            tokens_per_block: 16,
+        };
+        let (systems, docs, requests, workers) = if args.quick {
+            (10, 100, 1200, 8)
+        } else {
+            (20, 400, 6000, 16)
+        };
+        Trace {
+            ns: Namespace::new("bench-trace", layout),
+            codec: args.codec,
+            systems,
+            docs,
+            requests,
+            workers,
+            capacity: if args.quick { 24 << 20 } else { 64 << 20 },
+            sys_cdf: zipf_sampler(systems, 1.1),
+            doc_cdf: zipf_sampler(docs, 0.9),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Raw K/V bytes of all distinct blocks the trace can touch.
+    fn working_set_bytes(&self) -> u64 {
+        let distinct_blocks =
+            self.systems * 16 + self.systems.min(self.docs) * self.docs * 32 + self.requests * 4;
+        distinct_blocks as u64 * self.ns.layout.block_bytes()
+    }
+
+    /// One worker: takes requests until all are handed out.
+    async fn worker(self: Arc<Self>, w: usize, endpoint: String) -> anyhow::Result<Vec<Served>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64 + 1);
+        let mut c = KvClient::connect(
+            &endpoint,
+            ClientOptions {
+                codec: self.codec,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut log = Vec::new();
+        loop {
+            let r = self.next.fetch_add(1, Ordering::Relaxed);
+            if r >= self.requests {
+                break;
+            }
+            let (s, d) = (draw(&self.sys_cdf, &mut rng), draw(&self.doc_cdf, &mut rng));
+            log.push(self.serve(&mut c, r, s, d).await?);
+        }
+        Ok(log)
+    }
+
+    /// Request `r` on system prompt `s` and document `d`: look up, fetch the cached prefix,
+    /// push the blocks it had to compute.
+    async fn serve(
+        &self,
+        c: &mut KvClient,
+        r: usize,
+        s: usize,
+        d: usize,
+    ) -> anyhow::Result<Served> {
+        // System prompt 256 tokens, document 512 tokens, question 64 tokens.
+        let mut tokens: Vec<u32> = (0..256).map(|i| 1_000_000 + s as u32 * 1000 + i).collect();
+        tokens.extend((0..512).map(|i| 2_000_000 + d as u32 * 1000 + i));
+        tokens.extend((0..64).map(|i| 3_000_000 + r as u32 * 100 + i));
+        let ns = &self.ns;
+        let lookup = c.lookup(ns, &tokens).await?;
+        let got = c
+            .get_blocks(&ns.digest(), &lookup.keys[..lookup.hit_blocks])
+            .await?;
+        let (mut raw, mut wire, mut usable) = (0u64, 0u64, 0usize);
+        // A block evicted between lookup and get ends the usable prefix.
+        for b in got.iter().map_while(Option::as_ref) {
+            wire += b.payload.len() as u64;
+            raw += b.decode()?.len() as u64;
+            usable += 1;
+        }
+        let layout = ns.layout;
+        let items: Vec<PutItem> = (usable..lookup.keys.len())
+            .map(|i| {
+                let kv = kv_block(layout.block_bytes() as usize, i * 7 + s + d);
+                Ok(PutItem {
+                    key: lookup.keys[i],
+                    parent: i.checked_sub(1).map(|p| lookup.keys[p]),
+                    block: EncodedBlock::encode(ns.digest(), layout, self.codec, &kv)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        c.put_blocks(items).await?;
+        Ok(Served {
+            request: r,
+            hit_tokens: usable * ns.tokens_per_block(),
+            prompt_tokens: tokens.len(),
+            raw_fetched: raw,
+            wire_fetched: wire,
+        })
+    }
+}
+
+/// Token hit rate of some requests.
+fn hit_rate(log: &[Served]) -> f64 {
+    let hit: usize = log.iter().map(|l| l.hit_tokens).sum();
+    let total: usize = log.iter().map(|l| l.prompt_tokens).sum();
+    hit as f64 / total.max(1) as f64
+}
+
 /// Runs the trace against a fresh node.
 pub async fn run(args: &Args) -> anyhow::Result<TraceReport> {
-    let codec = Codec::parse(&args.codec)?;
-    // 2 layers x 4 KV heads x 64 dims, bf16, 16-token blocks: 16 KiB per block.
-    let layout = KvLayout {
-        num_layers: 2,
-        num_kv_heads: 4,
-        head_dim: 64,
-        dtype: DType::BF16,
-        tokens_per_block: 16,
-    };
-    let ns = Namespace::new("bench-trace", layout);
-    let (systems, docs, requests, workers) = if args.quick {
-        (10, 100, 1200, 8)
-    } else {
-        (20, 400, 6000, 16)
-    };
-    let capacity: u64 = if args.quick { 24 << 20 } else { 64 << 20 };
-    let node = Node::start(&capacity.to_string(), &[]).await?;
-    let sys_cdf = Arc::new(zipf_sampler(systems, 1.1));
-    let doc_cdf = Arc::new(zipf_sampler(docs, 0.9));
-    let done = Arc::new(AtomicUsize::new(0));
-    let window = requests / 12;
+    let trace = Arc::new(Trace::new(args));
+    let node = Node::start(&trace.capacity.to_string(), &[]).await?;
     let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let (ns, sys_cdf, doc_cdf, done, endpoint) = (
-            ns.clone(),
-            sys_cdf.clone(),
-            doc_cdf.clone(),
-            done.clone(),
-            node.endpoint.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64 + 1);
-            let mut c = KvClient::connect(
-                &endpoint,
-                ClientOptions {
-                    codec,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            let mut log = Vec::new();
-            loop {
-                let r = done.fetch_add(1, Ordering::Relaxed);
-                if r >= requests {
-                    break;
-                }
-                let (s, d) = (draw(&sys_cdf, &mut rng), draw(&doc_cdf, &mut rng));
-                // System prompt 256 tokens, document 512 tokens, question 64 tokens.
-                let mut tokens: Vec<u32> =
-                    (0..256).map(|i| 1_000_000 + s as u32 * 1000 + i).collect();
-                tokens.extend((0..512).map(|i| 2_000_000 + d as u32 * 1000 + i));
-                tokens.extend((0..64).map(|i| 3_000_000 + r as u32 * 100 + i));
-                let lookup = c.lookup(&ns, &tokens).await?;
-                let hit = lookup.hit_blocks;
-                let got = c.get_blocks(&ns.digest(), &lookup.keys[..hit]).await?;
-                let (mut raw, mut wire, mut usable) = (0u64, 0u64, 0usize);
-                for b in got.iter() {
-                    // A block evicted between lookup and get ends the usable prefix.
-                    let Some(b) = b else { break };
-                    wire += b.payload.len() as u64;
-                    raw += b.decode()?.len() as u64;
-                    usable += 1;
-                }
-                let items: Vec<PutItem> = (usable..lookup.keys.len())
-                    .map(|i| {
-                        let block = EncodedBlock::encode(
-                            ns.digest(),
-                            layout,
-                            codec,
-                            &kv_block(layout.block_bytes() as usize, i * 7 + s + d),
-                        )?;
-                        Ok(PutItem {
-                            key: lookup.keys[i],
-                            parent: i.checked_sub(1).map(|p| lookup.keys[p]),
-                            block,
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-                c.put_blocks(items).await?;
-                log.push((r, usable * 16, tokens.len(), raw, wire));
-            }
-            anyhow::Ok(log)
-        }));
-    }
+    let tasks: Vec<_> = (0..trace.workers)
+        .map(|w| tokio::spawn(trace.clone().worker(w, node.endpoint.clone())))
+        .collect();
     let mut log = Vec::new();
     for t in tasks {
         log.extend(t.await??);
     }
-    log.sort_by_key(|l| l.0);
+    log.sort_by_key(|l| l.request);
     let seconds = t0.elapsed().as_secs_f64();
     let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
     let stats = c.stats().await?;
     node.stop();
 
-    let mut windows = Vec::new();
-    for chunk in log.chunks(window.max(1)) {
-        let hit: usize = chunk.iter().map(|l| l.1).sum();
-        let total: usize = chunk.iter().map(|l| l.2).sum();
-        windows.push(Window {
-            requests: chunk.last().map_or(0, |l| l.0 + 1),
-            token_hit_rate: hit as f64 / total.max(1) as f64,
+    let windows = log
+        .chunks((trace.requests / 12).max(1))
+        .map(|chunk| Window {
+            requests: chunk.last().map_or(0, |l| l.request + 1),
+            token_hit_rate: hit_rate(chunk),
             stored_bytes: 0,
-        });
-    }
-    let hit: usize = log.iter().map(|l| l.1).sum();
-    let total: usize = log.iter().map(|l| l.2).sum();
-    let distinct_blocks = systems * 16 + systems.min(docs) * docs * 32 + requests * 4;
+        })
+        .collect();
     let report = TraceReport {
-        requests,
-        workers,
-        capacity_bytes: capacity,
-        working_set_bytes: (distinct_blocks as u64) * layout.block_bytes(),
-        token_hit_rate: hit as f64 / total.max(1) as f64,
-        raw_bytes_saved: log.iter().map(|l| l.3).sum(),
-        wire_bytes_fetched: log.iter().map(|l| l.4).sum(),
+        requests: trace.requests,
+        workers: trace.workers,
+        capacity_bytes: trace.capacity,
+        working_set_bytes: trace.working_set_bytes(),
+        token_hit_rate: hit_rate(&log),
+        raw_bytes_saved: log.iter().map(|l| l.raw_fetched).sum(),
+        wire_bytes_fetched: log.iter().map(|l| l.wire_fetched).sum(),
         evictions: stats.evictions,
         windows,
         seconds,
     };
+    print_report(&report);
+    Ok(report)
+}
+
+fn print_report(report: &TraceReport) {
     println!(
         "\n== prefix-sharing trace: {} requests from {} workers in {:.1} s; capacity {} vs up to {} of distinct K/V",
         report.requests,
@@ -213,5 +271,4 @@ pub async fn run(args: &Args) -> anyhow::Result<TraceReport> {
         print!(" {:.0}%", 100.0 * w.token_hit_rate);
     }
     println!();
-    Ok(report)
 }

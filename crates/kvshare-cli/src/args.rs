@@ -12,8 +12,8 @@ use kvshare_core::{DType, KeyScheme, KvLayout, Namespace, VllmHashParams};
 pub struct SchemeArgs {
     /// Key scheme: `kvshare` (chained SHA-256 rooted at the namespace digest) or `vllm`
     /// (vLLM's sha256_cbor prefix-cache hash).
-    #[arg(long, default_value = "kvshare", value_parser = ["kvshare", "vllm"])]
-    pub scheme: String,
+    #[arg(long, value_enum, default_value = "kvshare")]
+    pub scheme: KeyScheme,
     /// vLLM scheme: the PYTHONHASHSEED vLLM ran with.
     #[arg(long, default_value = "0")]
     pub hash_seed: String,
@@ -29,10 +29,11 @@ pub struct SchemeArgs {
 }
 
 impl SchemeArgs {
-    /// The key scheme.
+    /// The key scheme, with the vLLM parameters filled in from the other flags.
     pub fn scheme(&self) -> KeyScheme {
-        if self.scheme == "vllm" {
-            KeyScheme::VllmSha256Cbor(VllmHashParams {
+        match self.scheme {
+            KeyScheme::Chained => KeyScheme::Chained,
+            KeyScheme::VllmSha256Cbor(_) => KeyScheme::VllmSha256Cbor(VllmHashParams {
                 python_hash_seed: self.hash_seed.clone(),
                 lora_name: self.lora_name.clone(),
                 cache_salt: self.cache_salt.clone(),
@@ -41,9 +42,7 @@ impl SchemeArgs {
                     .iter()
                     .map(|s| CborValue::Text(s.clone()))
                     .collect(),
-            })
-        } else {
-            KeyScheme::Chained
+            }),
         }
     }
 }
@@ -66,9 +65,9 @@ pub struct NamespaceArgs {
     /// Elements per head.
     #[arg(long, default_value_t = 32)]
     pub head_dim: u32,
-    /// Element type: f32, f16, bf16, u8.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    /// Element type.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DType,
     /// Tokens per block.
     #[arg(long, default_value_t = 16)]
     pub block_tokens: u32,
@@ -84,8 +83,8 @@ pub struct NamespaceArgs {
     /// Tenant isolation salt.
     #[arg(long, env = "KVSHARE_TENANT_SALT")]
     pub tenant_salt: Option<String>,
+    /// How block keys are computed.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub scheme: SchemeArgs,
 }
 
@@ -96,7 +95,7 @@ impl NamespaceArgs {
             num_layers: self.layers,
             num_kv_heads: self.kv_heads,
             head_dim: self.head_dim,
-            dtype: DType::parse(&self.dtype)?,
+            dtype: self.dtype,
             tokens_per_block: self.block_tokens,
         };
         layout.validate()?;
@@ -150,6 +149,24 @@ impl TokenArgs {
             }
             (None, None) => bail!("give the prompt with --tokens 1,2,3 or --tokens-file FILE"),
         }
+    }
+}
+
+/// A prompt: the namespace it is keyed in and its token ids.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// The namespace (model, layout, key scheme).
+    #[command(flatten)]
+    pub ns: NamespaceArgs,
+    /// The token ids.
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+}
+
+impl PromptArgs {
+    /// The validated namespace and the token ids.
+    pub fn resolve(&self) -> anyhow::Result<(Namespace, Vec<u32>)> {
+        Ok((self.ns.namespace()?, self.tokens.tokens()?))
     }
 }
 

@@ -39,11 +39,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Codec workers compress blocks with.
-    #[arg(long, default_value = "byteplane-zstd")]
-    codec: String,
+    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    codec: Codec,
     /// K/V dtype of the cache and the blocks: f32, f16, bf16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DType,
     /// Model preset (seeded random weights): tiny, small, medium.
     #[arg(long, default_value = "small")]
     model: String,
@@ -100,16 +100,19 @@ struct Row {
     same_tokens: bool,
 }
 
+/// A loopback port free right now (the OS's pick; free until someone binds it).
+fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+}
+
 async fn start_cluster(args: &DemoArgs) -> anyhow::Result<Vec<kvshare_server::NodeHandle>> {
     let capacity = parse_size(&args.capacity)?;
     let n_nodes = args.nodes.max(1);
     // Reserve loopback ports so every node can list all peers from the start.
     let ports: Vec<u16> = (0..n_nodes)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-        })
+        .map(|_| free_port())
         .collect::<Result<_, _>>()?;
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut nodes = Vec::new();
@@ -140,18 +143,13 @@ async fn start_cluster(args: &DemoArgs) -> anyhow::Result<Vec<kvshare_server::No
     Ok(nodes)
 }
 
-/// Runs the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    kvshare_worker::tune_allocator();
-    let codec = Codec::parse(&args.codec)?;
-    let dtype = DType::parse(&args.dtype)?;
-    let nodes = start_cluster(&args).await?;
+fn print_cluster(nodes: &[kvshare_server::NodeHandle]) {
     println!(
         "kvshare demo: embedded cluster of {} node(s), {} replica(s) per block (HTTP endpoints up while the demo runs)",
         nodes.len(),
-        nodes[0].state.cluster.replicas()
+        nodes.first().map_or(0, |n| n.state.cluster.replicas())
     );
-    for n in &nodes {
+    for n in nodes {
         println!(
             "  {:<12} gRPC {}  dashboard http://{}/dashboard  metrics http://{}/metrics",
             n.state.node_id,
@@ -160,30 +158,38 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             n.http_addr
         );
     }
+}
 
-    let cfg = ModelConfig::preset(&args.model)?;
-    let t = Instant::now();
-    let model = Arc::new(Model::random(&cfg, 42)?);
+/// One worker per `args.workers`, sharing one model, each bootstrapping from a different node
+/// (and routing to owners itself).
+async fn start_workers(
+    args: &DemoArgs,
+    model: Arc<Model>,
+    nodes: &[kvshare_server::NodeHandle],
+) -> anyhow::Result<Vec<Worker>> {
     let endpoints: Vec<String> = nodes.iter().map(|n| n.endpoint()).collect();
     let mut workers = Vec::new();
     for w in 0..args.workers.max(1) {
-        // Each worker bootstraps from a different node and routes to owners itself.
         let client = ClusterClient::connect(
             &[endpoints[w % endpoints.len()].clone()],
             ClientOptions {
-                codec,
+                codec: args.codec,
                 ..ClientOptions::default()
             },
         )
         .await?;
         workers.push(Worker::new(
             model.clone(),
-            dtype,
+            args.dtype,
             args.tokens_per_block,
-            codec,
+            args.codec,
             Some(client),
         )?);
     }
+    Ok(workers)
+}
+
+fn print_setup(args: &DemoArgs, cfg: &ModelConfig, build_secs: f64, workers: &[Worker]) {
     let layout = workers[0].namespace().layout;
     println!(
         "  model {} ({} layers, d={}, {} heads / {} K/V heads, {:.1} M params, seeded weights, built in {:.1} s)",
@@ -193,19 +199,51 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         cfg.num_heads,
         cfg.num_kv_heads,
         (cfg.non_embedding_params() + 2 * (cfg.vocab_size * cfg.hidden_size) as u64) as f64 / 1e6,
-        t.elapsed().as_secs_f64()
+        build_secs
     );
     println!(
-        "  {} workers, {} requests: {}-token system prompt + 1 of 3 {}-token documents + a question; K/V {} in {}-token blocks ({}), codec {codec}\n",
+        "  {} workers, {} requests: {}-token system prompt + 1 of 3 {}-token documents + a question; K/V {} in {}-token blocks ({}), codec {}\n",
         workers.len(),
         args.requests,
         args.system_tokens,
         args.document_tokens,
-        dtype.name(),
+        args.dtype.name(),
         layout.tokens_per_block,
         format_size(layout.block_bytes()),
+        args.codec,
     );
+}
 
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    kvshare_worker::tune_allocator();
+    let nodes = start_cluster(&args).await?;
+    print_cluster(&nodes);
+    let cfg = ModelConfig::preset(&args.model)?;
+    let t = Instant::now();
+    let model = Arc::new(Model::random(&cfg, 42)?);
+    let build_secs = t.elapsed().as_secs_f64();
+    let workers = start_workers(&args, model, &nodes).await?;
+    print_setup(&args, &cfg, build_secs, &workers);
+    let rows = serve(&args, &workers).await?;
+    summarise(&rows, &nodes);
+    if args.hold > 0 {
+        println!(
+            "\nholding the cluster for {} s: open http://{}/dashboard",
+            args.hold, nodes[0].http_addr
+        );
+        tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    }
+    for n in nodes {
+        n.shutdown(Duration::from_secs(5)).await?;
+    }
+    println!("demo finished; nodes stopped cleanly");
+    Ok(())
+}
+
+/// Serves the requests round-robin, each without and then with the cache tier, printing a
+/// row per request.
+async fn serve(args: &DemoArgs, workers: &[Worker]) -> anyhow::Result<Vec<Row>> {
     println!(
         "{:>3} {:>6} {:>3} {:>6} {:>6} {:>5} {:>12} {:>12} {:>7} {:>10} {:>6} {:>6}",
         "req",
@@ -224,7 +262,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for r in 0..args.requests {
         let w = r % workers.len();
-        let (tokens, doc) = prompt(&args, r);
+        let (tokens, doc) = prompt(args, r);
         let cold = workers[w]
             .generate(&tokens, args.max_new_tokens, CacheMode::Off)
             .await?;
@@ -242,19 +280,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         print_row(&row);
         rows.push(row);
     }
-    summarise(&rows, &nodes);
-    if args.hold > 0 {
-        println!(
-            "\nholding the cluster for {} s: open http://{}/dashboard",
-            args.hold, nodes[0].http_addr
-        );
-        tokio::time::sleep(Duration::from_secs(args.hold)).await;
-    }
-    for n in nodes {
-        n.shutdown(Duration::from_secs(5)).await?;
-    }
-    println!("demo finished; nodes stopped cleanly");
-    Ok(())
+    Ok(rows)
 }
 
 fn print_row(r: &Row) {

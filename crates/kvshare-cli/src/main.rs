@@ -1,9 +1,14 @@
 //! `kvshare`: the kvshare operator CLI.
+//!
+//! `kvshare demo` (an embedded cluster with inference workers) needs the default-on `demo`
+//! feature, which links the model (candle) and the server; without it the CLI is a thin gRPC
+//! client.
 
 mod args;
+#[cfg(feature = "demo")]
 mod demo;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,7 +18,7 @@ use kvshare_core::{Codec, KeyScheme};
 use kvshare_proto::v1 as pb;
 use serde_json::json;
 
-use args::{NamespaceArgs, TokenArgs};
+use args::PromptArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,31 +53,22 @@ enum Command {
         json: bool,
     },
     /// Longest cached prefix of a prompt.
-    Lookup {
-        #[command(flatten)]
-        ns: NamespaceArgs,
-        #[command(flatten)]
-        tokens: TokenArgs,
-    },
+    Lookup(PromptArgs),
     /// Upload raw K/V blocks of a prompt from a file (blocks concatenated, block layout).
     Put {
         #[command(flatten)]
-        ns: NamespaceArgs,
-        #[command(flatten)]
-        tokens: TokenArgs,
+        prompt: PromptArgs,
         /// File of raw K/V: N blocks of layers x 2 x block_tokens x kv_heads x head_dim elements.
         #[arg(long)]
         kv_file: PathBuf,
-        /// Codec: none, lz4, byteplane-lz4, byteplane-zstd.
-        #[arg(long, default_value = "byteplane-zstd")]
-        codec: String,
+        /// Codec of the uploaded blocks.
+        #[arg(long, value_enum, default_value = "byteplane-zstd")]
+        codec: Codec,
     },
     /// Download the cached leading blocks of a prompt (decoded, verified) to a file.
     Get {
         #[command(flatten)]
-        ns: NamespaceArgs,
-        #[command(flatten)]
-        tokens: TokenArgs,
+        prompt: PromptArgs,
         /// Output file (raw K/V blocks concatenated).
         #[arg(long)]
         out: PathBuf,
@@ -80,15 +76,21 @@ enum Command {
     /// Print the block keys of token ids (no server needed).
     Hash {
         #[command(flatten)]
-        ns: NamespaceArgs,
-        #[command(flatten)]
-        tokens: TokenArgs,
+        prompt: PromptArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Start an embedded node and run a prefix-sharing demo load against it.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// The demo: not in this build (built without the `demo` feature).
+    #[cfg(not(feature = "demo"))]
+    Demo {
+        /// Ignored.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the benchmark suite (`kvshare-bench`, installed next to this binary); arguments are
     /// passed through, e.g. `kvshare bench --quick --compare redis`.
     Bench {
@@ -112,51 +114,49 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(cli.timeout),
         ..ClientOptions::default()
     };
+    let connect = |opts: ClientOptions| KvClient::connect(&cli.endpoint, opts);
     match cli.command {
-        Command::Hash { ns, tokens, json } => hash(&ns, &tokens, json),
+        Command::Status => status(&mut connect(opts).await?).await,
+        Command::Stats { json } => stats(&mut connect(opts).await?, json).await,
+        Command::Lookup(prompt) => lookup(&mut connect(opts).await?, &prompt).await,
+        Command::Put {
+            prompt,
+            kv_file,
+            codec,
+        } => {
+            let mut c = connect(ClientOptions { codec, ..opts }).await?;
+            put(&mut c, &prompt, &kv_file).await
+        }
+        Command::Get { prompt, out } => get(&mut connect(opts).await?, &prompt, &out).await,
+        Command::Hash { prompt, json } => hash(&prompt, json),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench { args } => {
-            let exe = std::env::current_exe()?.with_file_name("kvshare-bench");
-            let status = std::process::Command::new(&exe)
-                .args(&args)
-                .status()
-                .with_context(|| {
-                    format!(
-                        "running {} (build it with cargo build --release -p kvshare-bench)",
-                        exe.display()
-                    )
-                })?;
-            std::process::exit(status.code().unwrap_or(1));
-        }
-        cmd => {
-            let mut c = KvClient::connect(&cli.endpoint, opts.clone()).await?;
-            match cmd {
-                Command::Status => status(&mut c).await,
-                Command::Stats { json } => stats(&mut c, json).await,
-                Command::Lookup { ns, tokens } => lookup(&mut c, &ns, &tokens).await,
-                Command::Put {
-                    ns,
-                    tokens,
-                    kv_file,
-                    codec,
-                } => {
-                    let codec = Codec::parse(&codec)?;
-                    let mut c =
-                        KvClient::connect(&cli.endpoint, ClientOptions { codec, ..opts }).await?;
-                    put(&mut c, &ns, &tokens, &kv_file).await
-                }
-                Command::Get { ns, tokens, out } => get(&mut c, &ns, &tokens, &out).await,
-                Command::Hash { .. } | Command::Demo(_) | Command::Bench { .. } => {
-                    unreachable!("handled above")
-                }
-            }
-        }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => bail!(
+            "this kvshare was built without the `demo` feature; build it with \
+             `cargo build -p kvshare-cli` (the feature is on by default) to run the demo"
+        ),
+        Command::Bench { args } => bench(&args),
     }
 }
 
-fn hash(ns: &NamespaceArgs, tokens: &TokenArgs, as_json: bool) -> anyhow::Result<()> {
-    let ns = ns.namespace()?;
-    let tokens = tokens.tokens()?;
+/// Runs `kvshare-bench` (next to this binary) with `args`, and exits with its status.
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?.with_file_name("kvshare-bench");
+    let status = std::process::Command::new(&exe)
+        .args(args)
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} (build it with cargo build --release -p kvshare-bench)",
+                exe.display()
+            )
+        })?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn hash(prompt: &PromptArgs, as_json: bool) -> anyhow::Result<()> {
+    let (ns, tokens) = prompt.resolve()?;
     let keys = ns.block_keys(&tokens)?;
     let root = match &ns.scheme {
         KeyScheme::VllmSha256Cbor(p) => p.none_hash(),
@@ -257,19 +257,12 @@ async fn status(c: &mut KvClient) -> anyhow::Result<()> {
     .await;
     for (m, stats) in info.members.iter().zip(all_stats) {
         let (blocks, stored, cap, rate) = match &stats {
-            Some(s) => {
-                let t = s.hits + s.misses;
-                (
-                    s.stored_blocks.to_string(),
-                    format_size(s.stored_bytes),
-                    format_size(s.capacity_bytes),
-                    if t > 0 {
-                        format!("{:.1}%", 100.0 * s.hits as f64 / t as f64)
-                    } else {
-                        "-".into()
-                    },
-                )
-            }
+            Some(s) => (
+                s.stored_blocks.to_string(),
+                format_size(s.stored_bytes),
+                format_size(s.capacity_bytes),
+                hit_pct(s).map_or("-".into(), |p| format!("{p:.1}%")),
+            ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
@@ -286,6 +279,12 @@ async fn status(c: &mut KvClient) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Percentage of lookups that hit, when there were any.
+fn hit_pct(s: &pb::StatsResponse) -> Option<f64> {
+    let total = s.hits + s.misses;
+    (total > 0).then(|| 100.0 * s.hits as f64 / total as f64)
+}
+
 fn print_usage(s: &pb::StatsResponse) {
     use kvshare_core::size::format_size;
     let pct = if s.capacity_bytes > 0 {
@@ -300,17 +299,12 @@ fn print_usage(s: &pb::StatsResponse) {
         s.stored_blocks,
         format_size(s.stored_raw_bytes)
     );
-    let total = s.hits + s.misses;
     println!(
         "traffic    {} lookups, {} hits / {} misses ({:.1}% hit), {} evictions, in {} out {}",
         s.lookups,
         s.hits,
         s.misses,
-        if total > 0 {
-            100.0 * s.hits as f64 / total as f64
-        } else {
-            0.0
-        },
+        hit_pct(s).unwrap_or(0.0),
         s.evictions,
         format_size(s.bytes_in),
         format_size(s.bytes_out)
@@ -328,9 +322,8 @@ async fn stats(c: &mut KvClient, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn lookup(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs) -> anyhow::Result<()> {
-    let ns = ns.namespace()?;
-    let tokens = tokens.tokens()?;
+async fn lookup(c: &mut KvClient, prompt: &PromptArgs) -> anyhow::Result<()> {
+    let (ns, tokens) = prompt.resolve()?;
     let r = c.lookup(&ns, &tokens).await?;
     let tpb = ns.tokens_per_block();
     println!(
@@ -343,14 +336,8 @@ async fn lookup(c: &mut KvClient, ns: &NamespaceArgs, tokens: &TokenArgs) -> any
     Ok(())
 }
 
-async fn put(
-    c: &mut KvClient,
-    ns: &NamespaceArgs,
-    tokens: &TokenArgs,
-    kv_file: &PathBuf,
-) -> anyhow::Result<()> {
-    let ns = ns.namespace()?;
-    let tokens = tokens.tokens()?;
+async fn put(c: &mut KvClient, prompt: &PromptArgs, kv_file: &Path) -> anyhow::Result<()> {
+    let (ns, tokens) = prompt.resolve()?;
     let data = std::fs::read(kv_file).with_context(|| format!("reading {}", kv_file.display()))?;
     let bb = ns.layout.block_bytes() as usize;
     if data.is_empty() || data.len() % bb != 0 {
@@ -381,14 +368,8 @@ async fn put(
     Ok(())
 }
 
-async fn get(
-    c: &mut KvClient,
-    ns: &NamespaceArgs,
-    tokens: &TokenArgs,
-    out: &PathBuf,
-) -> anyhow::Result<()> {
-    let ns = ns.namespace()?;
-    let tokens = tokens.tokens()?;
+async fn get(c: &mut KvClient, prompt: &PromptArgs, out: &Path) -> anyhow::Result<()> {
+    let (ns, tokens) = prompt.resolve()?;
     let blocks = c.get_prefix(&ns, &tokens).await?;
     let data: Vec<u8> = blocks.concat();
     std::fs::write(out, &data).with_context(|| format!("writing {}", out.display()))?;

@@ -1,3 +1,4 @@
+#![cfg(feature = "demo")]
 //! The README's first command: `kvshare demo` runs an embedded 3-node cluster with inference
 //! workers, reuses cached prefixes with answers identical to full prefill, and stops cleanly.
 

@@ -25,14 +25,19 @@ pub const ZSTD_LEVEL: i32 = 1;
 
 /// A block payload encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Codec {
     /// Raw bytes.
+    #[cfg_attr(feature = "clap", value(name = "none"))]
     None,
     /// LZ4 block format over the whole block.
+    #[cfg_attr(feature = "clap", value(name = "lz4"))]
     Lz4,
     /// Byte planes, each LZ4-compressed or raw.
+    #[cfg_attr(feature = "clap", value(name = "byteplane-lz4"))]
     BytePlaneLz4,
     /// Byte planes, each zstd-compressed or raw.
+    #[cfg_attr(feature = "clap", value(name = "byteplane-zstd"))]
     BytePlaneZstd,
 }
 

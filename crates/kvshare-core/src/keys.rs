@@ -79,6 +79,37 @@ pub enum KeyScheme {
     VllmSha256Cbor(VllmHashParams),
 }
 
+/// On the command line a scheme is named `kvshare` or `vllm` (or by its stable
+/// [`KeyScheme::name`]). `KeyScheme` carries data, so this is written out rather than derived;
+/// a parsed `vllm` holds default [`VllmHashParams`] for the caller to fill from its other flags.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for KeyScheme {
+    fn value_variants<'a>() -> &'a [Self] {
+        static VARIANTS: [KeyScheme; 2] = [
+            KeyScheme::Chained,
+            KeyScheme::VllmSha256Cbor(VllmHashParams {
+                python_hash_seed: String::new(),
+                lora_name: None,
+                cache_salt: None,
+                extra: Vec::new(),
+            }),
+        ];
+        &VARIANTS
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            KeyScheme::Chained => PossibleValue::new("kvshare")
+                .alias(self.name())
+                .help("chained SHA-256 rooted at the namespace digest"),
+            KeyScheme::VllmSha256Cbor(_) => PossibleValue::new("vllm")
+                .alias(self.name())
+                .help("vLLM's sha256_cbor prefix-cache hash"),
+        })
+    }
+}
+
 impl KeyScheme {
     /// Stable name used in namespace digests and by the CLI.
     pub fn name(&self) -> &'static str {

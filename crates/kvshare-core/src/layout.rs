@@ -6,14 +6,19 @@ use crate::error::CoreError;
 
 /// Element type of cached K/V tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DType {
     /// IEEE 754 binary32.
+    #[cfg_attr(feature = "clap", value(name = "f32", alias = "float32"))]
     F32,
     /// IEEE 754 binary16.
+    #[cfg_attr(feature = "clap", value(name = "f16", aliases = ["fp16", "float16", "half"]))]
     F16,
     /// bfloat16.
+    #[cfg_attr(feature = "clap", value(name = "bf16", alias = "bfloat16"))]
     BF16,
     /// One byte per element (fp8 or int8).
+    #[cfg_attr(feature = "clap", value(name = "u8", aliases = ["fp8", "int8"]))]
     U8,
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod protocol;
 pub mod tokenizer;
 pub mod worker;
 

@@ -1,9 +1,10 @@
 //! `kvshare-worker`: run prompts through a Llama-style model that shares prefix K/V through a
-//! kvshare cluster (`run`), serve JSON requests on stdin (`stdio`), measure time to first token
-//! with and without reuse across two worker processes (`bench`), or write the seeded weights
-//! as safetensors (`export-weights`).
-
-mod bench;
+//! kvshare cluster (`run`), serve JSON requests on stdin (`stdio`, the protocol of
+//! [`kvshare_worker::protocol`]), or write the seeded weights as safetensors
+//! (`export-weights`).
+//!
+//! Time to first token with and without reuse across two worker processes is measured by
+//! `kvshare-bench ttft`, which drives `kvshare-worker stdio` processes.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -13,8 +14,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kvshare_client::{ClientOptions, ClusterClient};
 use kvshare_core::{Codec, DType};
+use kvshare_worker::protocol::{self, READY_LINE};
 use kvshare_worker::{CacheMode, Model, ModelConfig, Worker, tokenizer};
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Parser)]
 #[command(name = "kvshare-worker", version, about)]
@@ -27,10 +28,8 @@ struct Cli {
 enum Cmd {
     /// Run one prompt and print what the cache tier saved.
     Run(RunArgs),
-    /// Answer JSON requests read from stdin, one per line (used by `bench`).
+    /// Answer JSON requests read from stdin, one per line (used by `kvshare-bench ttft`).
     Stdio(ModelArgs),
-    /// Time to first token, full prefill vs reuse by a second worker process.
-    Bench(bench::BenchArgs),
     /// Write the model's weights (safetensors, Hugging Face Llama names) and config.json.
     ExportWeights {
         #[command(flatten)]
@@ -94,15 +93,15 @@ pub struct ModelArgs {
     )]
     pub tier: Vec<String>,
     /// Element type of the K/V cache and of the shared blocks: f32, f16 or bf16.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DType,
     /// Positions per block (and per prefill chunk); default by model: tiny 16, small 64,
     /// others 256.
     #[arg(long)]
     pub tokens_per_block: Option<u32>,
-    /// Codec of pushed blocks: none, lz4, byteplane-lz4, byteplane-zstd.
-    #[arg(long, default_value = "byteplane-zstd")]
-    pub codec: String,
+    /// Codec of pushed blocks.
+    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    pub codec: Codec,
 }
 
 impl ModelArgs {
@@ -115,7 +114,7 @@ impl ModelArgs {
             .filter(|e| !e.is_empty())
             .cloned()
             .collect::<Vec<_>>();
-        let codec = Codec::parse(&self.codec)?;
+        let codec = self.codec;
         let client =
             if tier.is_empty() {
                 None
@@ -135,13 +134,7 @@ impl ModelArgs {
                 "small" if self.source.config.is_none() => 64,
                 _ => 256,
             });
-        Ok(Worker::new(
-            model,
-            DType::parse(&self.dtype)?,
-            tpb,
-            codec,
-            client,
-        )?)
+        Ok(Worker::new(model, self.dtype, tpb, codec, client)?)
     }
 }
 
@@ -169,75 +162,18 @@ struct RunArgs {
     json: bool,
 }
 
-/// One request of the `stdio` protocol.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StdioRequest {
-    /// Prompt token ids.
-    pub tokens: Vec<u32>,
-    /// Tokens to generate.
-    pub max_new_tokens: usize,
-    /// Use the cache tier (false: full prefill, nothing pushed).
-    pub use_cache: bool,
-}
-
-/// The answer to a [`StdioRequest`].
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StdioResponse {
-    /// Error, if the request failed.
-    pub error: Option<String>,
-    /// Generated tokens.
-    pub tokens: Vec<u32>,
-    /// xxh3 of the first token's logits (bit-exactness check across processes).
-    pub logits_hash: u64,
-    /// The request's report.
-    pub report: serde_json::Value,
-}
-
-fn logits_hash(logits: &[f32]) -> u64 {
-    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    xxhash_rust::xxh3::xxh3_64(&bytes)
-}
-
 async fn stdio(args: ModelArgs) -> anyhow::Result<()> {
     let worker = args.worker().await?;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{{\"ready\":true}}")?;
+    writeln!(out, "{READY_LINE}")?;
     out.flush()?;
     for line in stdin.lock().lines() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        let resp = match serde_json::from_str::<StdioRequest>(&line) {
-            Err(e) => StdioResponse {
-                error: Some(format!("bad request: {e}")),
-                tokens: vec![],
-                logits_hash: 0,
-                report: serde_json::Value::Null,
-            },
-            Ok(req) => {
-                let mode = if req.use_cache {
-                    CacheMode::ReadWrite
-                } else {
-                    CacheMode::Off
-                };
-                match worker.generate(&req.tokens, req.max_new_tokens, mode).await {
-                    Ok(g) => StdioResponse {
-                        error: None,
-                        logits_hash: g.logits.first().map(|l| logits_hash(l)).unwrap_or(0),
-                        tokens: g.tokens,
-                        report: serde_json::to_value(&g.report)?,
-                    },
-                    Err(e) => StdioResponse {
-                        error: Some(e.to_string()),
-                        tokens: vec![],
-                        logits_hash: 0,
-                        report: serde_json::Value::Null,
-                    },
-                }
-            }
-        };
+        let resp = protocol::answer(&worker, &line).await;
         serde_json::to_writer(&mut out, &resp)?;
         writeln!(out)?;
         out.flush()?;
@@ -309,7 +245,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(a) => run(a).await,
         Cmd::Stdio(a) => stdio(a).await,
-        Cmd::Bench(a) => bench::run(a).await,
         Cmd::ExportWeights { model, out } => {
             let m = model.load()?;
             std::fs::create_dir_all(&out)?;

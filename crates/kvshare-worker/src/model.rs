@@ -624,6 +624,19 @@ mod tests {
             .collect()
     }
 
+    /// The tiny model, a prompt of `n` tokens, and two empty f32 caches to compare runs in.
+    fn fixture(n: usize, seed: u32) -> (Model, Vec<u32>, KvCache, KvCache) {
+        let caches = (KvCache::new(2, DType::F32), KvCache::new(2, DType::F32));
+        (tiny(), prompt(n, seed), caches.0, caches.1)
+    }
+
+    /// The elements of an f32 tensor, flattened.
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32 values")
+    }
+
     #[test]
     fn same_seed_same_model_other_seed_other_logits() {
         let cfg = ModelConfig::preset("tiny").expect("preset");
@@ -665,10 +678,7 @@ mod tests {
     #[test]
     fn chunking_changes_rounding_only() {
         // One-shot (chunk = whole prompt) vs 16-token chunks: same function, f32 rounding apart.
-        let m = tiny();
-        let p = prompt(64, 5);
-        let mut a = KvCache::new(2, DType::F32);
-        let mut b = KvCache::new(2, DType::F32);
+        let (m, p, mut a, mut b) = fixture(64, 5);
         let x = m.prefill(&p, &mut a, 64).expect("one shot");
         let y = m.prefill(&p, &mut b, 16).expect("chunked");
         assert!(max_abs_diff(&x, &y) < 1e-4, "{}", max_abs_diff(&x, &y));
@@ -703,10 +713,7 @@ mod tests {
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .expect("reference");
-        let got = got
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .expect("v");
+        let got = values(&got);
         assert!(
             max_abs_diff(&got, &want) < 1e-6,
             "{}",
@@ -739,29 +746,18 @@ mod tests {
 
     #[test]
     fn last_only_final_layer_matches_the_full_computation() {
-        let m = tiny();
-        let p = prompt(37, 11);
-        let mut a = KvCache::new(2, DType::F32);
-        let mut b = KvCache::new(2, DType::F32);
+        let (m, p, mut a, mut b) = fixture(37, 11);
         let full = m.forward(&p, &mut a, false).expect("full");
         let last = m.forward(&p, &mut b, true).expect("last only");
-        let (x, y) = (
-            full.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("x"),
-            last.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("y"),
-        );
+        let (x, y) = (values(&full), values(&last));
         assert_eq!(x.len(), m.config().hidden_size);
         assert!(max_abs_diff(&x, &y) < 1e-5, "{}", max_abs_diff(&x, &y));
         // K/V of every position is still cached, identically.
         for l in 0..2 {
             let (ka, va) = a.layer(l).expect("a");
             let (kb, vb) = b.layer(l).expect("b");
-            let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
-            assert_eq!(bits(ka), bits(kb));
-            assert_eq!(bits(va), bits(vb));
+            assert_eq!(values(ka), values(kb));
+            assert_eq!(values(va), values(vb));
         }
         assert_eq!(b.len(), 37);
     }
@@ -787,15 +783,12 @@ mod tests {
 
     #[test]
     fn safetensors_round_trip_gives_the_same_logits() {
-        let m = tiny();
+        let (m, p, mut a, mut b) = fixture(20, 9);
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("m.safetensors");
         m.save_safetensors(&path).expect("save");
         let back = Model::load_safetensors(m.config(), &path).expect("load");
         assert!(back.fingerprint().starts_with("st-"));
-        let p = prompt(20, 9);
-        let mut a = KvCache::new(2, DType::F32);
-        let mut b = KvCache::new(2, DType::F32);
         assert_eq!(
             m.prefill(&p, &mut a, 16).expect("a"),
             back.prefill(&p, &mut b, 16).expect("b")

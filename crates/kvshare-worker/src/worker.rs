@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvshare_client::{ClusterClient, PutItem};
-use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout, Namespace};
-use serde::Serialize;
+use kvshare_core::{BlockKey, Codec, CoreError, DType, EncodedBlock, KvLayout, Namespace};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::error::WorkerError;
@@ -23,7 +23,7 @@ pub enum CacheMode {
 }
 
 /// What one request did and how long each part took (milliseconds).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RequestReport {
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
@@ -148,6 +148,46 @@ impl Worker {
         max_new_tokens: usize,
         mode: CacheMode,
     ) -> Result<Generation, WorkerError> {
+        self.check_request(prompt, max_new_tokens)?;
+        let start = Instant::now();
+        let mut report = RequestReport {
+            prompt_tokens: prompt.len(),
+            ..RequestReport::default()
+        };
+        let tier = match mode {
+            CacheMode::ReadWrite => self.tier.as_ref(),
+            CacheMode::Off => None,
+        };
+        let (cache, corrupt_key) = match tier {
+            Some(tier) => self.fetch_prefix(tier, prompt, &mut report).await?,
+            None => (self.empty_cache()?, None),
+        };
+        report.cached_tokens = cache.len();
+
+        let t = Instant::now();
+        let rest = prompt[cache.len()..].to_vec();
+        let (cache, first) = self.prefill(cache, rest).await?;
+        report.prefill_ms = ms(t);
+        report.ttft_ms = ms(start);
+
+        let t = Instant::now();
+        let (tokens, logits, cache) = self.decode(cache, first, max_new_tokens).await?;
+        report.decode_ms = ms(t);
+
+        if let Some(tier) = tier {
+            self.push_generated(tier, prompt, &tokens, cache, corrupt_key, &mut report)
+                .await;
+        }
+        Ok(Generation {
+            tokens,
+            logits,
+            report,
+        })
+    }
+
+    /// Refuses prompts the model cannot run: empty, out of the vocabulary, or too long to
+    /// generate `max_new_tokens` after.
+    fn check_request(&self, prompt: &[u32], max_new_tokens: usize) -> Result<(), WorkerError> {
         if prompt.is_empty() {
             return Err(WorkerError::Prompt("the prompt has no tokens".into()));
         }
@@ -159,37 +199,44 @@ impl Worker {
                 prompt.len()
             )));
         }
-        let start = Instant::now();
-        let tpb = self.ns.tokens_per_block();
-        let mut report = RequestReport {
-            prompt_tokens: prompt.len(),
-            ..RequestReport::default()
-        };
-        let dtype = tensor_dtype(self.ns.layout.dtype)?;
-        let empty = KvCache::new(self.model.config().num_layers, dtype);
-        let (cache, corrupt_key) = match (&self.tier, mode) {
-            (Some(tier), CacheMode::ReadWrite) => {
-                self.fetch_prefix(tier, prompt, &mut report).await?
-            }
-            _ => (empty, None),
-        };
-        report.cached_tokens = cache.len();
+        Ok(())
+    }
 
-        let t = Instant::now();
+    /// A K/V cache with no positions, in the namespace's element type.
+    fn empty_cache(&self) -> Result<KvCache, WorkerError> {
+        let layout = self.ns.layout;
+        Ok(KvCache::new(
+            layout.num_layers as usize,
+            tensor_dtype(layout.dtype)?,
+        ))
+    }
+
+    /// Prefills `rest` after the positions already in `cache` (on a blocking thread); returns
+    /// the cache and the logits of the last position.
+    async fn prefill(
+        &self,
+        mut cache: KvCache,
+        rest: Vec<u32>,
+    ) -> Result<(KvCache, Vec<f32>), WorkerError> {
         let model = self.model.clone();
-        let rest = prompt[cache.len()..].to_vec();
-        let (mut cache, first) = blocking(move || {
-            let mut cache = cache;
+        let tpb = self.ns.tokens_per_block();
+        blocking(move || {
             let logits = model.prefill(&rest, &mut cache, tpb)?;
             Ok((cache, logits))
         })
-        .await?;
-        report.prefill_ms = ms(t);
-        report.ttft_ms = ms(start);
+        .await
+    }
 
-        let t = Instant::now();
+    /// Greedy decoding from the prefill's logits `first` until `max_new_tokens` (at least one)
+    /// tokens: the tokens, the logits behind each, and the cache.
+    async fn decode(
+        &self,
+        mut cache: KvCache,
+        first: Vec<f32>,
+        max_new_tokens: usize,
+    ) -> Result<(Vec<u32>, Vec<Vec<f32>>, KvCache), WorkerError> {
         let model = self.model.clone();
-        let (tokens, logits, cache_back) = blocking(move || {
+        blocking(move || {
             let mut tokens = vec![argmax(&first)];
             let mut logits = vec![first];
             while tokens.len() < max_new_tokens {
@@ -200,34 +247,33 @@ impl Worker {
             }
             Ok((tokens, logits, cache))
         })
-        .await?;
-        cache = cache_back;
-        report.decode_ms = ms(t);
+        .await
+    }
 
-        if let (Some(tier), CacheMode::ReadWrite) = (&self.tier, mode) {
-            // Positions with K/V: the prompt and every generated token but the last.
-            let mut seq = prompt.to_vec();
-            seq.extend_from_slice(&tokens[..tokens.len() - 1]);
-            if let Err(e) = self
-                .push_blocks(
-                    tier,
-                    &seq,
-                    cache,
-                    report.reused_blocks,
-                    corrupt_key,
-                    &mut report,
-                )
-                .await
-            {
-                warn!(error = %e, "pushing K/V blocks failed");
-                report.push_error = Some(e.to_string());
-            }
+    /// Pushes the blocks of the request that were not reused. A failure is recorded in the
+    /// report, not returned: the request has its answer already.
+    async fn push_generated(
+        &self,
+        tier: &ClusterClient,
+        prompt: &[u32],
+        tokens: &[u32],
+        cache: KvCache,
+        corrupt: Option<BlockKey>,
+        report: &mut RequestReport,
+    ) {
+        // Positions with K/V: the prompt and every generated token but the last.
+        let mut seq = prompt.to_vec();
+        if let Some((_, decoded)) = tokens.split_last() {
+            seq.extend_from_slice(decoded);
         }
-        Ok(Generation {
-            tokens,
-            logits,
-            report,
-        })
+        let first = report.reused_blocks;
+        if let Err(e) = self
+            .push_blocks(tier, &seq, cache, first, corrupt, report)
+            .await
+        {
+            warn!(error = %e, "pushing K/V blocks failed");
+            report.push_error = Some(e.to_string());
+        }
     }
 
     /// Lookup and fetch of the longest usable cached prefix. Any failure of the tier is a miss;
@@ -240,7 +286,7 @@ impl Worker {
     ) -> Result<(KvCache, Option<BlockKey>), WorkerError> {
         let tpb = self.ns.tokens_per_block();
         let layout = self.ns.layout;
-        let empty = KvCache::new(layout.num_layers as usize, tensor_dtype(layout.dtype)?);
+        let empty = self.empty_cache()?;
         // The last prompt token is always computed: its logits are the first output.
         let usable = (prompt.len() - 1) / tpb;
         if usable == 0 {
@@ -342,28 +388,14 @@ fn decode_leading(
     blocks: Vec<Option<EncodedBlock>>,
 ) -> (Vec<Vec<u8>>, Option<(BlockKey, String)>) {
     let digest = ns.digest();
-    let present = blocks.iter().take_while(|b| b.is_some()).count();
-    let check = |b: &EncodedBlock| -> Result<Vec<u8>, String> {
+    let check = |b: &&EncodedBlock| -> Result<Vec<u8>, String> {
         if b.header.namespace != digest || b.header.layout != ns.layout {
             return Err("header names another namespace or layout".into());
         }
         b.decode().map_err(|e| e.to_string())
     };
-    let leading: Vec<&EncodedBlock> = blocks[..present].iter().flatten().collect();
-    let per = leading.len().div_ceil(parallelism()).max(1);
-    let results: Vec<Result<Vec<u8>, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = leading
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(|b| check(b)).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err("decoder thread panicked".into())])
-            })
-            .collect()
-    });
+    let leading: Vec<&EncodedBlock> = blocks.iter().map_while(Option::as_ref).collect();
+    let results = par_map(&leading, check, || Err("decoder thread panicked".into()));
     let mut raws = Vec::with_capacity(results.len());
     for (key, r) in keys.iter().zip(results) {
         match r {
@@ -382,6 +414,27 @@ fn parallelism() -> usize {
         .clamp(1, 4)
 }
 
+/// `f` of every item, in order, computed on up to [`parallelism`] scoped threads. The items of
+/// a thread that panicked are replaced by one `on_panic()`.
+fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+    on_panic: impl Fn() -> R,
+) -> Vec<R> {
+    let per = items.len().div_ceil(parallelism()).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![on_panic()]))
+            .collect()
+    })
+}
+
 /// Compresses raw blocks `first..` (on up to four threads) into upload items chained by parent.
 fn encode_items(
     ns: &Namespace,
@@ -391,29 +444,11 @@ fn encode_items(
     codec: Codec,
 ) -> Result<Vec<PutItem>, WorkerError> {
     let digest = ns.digest();
-    let per = raws.len().div_ceil(parallelism()).max(1);
-    let encoded: Vec<Result<EncodedBlock, kvshare_core::CoreError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = raws
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|r| EncodedBlock::encode(digest, ns.layout, codec, r))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![Err(kvshare_core::CoreError::Corrupt(
-                        "encoder thread panicked".into(),
-                    ))]
-                })
-            })
-            .collect()
-    });
+    let encoded = par_map(
+        raws,
+        |r| EncodedBlock::encode(digest, ns.layout, codec, r),
+        || Err(CoreError::Corrupt("encoder thread panicked".into())),
+    );
     encoded
         .into_iter()
         .enumerate()
