@@ -3,34 +3,21 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
 /// A loopback port free right now (the OS's pick; free until someone binds it).
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(kvshare_testkit::free_port()?)
 }
 
 /// Waits until `127.0.0.1:port` accepts connections; fails when `child` exits first or after
 /// 20 s.
-async fn wait_for_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if let Some(st) = child.try_wait()? {
-            bail!("{what} exited during start-up ({st})");
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!("{what} did not listen on port {port} within 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+fn wait_for_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
+    let addr = format!("127.0.0.1:{port}");
+    kvshare_testkit::wait_for_listener(&addr, Duration::from_secs(20), child)
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 /// The binary `name` of package `package`: the path in the environment variable `env`, else
@@ -79,7 +66,7 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {what}"))?;
-        if let Err(e) = wait_for_port(port, what, &mut child).await {
+        if let Err(e) = wait_for_port(port, what, &mut child) {
             let _ = child.kill();
             let _ = child.wait();
             return Err(e);

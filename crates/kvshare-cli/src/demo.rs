@@ -100,19 +100,12 @@ struct Row {
     same_tokens: bool,
 }
 
-/// A loopback port free right now (the OS's pick; free until someone binds it).
-fn free_port() -> std::io::Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-}
-
 async fn start_cluster(args: &DemoArgs) -> anyhow::Result<Vec<kvshare_server::NodeHandle>> {
     let capacity = parse_size(&args.capacity)?;
     let n_nodes = args.nodes.max(1);
     // Reserve loopback ports so every node can list all peers from the start.
     let ports: Vec<u16> = (0..n_nodes)
-        .map(|_| free_port())
+        .map(|_| kvshare_testkit::free_port())
         .collect::<Result<_, _>>()?;
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut nodes = Vec::new();

@@ -578,44 +578,10 @@ pub fn encode_blocks<B: AsRef<[u8]> + Sync>(
             block: EncodedBlock::encode(digest, ns.layout, codec, raw.as_ref())?,
         })
     };
-    let threads = threads.clamp(1, blocks.len().max(1));
-    if threads == 1 {
-        return blocks
-            .iter()
-            .enumerate()
-            .map(|(j, b)| encode(j, b))
-            .collect();
-    }
-    let per = blocks.len().div_ceil(threads);
-    let parts: Vec<Result<Vec<PutItem>, ClientError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = blocks
-            .chunks(per)
-            .enumerate()
-            .map(|(c, chunk)| {
-                let encode = &encode;
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(j, b)| encode(c * per + j, b))
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(ClientError::Protocol("an encoding thread panicked".into()))
-                })
-            })
-            .collect()
+    let encoded = kvshare_core::parallel::par_map(blocks, threads, encode, || {
+        Err(ClientError::Protocol("an encoding thread panicked".into()))
     });
-    let mut items = Vec::with_capacity(blocks.len());
-    for p in parts {
-        items.extend(p?);
-    }
-    Ok(items)
+    encoded.into_iter().collect()
 }
 
 /// Checks fetched blocks against the namespace and decodes the leading run of present blocks.

@@ -18,6 +18,7 @@ pub mod error;
 pub mod keys;
 pub mod layout;
 pub mod namespace;
+pub mod parallel;
 pub mod placement;
 pub mod sample;
 pub mod size;

@@ -1,10 +1,11 @@
-//! Helpers shared by kvshare's tests and benches that run real processes: free ports, waiting
+//! Helpers shared by kvshare's tests, benches and demo that run real processes: free ports, waiting
 //! for a listener or a port file, `kvshared` child processes, cluster membership, and the real
 //! K/V sample in `tests/data`. Test code: helpers panic with a message on failure.
 
 #![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use kvshare_core::sample::KvSample;
@@ -22,8 +23,9 @@ pub fn free_port() -> std::io::Result<u16> {
         .map(|a| a.port())
 }
 
-/// Waits until something accepts TCP connections on `addr` (`host:port`).
-pub fn wait_for_listener(addr: &str, timeout: Duration) -> Result<(), String> {
+/// Waits until `child` accepts TCP connections on `addr` (`host:port`); fails when it exits
+/// first or after `timeout`.
+pub fn wait_for_listener(addr: &str, timeout: Duration, child: &mut Child) -> Result<(), String> {
     let t0 = Instant::now();
     loop {
         match std::net::TcpStream::connect(addr) {
@@ -31,7 +33,12 @@ pub fn wait_for_listener(addr: &str, timeout: Duration) -> Result<(), String> {
             Err(e) if t0.elapsed() > timeout => {
                 return Err(format!("nothing listens on {addr} after {timeout:?}: {e}"));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => {}
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => return Err(format!("exited during start-up ({status})")),
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("cannot check the process: {e}")),
         }
     }
 }
@@ -133,7 +140,7 @@ impl NodeProcess {
     ) -> Self {
         let grpc = format!("127.0.0.1:{grpc_port}");
         let http = format!("127.0.0.1:{http_port}");
-        let child = std::process::Command::new(bin)
+        let mut child = std::process::Command::new(bin)
             .args([
                 "--node-id",
                 node_id,
@@ -155,7 +162,7 @@ impl NodeProcess {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("spawn kvshared");
-        if let Err(e) = wait_for_listener(&grpc, Duration::from_secs(20)) {
+        if let Err(e) = wait_for_listener(&grpc, Duration::from_secs(20), &mut child) {
             panic!("{node_id} did not start: {e}");
         }
         NodeProcess {

@@ -4,14 +4,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvshare_client::{ClusterClient, PutItem};
-use kvshare_core::{BlockKey, Codec, CoreError, DType, EncodedBlock, KvLayout, Namespace};
+use kvshare_client::{ClusterClient, encode_blocks};
+use kvshare_core::parallel::{block_threads, par_map};
+use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout, Namespace};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::error::WorkerError;
 use crate::kv::{blocks_to_cache, cache_to_blocks, tensor_dtype};
 use crate::model::{KvCache, Model, argmax};
+
+/// Most threads used to encode or decode blocks.
+const MAX_BLOCK_THREADS: usize = 4;
 
 /// Whether a request uses the cache tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,7 +370,8 @@ impl Worker {
         let (ns, codec) = (self.ns.clone(), self.codec);
         let items = blocking(move || {
             let raws = cache_to_blocks(&cache, &ns.layout, first, full - first)?;
-            encode_items(&ns, &keys, first, &raws, codec)
+            let threads = block_threads(MAX_BLOCK_THREADS);
+            Ok::<_, WorkerError>(encode_blocks(&ns, &keys, first, &raws, codec, threads)?)
         })
         .await?;
         report.pushed_blocks = items.len();
@@ -395,7 +400,13 @@ fn decode_leading(
         b.decode().map_err(|e| e.to_string())
     };
     let leading: Vec<&EncodedBlock> = blocks.iter().map_while(Option::as_ref).collect();
-    let results = par_map(&leading, check, || Err("decoder thread panicked".into()));
+    let threads = block_threads(MAX_BLOCK_THREADS);
+    let results = par_map(
+        &leading,
+        threads,
+        |_, b| check(b),
+        || Err("decoder thread panicked".into()),
+    );
     let mut raws = Vec::with_capacity(results.len());
     for (key, r) in keys.iter().zip(results) {
         match r {
@@ -404,61 +415,4 @@ fn decode_leading(
         }
     }
     (raws, None)
-}
-
-/// Threads used to encode or decode blocks.
-fn parallelism() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 4)
-}
-
-/// `f` of every item, in order, computed on up to [`parallelism`] scoped threads. The items of
-/// a thread that panicked are replaced by one `on_panic()`.
-fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> R + Sync,
-    on_panic: impl Fn() -> R,
-) -> Vec<R> {
-    let per = items.len().div_ceil(parallelism()).max(1);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|_| vec![on_panic()]))
-            .collect()
-    })
-}
-
-/// Compresses raw blocks `first..` (on up to four threads) into upload items chained by parent.
-fn encode_items(
-    ns: &Namespace,
-    keys: &[BlockKey],
-    first: usize,
-    raws: &[Vec<u8>],
-    codec: Codec,
-) -> Result<Vec<PutItem>, WorkerError> {
-    let digest = ns.digest();
-    let encoded = par_map(
-        raws,
-        |r| EncodedBlock::encode(digest, ns.layout, codec, r),
-        || Err(CoreError::Corrupt("encoder thread panicked".into())),
-    );
-    encoded
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let idx = first + i;
-            Ok(PutItem {
-                key: keys[idx],
-                parent: idx.checked_sub(1).map(|p| keys[p]),
-                block: b?,
-            })
-        })
-        .collect()
 }
