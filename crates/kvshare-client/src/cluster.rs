@@ -13,7 +13,7 @@ use tracing::debug;
 
 use crate::{
     BlockOutcome, ClientError, ClientOptions, KvClient, PrefixLookup, PutItem, PutReport,
-    PutStatus, decode_prefix, encode_prefix, lookup_prefix,
+    PutStatus, fail_on_rejection, fetch_prefix, lookup_prefix, prefix_items,
 };
 
 /// One member as the client reaches it.
@@ -190,17 +190,6 @@ impl ClusterClient {
         .await
     }
 
-    /// Deletes blocks from every owner (asked of one node, which fans out); returns how many
-    /// copies existed.
-    pub async fn delete_keys(
-        &self,
-        namespace: &BlockKey,
-        keys: &[BlockKey],
-    ) -> Result<u32, ClientError> {
-        self.on_any_member(|mut c| async move { c.delete_keys(namespace, keys).await })
-            .await
-    }
-
     /// Fetches blocks from their owners directly; `None` for keys no owner has.
     pub async fn get_blocks(
         &self,
@@ -235,6 +224,15 @@ impl ClusterClient {
             let _ = self.refresh().await;
         }
         Ok(out)
+    }
+
+    /// Fetches, decodes and verifies the cached leading blocks of `tokens`.
+    pub async fn get_prefix(
+        &self,
+        ns: &Namespace,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        fetch_prefix(ns, tokens, async |d, k| self.get_blocks(d, k).await).await
     }
 
     /// Uploads blocks to each of their owners directly (the client replicates).
@@ -276,20 +274,19 @@ impl ClusterClient {
         tokens: &[u32],
         blocks: &[B],
     ) -> Result<PutReport, ClientError> {
-        let keys = ns.block_keys(tokens)?;
-        let items = encode_prefix(ns, &keys, blocks, self.opts.codec)?;
-        self.put_blocks(items).await
+        self.put_blocks(prefix_items(ns, tokens, blocks, self.opts.codec)?)
+            .await
     }
 
-    /// Fetches, decodes and verifies the cached leading blocks of `tokens`.
-    pub async fn get_prefix(
+    /// Deletes blocks from every owner (asked of one node, which fans out); returns how many
+    /// copies existed.
+    pub async fn delete_keys(
         &self,
-        ns: &Namespace,
-        tokens: &[u32],
-    ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let keys = ns.block_keys(tokens)?;
-        let blocks = self.get_blocks(&ns.digest(), &keys).await?;
-        decode_prefix(ns, &keys, blocks).await
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<u32, ClientError> {
+        self.on_any_member(|mut c| async move { c.delete_keys(namespace, keys).await })
+            .await
     }
 }
 
@@ -363,23 +360,6 @@ fn put_report(
             replicas,
         });
     }
-    let first_rejected =
-        report
-            .outcomes
-            .iter()
-            .enumerate()
-            .find_map(|(index, o)| match &o.status {
-                PutStatus::Rejected { code, reason } => Some((index, o.key, *code, reason.clone())),
-                _ => None,
-            });
-    match first_rejected {
-        Some((index, key, code, reason)) => Err(ClientError::Rejected {
-            index,
-            key,
-            code,
-            reason,
-            outcomes: report.outcomes,
-        }),
-        None => Ok(report),
-    }
+    report.outcomes = fail_on_rejection(report.outcomes)?;
+    Ok(report)
 }

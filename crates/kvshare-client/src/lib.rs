@@ -417,8 +417,7 @@ impl KvClient {
         tokens: &[u32],
         blocks: &[B],
     ) -> Result<PutReport, ClientError> {
-        let keys = ns.block_keys(tokens)?;
-        let items = encode_prefix(ns, &keys, blocks, self.opts.codec)?;
+        let items = prefix_items(ns, tokens, blocks, self.opts.codec)?;
         self.put_blocks(items).await
     }
 
@@ -492,9 +491,7 @@ impl KvClient {
         ns: &Namespace,
         tokens: &[u32],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let keys = ns.block_keys(tokens)?;
-        let blocks = self.get_blocks(&ns.digest(), &keys).await?;
-        decode_prefix(ns, &keys, blocks).await
+        fetch_prefix(ns, tokens, async |d, k| self.get_blocks(d, k).await).await
     }
 
     /// Deletes blocks; returns how many existed.
@@ -513,20 +510,8 @@ impl KvClient {
 
     /// The node's counters.
     pub async fn stats(&mut self) -> Result<pb::StatsResponse, ClientError> {
-        Ok(self
-            .rpc
-            .stats(self.request(pb::StatsRequest {}))
-            .await?
-            .into_inner())
-    }
-
-    /// Cluster membership as the node sees it.
-    pub async fn cluster_info(&mut self) -> Result<pb::ClusterInfoResponse, ClientError> {
-        Ok(self
-            .rpc
-            .cluster_info(self.request(pb::ClusterInfoRequest {}))
-            .await?
-            .into_inner())
+        let req = self.request(pb::StatsRequest {});
+        Ok(self.rpc.stats(req).await?.into_inner())
     }
 
     /// Standard gRPC health check of the KvCache service; true when SERVING.
@@ -537,6 +522,34 @@ impl KvClient {
         let resp = self.health.check(self.request(req)).await?.into_inner();
         Ok(resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
     }
+    /// Cluster membership as the node sees it.
+    pub async fn cluster_info(&mut self) -> Result<pb::ClusterInfoResponse, ClientError> {
+        let req = self.request(pb::ClusterInfoRequest {});
+        Ok(self.rpc.cluster_info(req).await?.into_inner())
+    }
+}
+
+/// Upload items for the first `blocks.len()` full blocks of `tokens` (block `i`'s raw K/V is
+/// `blocks[i]`, in the namespace's layout), compressed with `codec`.
+pub fn prefix_items<B: AsRef<[u8]> + Sync>(
+    ns: &Namespace,
+    tokens: &[u32],
+    blocks: &[B],
+    codec: Codec,
+) -> Result<Vec<PutItem>, ClientError> {
+    encode_prefix(ns, &ns.block_keys(tokens)?, blocks, codec)
+}
+
+/// Fetches the blocks of `tokens` with `get(namespace digest, keys)`, then checks and decodes
+/// the leading run of present blocks ([`decode_prefix`]).
+pub async fn fetch_prefix(
+    ns: &Namespace,
+    tokens: &[u32],
+    get: impl AsyncFnOnce(&BlockKey, &[BlockKey]) -> Result<Vec<Option<EncodedBlock>>, ClientError>,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let keys = ns.block_keys(tokens)?;
+    let blocks = get(&ns.digest(), &keys).await?;
+    decode_prefix(ns, &keys, blocks).await
 }
 
 /// Encodes the raw K/V of the first `blocks.len()` blocks of a prefix whose keys are `keys`.
@@ -623,6 +636,30 @@ pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
     }
 }
 
+/// `outcomes` when no block was rejected, else [`ClientError::Rejected`] naming the first
+/// rejected block (with every outcome).
+pub(crate) fn fail_on_rejection(
+    outcomes: Vec<BlockOutcome>,
+) -> Result<Vec<BlockOutcome>, ClientError> {
+    let first = outcomes
+        .iter()
+        .enumerate()
+        .find_map(|(i, o)| match &o.status {
+            PutStatus::Rejected { code, reason } => Some((i, o.key, *code, reason.clone())),
+            _ => None,
+        });
+    match first {
+        Some((index, key, code, reason)) => Err(ClientError::Rejected {
+            index,
+            key,
+            code,
+            reason,
+            outcomes,
+        }),
+        None => Ok(outcomes),
+    }
+}
+
 /// Turns a failed Put's status into [`ClientError::Rejected`] when it carries outcomes.
 pub(crate) fn rejection_from_status(status: tonic::Status) -> ClientError {
     let Some(resp) = kvshare_proto::rpc::decode_put_details(status.details()) else {
@@ -636,21 +673,8 @@ pub(crate) fn rejection_from_status(status: tonic::Status) -> ClientError {
     else {
         return status.into();
     };
-    let first = outcomes
-        .iter()
-        .enumerate()
-        .find_map(|(i, o)| match &o.status {
-            PutStatus::Rejected { code, reason } => Some((i, o.key, *code, reason.clone())),
-            _ => None,
-        });
-    match first {
-        Some((index, key, code, reason)) => ClientError::Rejected {
-            index,
-            key,
-            code,
-            reason,
-            outcomes,
-        },
-        None => status.into(),
+    match fail_on_rejection(outcomes) {
+        Err(e) => e,
+        Ok(_) => status.into(),
     }
 }

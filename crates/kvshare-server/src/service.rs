@@ -60,23 +60,26 @@ impl KvCacheService {
         r
     }
 
-    /// Namespace and keys of a Lookup, Get or Delete, validated against this node's limits.
-    fn namespaced_keys(
-        &self,
-        namespace: &[u8],
-        keys: &[bytes::Bytes],
-    ) -> Result<(BlockKey, Vec<BlockKey>), Status> {
-        parse_namespaced_keys(namespace, keys, self.state.limits.max_keys).map_err(Status::from)
-    }
-
-    async fn lookup_inner(
+    /// Namespace and keys of a Lookup, Get or Delete, validated against this node's limits, and
+    /// where the request is answered.
+    fn target(
         &self,
         no_forward: bool,
-        req: &pb::LookupRequest,
+        namespace: &[u8],
+        keys: &[bytes::Bytes],
+    ) -> Result<(BlockKey, Vec<BlockKey>, Scope), Status> {
+        let (ns, keys) = parse_namespaced_keys(namespace, keys, self.state.limits.max_keys)?;
+        Ok((ns, keys, self.state.scope(no_forward)))
+    }
+
+    async fn lookup(
+        &self,
+        no_forward: bool,
+        request: Request<pb::LookupRequest>,
     ) -> Result<pb::LookupResponse, Status> {
-        let s = &self.state;
-        let (ns, keys) = self.namespaced_keys(&req.namespace, &req.keys)?;
-        let (present, nodes) = match s.scope(no_forward) {
+        let (s, req) = (&self.state, request.get_ref());
+        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let (present, nodes) = match scope {
             Scope::Local => (s.store.presence(ns, &keys), vec![s.node_id.clone()]),
             Scope::Cluster(view) => {
                 let p = routing::lookup(s, &view, ns, &keys).await;
@@ -103,10 +106,14 @@ impl KvCacheService {
         })
     }
 
-    async fn get_inner(&self, no_forward: bool, req: &pb::GetRequest) -> Result<GetStream, Status> {
-        let s = &self.state;
-        let (ns, keys) = self.namespaced_keys(&req.namespace, &req.keys)?;
-        let found = match s.scope(no_forward) {
+    async fn get(
+        &self,
+        no_forward: bool,
+        request: Request<pb::GetRequest>,
+    ) -> Result<GetStream, Status> {
+        let (s, req) = (&self.state, request.get_ref());
+        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let found = match scope {
             Scope::Local => s.store.get_many(ns, &keys),
             Scope::Cluster(view) => routing::get(s, &view, ns, &keys).await,
         };
@@ -121,14 +128,14 @@ impl KvCacheService {
         Ok(Box::pin(tokio_stream::iter(msgs.into_iter().map(Ok))))
     }
 
-    async fn delete_inner(
+    async fn delete(
         &self,
         no_forward: bool,
-        req: &pb::DeleteRequest,
+        request: Request<pb::DeleteRequest>,
     ) -> Result<pb::DeleteResponse, Status> {
-        let s = &self.state;
-        let (ns, keys) = self.namespaced_keys(&req.namespace, &req.keys)?;
-        let deleted = match s.scope(no_forward) {
+        let (s, req) = (&self.state, request.get_ref());
+        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let deleted = match scope {
             Scope::Local => s.remove_local(ns, &keys),
             Scope::Cluster(view) => routing::delete(s, &view, ns, &keys).await,
         };
@@ -159,74 +166,64 @@ fn get_messages(
 /// Stream type of Get.
 pub type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl pb::kv_cache_server::KvCache for KvCacheService {
-    async fn lookup(
-        &self,
-        request: Request<pb::LookupRequest>,
-    ) -> Result<Response<pb::LookupResponse>, Status> {
-        self.serve(Method::lookup, request, async |nf, r| {
-            self.lookup_inner(nf, r.get_ref()).await
-        })
-        .await
-    }
-
+impl KvCacheService {
     async fn put(
         &self,
+        no_forward: bool,
         request: Request<Streaming<pb::PutRequest>>,
-    ) -> Result<Response<pb::PutResponse>, Status> {
-        self.serve(Method::put, request, async |nf, r| {
-            if nf {
-                self.state.count_peer_request(Method::put);
-            }
-            PutSession::new(&self.state, nf).run(r.into_inner()).await
-        })
-        .await
-    }
-
-    type GetStream = GetStream;
-
-    async fn get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<Self::GetStream>, Status> {
-        self.serve(Method::get, request, async |nf, r| {
-            self.get_inner(nf, r.get_ref()).await
-        })
-        .await
-    }
-
-    async fn delete(
-        &self,
-        request: Request<pb::DeleteRequest>,
-    ) -> Result<Response<pb::DeleteResponse>, Status> {
-        self.serve(Method::delete, request, async |nf, r| {
-            self.delete_inner(nf, r.get_ref()).await
-        })
-        .await
+    ) -> Result<pb::PutResponse, Status> {
+        if no_forward {
+            self.state.count_peer_request(Method::put);
+        }
+        let session = PutSession::new(&self.state, no_forward);
+        session.run(request.into_inner()).await
     }
 
     async fn stats(
         &self,
-        request: Request<pb::StatsRequest>,
-    ) -> Result<Response<pb::StatsResponse>, Status> {
-        self.serve(Method::stats, request, async |_, _| Ok(self.state.stats()))
-            .await
+        _: bool,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<pb::StatsResponse, Status> {
+        Ok(self.state.stats())
     }
 
     async fn cluster_info(
         &self,
-        request: Request<pb::ClusterInfoRequest>,
-    ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
-        self.serve(Method::cluster_info, request, async |_, _| {
-            let s = &self.state;
-            Ok(pb::ClusterInfoResponse {
-                node_id: s.node_id.clone(),
-                members: s.cluster.members_info(),
-                replicas: s.cluster.replicas(),
-                placement: kvshare_core::placement::PLACEMENT_NAME.into(),
-            })
+        _: bool,
+        _: Request<pb::ClusterInfoRequest>,
+    ) -> Result<pb::ClusterInfoResponse, Status> {
+        let s = &self.state;
+        Ok(pb::ClusterInfoResponse {
+            node_id: s.node_id.clone(),
+            members: s.cluster.members_info(),
+            replicas: s.cluster.replicas(),
+            placement: kvshare_core::placement::PLACEMENT_NAME.into(),
         })
-        .await
     }
+}
+
+/// The `KvCache` trait: every RPC goes through [`KvCacheService::serve`] (do-not-forward
+/// header, latency and status metrics) to the handler of the same name above.
+macro_rules! kv_cache_rpcs {
+    ($($rpc:ident($req:ty) -> $resp:ty;)*) => {
+        #[tonic::async_trait]
+        impl pb::kv_cache_server::KvCache for KvCacheService {
+            type GetStream = GetStream;
+            $(
+                async fn $rpc(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
+                    let handler = async |nf, r| KvCacheService::$rpc(self, nf, r).await;
+                    self.serve(Method::$rpc, request, handler).await
+                }
+            )*
+        }
+    };
+}
+
+kv_cache_rpcs! {
+    lookup(pb::LookupRequest) -> pb::LookupResponse;
+    put(Streaming<pb::PutRequest>) -> pb::PutResponse;
+    get(pb::GetRequest) -> GetStream;
+    delete(pb::DeleteRequest) -> pb::DeleteResponse;
+    stats(pb::StatsRequest) -> pb::StatsResponse;
+    cluster_info(pb::ClusterInfoRequest) -> pb::ClusterInfoResponse;
 }
