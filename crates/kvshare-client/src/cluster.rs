@@ -168,6 +168,21 @@ impl ClusterClient {
                 hit_blocks: 0,
             });
         }
+        let hit_blocks = self.lookup_keys(&ns.digest(), &keys).await?;
+        Ok(PrefixLookup { keys, hit_blocks })
+    }
+
+    /// How many leading `keys` of `namespace` the cluster holds (asked of one node, which fans
+    /// out to the owners; the next node is tried when one fails). For callers that compute
+    /// keys themselves (e.g. vLLM's own block hashes).
+    pub async fn lookup_keys(
+        &self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<usize, ClientError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
         let mut last = None;
         for _ in 0..2 {
             let r = self.routing().await;
@@ -175,8 +190,8 @@ impl ClusterClient {
                 let i =
                     self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % r.nodes.len();
                 let mut c = r.nodes[i].coordinator.clone();
-                match c.lookup_keys(&ns.digest(), &keys).await {
-                    Ok(hit_blocks) => return Ok(PrefixLookup { keys, hit_blocks }),
+                match c.lookup_keys(namespace, keys).await {
+                    Ok(hit_blocks) => return Ok(hit_blocks),
                     Err(e) => last = Some(e),
                 }
             }
