@@ -103,8 +103,9 @@ class Client:
     @property
     def codec(self) -> str: ...
     def members(self) -> list[str]: ...
-    def lookup(self, namespace: Namespace, keys: Sequence[bytes]) -> int:
-        """How many leading ``keys`` the cluster holds (one round trip)."""
+    def lookup(self, namespace: Namespace | bytes, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the cluster holds (one round trip). ``namespace``: a
+        Namespace or its 32-byte digest."""
     def put_blocks(
         self,
         namespace: Namespace,
@@ -116,10 +117,11 @@ class Client:
         """Compress and upload ``len(keys)`` blocks laid back to back in ``data``."""
     def get_blocks(self, namespace: Namespace, keys: Sequence[bytes], out: Buffer | Any) -> GetResult:
         """Fetch, verify and decode ``keys`` into ``out`` (``len(keys) * block_bytes`` bytes)."""
-    def delete(self, namespace: Namespace, keys: Sequence[bytes]) -> int:
+    def delete(self, namespace: Namespace | bytes, keys: Sequence[bytes]) -> int:
         """Delete ``keys`` from every owner; returns the number of copies that existed."""
     def stats(self) -> list[dict[str, Any]]:
-        """Counters and gauges of every healthy member, one dict per node."""
+        """Counters and gauges of every healthy member, one dict per node; ``namespaces`` is a
+        list of ``{"namespace": digest, "blocks", "bytes", "hits"}``."""
 
 def hash_blocks(
     tokens: Sequence[int],
@@ -138,6 +140,9 @@ def hash_blocks(
 
 def vllm_none_hash(seed: str | None = None) -> bytes:
     """vLLM's NONE_HASH for ``seed`` (default: PYTHONHASHSEED, else "vllm-none-hash")."""
+
+def checksum(data: Buffer | Any) -> int:
+    """xxh3-64 of ``data``, as block headers carry it."""
 
 def codecs() -> list[str]:
     """Codec names accepted by ``Client(codec=...)``."""

@@ -172,7 +172,7 @@ class Engine:
         full_env = dict(os.environ)
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         full_env.update(env or {})
-        self._stderr = open(log_path, "wb")
+        self._stderr = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, str(DRIVER), str(cfg_path)],
             stdin=subprocess.PIPE,
@@ -187,8 +187,7 @@ class Engine:
 
     def log(self) -> str:
         self._stderr.flush()
-        text = self.log_path.read_text(errors="replace")
-        return text + "\n".join(self.other_stdout)
+        return self.log_path.read_text(errors="replace")
 
     def read(self, timeout: float, on_idle: Callable[[], None] | None = None) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -202,6 +201,8 @@ class Engine:
                     result: dict[str, Any] = json.loads(text[len(MARK):])
                     return result
                 self.other_stdout.append(text)
+                self._stderr.write(line + b"\n")
+                self._stderr.flush()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"engine did not answer in {timeout}s\n{self.log()[-5000:]}")
             if self.proc.poll() is not None:

@@ -175,6 +175,17 @@ fn keys_from(keys: Vec<Vec<u8>>) -> PyResult<Vec<BlockKey>> {
         .collect()
 }
 
+/// The namespace digest of a `Namespace` or of 32 raw digest bytes.
+fn digest_of(obj: &Bound<'_, PyAny>) -> PyResult<BlockKey> {
+    if let Ok(ns) = obj.downcast::<PyNamespace>() {
+        return Ok(ns.get().inner.digest());
+    }
+    let b: Vec<u8> = obj.extract().map_err(|_| {
+        PyValueError::new_err("namespace must be a Namespace or its 32-byte digest")
+    })?;
+    BlockKey::from_slice(&b).map_err(core_err)
+}
+
 fn keys_to_py<'py>(py: Python<'py>, keys: &[BlockKey]) -> PyResult<Bound<'py, PyList>> {
     PyList::new(py, keys.iter().map(|k| PyBytes::new(py, k.as_bytes())))
 }
@@ -600,13 +611,19 @@ impl PyClient {
         self.codec.name()
     }
 
-    /// How many leading `keys` the cluster holds (one round trip).
-    fn lookup(&self, py: Python<'_>, namespace: &PyNamespace, keys: Vec<Vec<u8>>) -> PyResult<usize> {
+    /// How many leading `keys` the cluster holds (one round trip). `namespace` is a
+    /// `Namespace` or its 32-byte digest.
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        namespace: &Bound<'_, PyAny>,
+        keys: Vec<Vec<u8>>,
+    ) -> PyResult<usize> {
         let keys = keys_from(keys)?;
+        let digest = digest_of(namespace)?;
         if keys.is_empty() {
             return Ok(0);
         }
-        let digest = namespace.inner.digest();
         let c = self.inner.clone();
         py.allow_threads(move || runtime().block_on(c.lookup_keys(&digest, &keys)))
             .map_err(|e| client_err(py, e))
@@ -750,20 +767,26 @@ impl PyClient {
         })
     }
 
-    /// Deletes `keys` from every owner; returns how many copies existed.
-    fn delete(&self, py: Python<'_>, namespace: &PyNamespace, keys: Vec<Vec<u8>>) -> PyResult<u32> {
+    /// Deletes `keys` from every owner; returns how many copies existed. `namespace` is a
+    /// `Namespace` or its 32-byte digest.
+    fn delete(
+        &self,
+        py: Python<'_>,
+        namespace: &Bound<'_, PyAny>,
+        keys: Vec<Vec<u8>>,
+    ) -> PyResult<u32> {
         let keys = keys_from(keys)?;
+        let digest = digest_of(namespace)?;
         if keys.is_empty() {
             return Ok(0);
         }
-        let digest = namespace.inner.digest();
         let c = self.inner.clone();
         py.allow_threads(move || runtime().block_on(c.delete_keys(&digest, &keys)))
             .map_err(|e| client_err(py, e))
     }
 
     /// Counters and gauges of every healthy member (one dict per node, as the `Stats` RPC
-    /// returns them, without the per-namespace list).
+    /// returns them; `namespaces` lists per-namespace usage: digest, blocks, bytes, hits).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let (eps, opts) = (self.endpoints.clone(), self.opts.clone());
         let all = py
@@ -793,6 +816,16 @@ impl PyClient {
             ] {
                 d.set_item(k, v)?;
             }
+            let nss = PyList::empty(py);
+            for n in &s.namespaces {
+                let nd = PyDict::new(py);
+                nd.set_item("namespace", PyBytes::new(py, &n.namespace))?;
+                nd.set_item("blocks", n.blocks)?;
+                nd.set_item("bytes", n.bytes)?;
+                nd.set_item("hits", n.hits)?;
+                nss.append(nd)?;
+            }
+            d.set_item("namespaces", nss)?;
             out.append(d)?;
         }
         Ok(out)
@@ -849,6 +882,15 @@ async fn member_stats(
     Err(last.unwrap_or_else(|| ClientError::Protocol("no endpoints".into())))
 }
 
+/// xxh3-64 checksum of `data`, as block headers carry it.
+#[pyfunction]
+fn checksum(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let buf = Buf::get(data, false)?;
+    let sum = py.allow_threads(|| kvshare_core::checksum(buf.bytes()));
+    drop(buf);
+    Ok(sum)
+}
+
 /// Codec names accepted by `Client(codec=...)`.
 #[pyfunction]
 fn codecs() -> Vec<&'static str> {
@@ -873,5 +915,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hash_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(vllm_none_hash, m)?)?;
     m.add_function(wrap_pyfunction!(codecs, m)?)?;
+    m.add_function(wrap_pyfunction!(checksum, m)?)?;
     Ok(())
 }
