@@ -115,7 +115,9 @@ class Client:
         parent: bytes | None = None,
     ) -> PutResult:
         """Compress and upload ``len(keys)`` blocks laid back to back in ``data``."""
-    def get_blocks(self, namespace: Namespace, keys: Sequence[bytes], out: Buffer | Any) -> GetResult:
+    def get_blocks(
+        self, namespace: Namespace, keys: Sequence[bytes], out: Buffer | Any
+    ) -> GetResult:
         """Fetch, verify and decode ``keys`` into ``out`` (``len(keys) * block_bytes`` bytes)."""
     def delete(self, namespace: Namespace | bytes, keys: Sequence[bytes]) -> int:
         """Delete ``keys`` from every owner; returns the number of copies that existed."""

@@ -47,6 +47,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 import kvshare
 
@@ -59,7 +60,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = init_logger("kvshare.vllm")
+# Under "vllm." so that vLLM's logging configuration (handler, format, level) applies.
+logger = init_logger("vllm.kvshare")
 
 #: Version tag of how this connector lays out a block: for each layer in the order of the KV
 #: cache group, the bytes of that layer's paged-cache slice of the block, as the attention
@@ -235,9 +237,8 @@ def _layout_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> dict[
             f"has {len(groups)}"
         )
     spec = groups[0].kv_cache_spec
-    for attr in ("num_kv_heads", "head_size", "dtype", "block_size"):
-        if not hasattr(spec, attr):
-            raise ValueError(f"KvshareConnector needs an attention KV cache, got {spec!r}")
+    if not isinstance(spec, AttentionSpec):
+        raise ValueError(f"KvshareConnector needs an attention KV cache, got {spec!r}")
     head_size_v = getattr(spec, "head_size_v", None) or spec.head_size
     if head_size_v != spec.head_size:
         raise ValueError("KvshareConnector needs equal K and V head sizes")
@@ -289,7 +290,7 @@ class KvshareConnector(KVConnectorBase_V1):
         if not endpoints:
             raise ValueError(
                 "KvshareConnector needs kv_connector_extra_config.endpoints "
-                "(\"host:port,...\") or KVSHARE_ENDPOINTS"
+                '("host:port,...") or KVSHARE_ENDPOINTS'
             )
         if isinstance(endpoints, list):
             endpoints = ",".join(endpoints)
@@ -299,7 +300,9 @@ class KvshareConnector(KVConnectorBase_V1):
             timeout_ms=int(cfg.get_from_extra_config("timeout_ms", 5000)),
             interval_s=float(cfg.get_from_extra_config("reconnect_interval_s", 10.0)),
         )
-        policy = str(cfg.get_from_extra_config("load_failure_policy", "recompute"))
+        policy = cfg.get_from_extra_config("load_failure_policy", "recompute")
+        if policy not in ("recompute", "fail"):
+            raise ValueError(f"load_failure_policy must be recompute or fail, not {policy!r}")
         if role == KVConnectorRole.SCHEDULER and cfg.kv_load_failure_policy != policy:
             # Read by the scheduler right after it constructs this connector.
             logger.info("kvshare: kv_load_failure_policy=%s (failed blocks are recomputed)", policy)
@@ -353,6 +356,9 @@ class KvshareConnector(KVConnectorBase_V1):
         self._kernel_per_block = 1
         self._layer_block_bytes = 0
         self._load_errors: set[int] = set()
+        # Requests whose load failed this step: this step's forward computed their later
+        # tokens on top of missing KV, so their blocks are not saved (vLLM recomputes them).
+        self._failed_loads: set[str] = set()
         self._stats = KvshareConnectorStats()
         self._stats_lock = threading.Lock()
         self._load_count = 0
@@ -395,9 +401,7 @@ class KvshareConnector(KVConnectorBase_V1):
         if self._use_vllm_hashes:
             return [bytes(h) for h in request.block_hashes[:n_blocks]]
         tokens = request.all_token_ids[: n_blocks * self._block_size]
-        return kvshare.hash_blocks(
-            list(tokens), self._block_size, namespace=self._namespace(ns, 0)
-        )
+        return kvshare.hash_blocks(list(tokens), self._block_size, namespace=self._namespace(ns, 0))
 
     # ==========================================================================================
     # Scheduler side
@@ -416,9 +420,7 @@ class KvshareConnector(KVConnectorBase_V1):
         bs = self._block_size
         st = self._reqs.get(request.request_id)
         if st is None:
-            st = _ReqState(
-                request=request, ns=self._ns_spec(request), block_ids=[], saved_blocks=0
-            )
+            st = _ReqState(request=request, ns=self._ns_spec(request), block_ids=[], saved_blocks=0)
             self._reqs[request.request_id] = st
         start = num_computed_tokens // bs
         st.saved_blocks = start
@@ -597,6 +599,7 @@ class KvshareConnector(KVConnectorBase_V1):
                     e,
                 )
                 self._load_errors.update(spec.block_ids)
+                self._failed_loads.add(spec.req_id)
                 self._add_stats(load_error_blocks=len(spec.block_ids))
 
     def _load(self, spec: LoadSpec) -> None:
@@ -622,7 +625,10 @@ class KvshareConnector(KVConnectorBase_V1):
         failed = spec.block_ids[ok:]
         if failed:
             self._load_errors.update(failed)
-            corrupt = [k for k, s in zip(spec.keys, res.status, strict=True) if s == kvshare.GET_CORRUPT]
+            self._failed_loads.add(spec.req_id)
+            corrupt = [
+                k for k, s in zip(spec.keys, res.status, strict=True) if s == kvshare.GET_CORRUPT
+            ]
             logger.warning(
                 "kvshare: request %s: %d of %d blocks usable; block %d and the %d after it are "
                 "recomputed (%s)",
@@ -691,12 +697,20 @@ class KvshareConnector(KVConnectorBase_V1):
         return  # blocks are gathered once per step, in wait_for_save
 
     def wait_for_save(self) -> None:
+        failed, self._failed_loads = self._failed_loads, set()
         meta = self._connector_metadata
         if not isinstance(meta, KvshareConnectorMetadata) or not meta.saves:
             return
         if not self._kv_caches or self._pusher is None:
             return
         for spec in meta.saves:
+            if spec.req_id in failed:
+                logger.info(
+                    "kvshare: request %s: not saving %d blocks computed over a failed load",
+                    spec.req_id,
+                    len(spec.keys),
+                )
+                continue
             try:
                 idx = self._kernel_ids(spec.block_ids)
                 n = len(spec.block_ids)
@@ -828,7 +842,9 @@ def _attention_backend_name(vllm_config: VllmConfig) -> str:
         plat = str(current_platform.device_type or "unknown")
     except Exception:
         plat = "unknown"
-    backend = getattr(vllm_config.attention_config, "backend", None) if hasattr(
-        vllm_config, "attention_config"
-    ) else None
+    backend = (
+        getattr(vllm_config.attention_config, "backend", None)
+        if hasattr(vllm_config, "attention_config")
+        else None
+    )
     return f"{plat}:{backend or 'default'}"

@@ -61,7 +61,7 @@ class Cluster:
         if not binary.is_file():
             raise RuntimeError(f"kvshared not found at {binary} (cargo build -p kvshare-server)")
         for i in range(self.n):
-            log = open(self.dir / f"node-{i}.log", "wb")
+            log = open(self.dir / f"node-{i}.log", "wb")  # noqa: SIM115 (outlives the call)
             self.procs[i] = subprocess.Popen(
                 [
                     str(binary),
@@ -172,7 +172,7 @@ class Engine:
         full_env = dict(os.environ)
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         full_env.update(env or {})
-        self._stderr = open(log_path, "ab")
+        self._stderr = open(log_path, "ab")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, str(DRIVER), str(cfg_path)],
             stdin=subprocess.PIPE,
@@ -186,7 +186,8 @@ class Engine:
         self.startup_seconds = ready.get("startup_seconds", 0.0)
 
     def log(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         return self.log_path.read_text(errors="replace")
 
     def read(self, timeout: float, on_idle: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -206,7 +207,8 @@ class Engine:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"engine did not answer in {timeout}s\n{self.log()[-5000:]}")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"engine exited with {self.proc.returncode}\n{self.log()[-8000:]}")
+                code = self.proc.returncode
+                raise RuntimeError(f"engine exited with {code}\n{self.log()[-8000:]}")
             ready, _, _ = select.select([fd], [], [], 0.05)
             if ready:
                 chunk = os.read(fd, 65536)

@@ -13,8 +13,7 @@ use kvshare_client::{ClientError, ClientOptions, ClusterClient, KvClient, PutIte
 use kvshare_core::cbor::CborValue;
 use kvshare_core::keys::{chained_block_key, vllm_block_key};
 use kvshare_core::{
-    BlockKey, Codec, CoreError, DType, EncodedBlock, KeyScheme, KvLayout, Namespace,
-    VllmHashParams,
+    BlockKey, Codec, CoreError, DType, EncodedBlock, KeyScheme, KvLayout, Namespace, VllmHashParams,
 };
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -392,7 +391,9 @@ fn hash_blocks<'py>(
     if block_size == 0 {
         return Err(PyValueError::new_err("block_size must be > 0"));
     }
-    let parent = parent.map(|p| BlockKey::from_slice(&p).map_err(core_err)).transpose()?;
+    let parent = parent
+        .map(|p| BlockKey::from_slice(&p).map_err(core_err))
+        .transpose()?;
     let keys = match scheme {
         "kvshare" | "chained" => {
             let root = match (parent, &namespace) {
@@ -431,7 +432,10 @@ fn hash_blocks<'py>(
                 ])
             });
             let salt_key = cache_salt.filter(|s| !s.is_empty()).map(|s| {
-                CborValue::Array(vec![CborValue::Text("cache_salt".into()), CborValue::Text(s)])
+                CborValue::Array(vec![
+                    CborValue::Text("cache_salt".into()),
+                    CborValue::Text(s),
+                ])
             });
             py.allow_threads(move || {
                 let mut parent = root;
@@ -646,7 +650,9 @@ impl PyClient {
         parent: Option<Vec<u8>>,
     ) -> PyResult<PutResult> {
         let keys = keys_from(keys)?;
-        let parent = parent.map(|p| BlockKey::from_slice(&p).map_err(core_err)).transpose()?;
+        let parent = parent
+            .map(|p| BlockKey::from_slice(&p).map_err(core_err))
+            .transpose()?;
         let buf = Buf::get(data, false)?;
         let ns = namespace.inner.clone();
         let bb = check_blocks("data", buf.len(), keys.len(), ns.layout.block_bytes())?;
@@ -722,7 +728,11 @@ impl PyClient {
         let res = py.allow_threads(|| {
             let digest = ns.digest();
             let blocks = runtime().block_on(c.get_blocks(&digest, &keys))?;
-            let wire: u64 = blocks.iter().flatten().map(|b| b.payload.len() as u64).sum();
+            let wire: u64 = blocks
+                .iter()
+                .flatten()
+                .map(|b| b.payload.len() as u64)
+                .sum();
             let results: Vec<(u8, Option<String>)> = buf
                 .bytes_mut()
                 .par_chunks_mut(bb)
@@ -736,7 +746,9 @@ impl PyClient {
                     if b.header.namespace != digest || b.header.layout != ns.layout {
                         return (
                             GET_CORRUPT,
-                            Some(format!("block {i} ({key}): header names another namespace or layout")),
+                            Some(format!(
+                                "block {i} ({key}): header names another namespace or layout"
+                            )),
                         );
                     }
                     match b.decode() {
@@ -746,7 +758,11 @@ impl PyClient {
                         }
                         Ok(raw) => (
                             GET_CORRUPT,
-                            Some(format!("block {i} ({key}): {} raw bytes, expected {}", raw.len(), slot.len())),
+                            Some(format!(
+                                "block {i} ({key}): {} raw bytes, expected {}",
+                                raw.len(),
+                                slot.len()
+                            )),
                         ),
                         Err(e) => (GET_CORRUPT, Some(format!("block {i} ({key}): {e}"))),
                     }
@@ -894,10 +910,15 @@ fn checksum(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<u64> {
 /// Codec names accepted by `Client(codec=...)`.
 #[pyfunction]
 fn codecs() -> Vec<&'static str> {
-    [Codec::None, Codec::Lz4, Codec::BytePlaneLz4, Codec::BytePlaneZstd]
-        .iter()
-        .map(|c| c.name())
-        .collect()
+    [
+        Codec::None,
+        Codec::Lz4,
+        Codec::BytePlaneLz4,
+        Codec::BytePlaneZstd,
+    ]
+    .iter()
+    .map(|c| c.name())
+    .collect()
 }
 
 /// The kvshare native extension.
