@@ -322,6 +322,9 @@ class KvshareConnector(KVConnectorBase_V1):
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self._tp_rank = int(get_tensor_model_parallel_rank())
+        # kv_role: kv_producer saves only, kv_consumer loads only, kv_both does both.
+        self._do_load = bool(cfg.is_kv_consumer)
+        self._do_save = bool(cfg.is_kv_producer)
         self._use_vllm_hashes = cache.prefix_caching_hash_algo == "sha256_cbor"
         backend = _attention_backend_name(vllm_config)
         revision = f"{mc.revision or ''}|{BLOCK_FORMAT}|{backend}"
@@ -424,6 +427,8 @@ class KvshareConnector(KVConnectorBase_V1):
             self._reqs[request.request_id] = st
         start = num_computed_tokens // bs
         st.saved_blocks = start
+        if not self._do_load:
+            return 0
         if request.mm_features and not self._use_vllm_hashes:
             return 0  # token ids alone do not identify multimodal prompts
         # At least one prompt token must be computed (its logits are the first output).
@@ -508,6 +513,8 @@ class KvshareConnector(KVConnectorBase_V1):
             self._add_save(meta, st, done // bs)
 
     def _add_save(self, meta: KvshareConnectorMetadata, st: _ReqState, full_blocks: int) -> None:
+        if not self._do_save:
+            return
         req = st.request
         full_blocks = min(full_blocks, len(st.block_ids), req.num_tokens // self._block_size)
         if self._use_vllm_hashes:

@@ -171,6 +171,10 @@ class Engine:
         cfg_path.write_text(json.dumps(config))
         full_env = dict(os.environ)
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM's CPU backend reserves one more core when any KV connector is configured, so
+        # engines with and without a connector would compute on different thread counts (and
+        # round differently). Pin the reservation: every engine uses the same cores.
+        full_env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
         full_env.update(env or {})
         self._stderr = open(log_path, "ab")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(

@@ -5,6 +5,13 @@ Engines run in their own processes (tests/engine_driver.py); each prompt runs al
 reference is an engine without any connector whose prefix cache is reset before every prompt,
 so every reference output comes from a full prefill. Outputs are compared exactly: greedy
 tokens and their logprobs, bit for bit.
+
+Bit-exactness needs every token's K/V computed by the same kernels on the same shapes in every
+engine: CPU GEMMs round differently for different row counts, so a position computed in a
+407-token prefill and in an 87-token continuation can differ in the last bits (vLLM's own
+prefix cache has the same property). The engines therefore prefill in block-sized chunks
+(max_num_batched_tokens = block size, one sequence at a time): position p is always computed
+in the chunk of its block, whether the blocks before it came from the tier or not.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ MAX_TOKENS = 6
 CONFIGS: dict[str, dict[str, Any]] = {
     "bf16-gqa-b32-vllmhash": {
         "dtype": "bfloat16", "kv_heads": 2, "block_size": 32,
-        "llm_kwargs": {"prefix_caching_hash_algo": "sha256_cbor"},
+        "llm_kwargs": {"prefix_caching_hash_algo": "sha256_cbor",
+                       "max_num_batched_tokens": 32, "max_num_seqs": 1},
     },
     "fp16-mha-b64-kvsharehash": {
-        "dtype": "float16", "kv_heads": 4, "block_size": 64, "llm_kwargs": {},
+        "dtype": "float16", "kv_heads": 4, "block_size": 64,
+        "llm_kwargs": {"max_num_batched_tokens": 64, "max_num_seqs": 1},
     },
 }
 
