@@ -667,7 +667,7 @@ class KvshareConnector(KVConnectorBase_V1):
             res.raw_bytes,
             res.raw_bytes / res.wire_bytes if res.wire_bytes else 0.0,
             dt * 1e3,
-        )
+        )  # bytes: every block received and decoded, including any after a failed one
         self._add_stats(
             load_requests=1,
             load_blocks=ok,
