@@ -23,7 +23,7 @@ echo "== kvshare Python package: maturin develop into $VENV"
 (cd python && VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "${lock[@]}" "$VENV/bin/maturin" develop --quiet)
 
 echo "== ruff"
-"$VENV/bin/ruff" check python/kvshare python/tests
+"$VENV/bin/ruff" check python/kvshare python/tests python/bench
 "$VENV/bin/ruff" format --check python/kvshare
 echo "== mypy --strict"
 (cd python && "$VENV/bin/mypy" --strict kvshare)

@@ -73,12 +73,52 @@ fn core_err(e: CoreError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
+/// CPUs of the machine (not of this thread's affinity mask).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 { n as usize } else { 1 }
+}
+
+/// Lets a kvshare thread run on every CPU. Engines bind their compute threads to cores (vLLM's
+/// CPU backend pins its workers and reserves the remaining cores for the scheduler and KV
+/// connectors); threads inherit the mask of the thread that spawns them, which would confine
+/// decompression to the engine's compute cores. `KVSHARE_UNPIN_THREADS=0` keeps the inherited
+/// mask. The kernel intersects the mask with the process's cpuset.
+fn unpin_thread() {
+    if std::env::var("KVSHARE_UNPIN_THREADS").is_ok_and(|v| v == "0") {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for i in 0..online_cpus().min(libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(i, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Threads that decode and encode blocks (rayon) and drive the network (tokio).
+fn worker_threads() -> usize {
+    online_cpus().clamp(1, 8)
+}
+
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
+        // The codec pool: rayon's global pool, sized to the machine rather than to the
+        // (possibly pinned) calling thread. Fails harmlessly if it already exists.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(worker_threads())
+            .thread_name(|i| format!("kvshare-codec-{i}"))
+            .start_handler(|_| unpin_thread())
+            .build_global();
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kvshare-py")
+            .on_thread_start(unpin_thread)
             .enable_all()
             .build()
             .expect("tokio runtime")
@@ -666,6 +706,7 @@ impl PyClient {
         }
         let (c, codec) = (self.inner.clone(), self.codec);
         let res = py.allow_threads(|| {
+            let rt = runtime();
             let digest = ns.digest();
             let items = buf
                 .bytes()
@@ -680,7 +721,7 @@ impl PyClient {
                     })
                 })
                 .collect::<Result<Vec<_>, CoreError>>()?;
-            runtime().block_on(c.put_blocks(items))
+            rt.block_on(c.put_blocks(items))
         });
         drop(buf);
         let rep = res.map_err(|e| client_err(py, e))?;
@@ -750,6 +791,24 @@ impl PyClient {
                                 "block {i} ({key}): header names another namespace or layout"
                             )),
                         );
+                    }
+                    if b.header.codec == Codec::None {
+                        // Verify in place and copy once (no intermediate buffer).
+                        return match b.verify() {
+                            Ok(()) if b.payload.len() == slot.len() => {
+                                slot.copy_from_slice(&b.payload);
+                                (GET_OK, None)
+                            }
+                            Ok(()) => (
+                                GET_CORRUPT,
+                                Some(format!(
+                                    "block {i} ({key}): {} raw bytes, expected {}",
+                                    b.payload.len(),
+                                    slot.len()
+                                )),
+                            ),
+                            Err(e) => (GET_CORRUPT, Some(format!("block {i} ({key}): {e}"))),
+                        };
                     }
                     match b.decode() {
                         Ok(raw) if raw.len() == slot.len() => {
