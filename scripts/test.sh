@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of kvshare: formatting, lints, Rust unit and integration tests, and the
-# Python interop tests (grpcio against a real kvshared). Installs what it needs first.
+# Runs every test of kvshare: formatting, lints, Rust unit and integration tests, deployment
+# validation, bench smoke runs, the Python interop tests (grpcio against a real kvshared) and
+# the vLLM integration tests (the kvshare Python package and KvshareConnector in real CPU vLLM
+# engines; the vLLM venv is created once, ~5 GB). Installs what it needs first.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,3 +27,5 @@ target/debug/kvshare-bench ttft --quick
 echo "== python interop tests"
 # kvshared was built by cargo test --workspace (kvshare-server has integration tests).
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-tests.sh
+echo "== vLLM integration tests (kvshare Python package, KvshareConnector in real vLLM engines)"
+KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-vllm-tests.sh

@@ -20,10 +20,13 @@ pub struct SchemeArgs {
     /// vLLM scheme: LoRA adapter name (mixed into every block).
     #[arg(long)]
     pub lora_name: Option<String>,
+    /// vLLM scheme: LoRA adapter path (part of the LoRA key with the name).
+    #[arg(long, requires = "lora_name")]
+    pub lora_path: Option<String>,
     /// vLLM scheme: request cache_salt (mixed into block 0).
     #[arg(long)]
     pub cache_salt: Option<String>,
-    /// vLLM scheme: further extra keys (strings), appended after the LoRA name on every block.
+    /// vLLM scheme: further extra keys (strings), appended after the LoRA key on every block.
     #[arg(long = "extra-key")]
     pub extra_keys: Vec<String>,
 }
@@ -36,6 +39,7 @@ impl SchemeArgs {
             KeyScheme::VllmSha256Cbor(_) => KeyScheme::VllmSha256Cbor(VllmHashParams {
                 python_hash_seed: self.hash_seed.clone(),
                 lora_name: self.lora_name.clone(),
+                lora_path: self.lora_path.clone(),
                 cache_salt: self.cache_salt.clone(),
                 extra: self
                     .extra_keys

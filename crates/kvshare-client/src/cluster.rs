@@ -180,14 +180,33 @@ impl ClusterClient {
         ns: &Namespace,
         tokens: &[u32],
     ) -> Result<PrefixLookup, ClientError> {
-        lookup_prefix(ns, tokens, |digest, keys| async move {
-            let keys = &keys;
-            let hit = self
-                .on_any_member(|mut c| async move { c.lookup_keys(&digest, keys).await })
-                .await?;
-            Ok((keys.clone(), hit))
-        })
-        .await
+        lookup_prefix(ns, tokens, async |d, k| self.lookup_keys(d, k).await).await
+    }
+
+    /// How many leading `keys` of `namespace` the cluster holds (asked of one node, which fans
+    /// out to the owners; the next node is tried when one fails). For callers that compute
+    /// keys themselves (e.g. vLLM's own block hashes).
+    pub async fn lookup_keys(
+        &self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<usize, ClientError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.on_any_member(|mut c| async move { c.lookup_keys(namespace, keys).await })
+            .await
+    }
+
+    /// Deletes blocks from every owner (asked of one node, which fans out); returns how many
+    /// copies existed.
+    pub async fn delete_keys(
+        &self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<u32, ClientError> {
+        self.on_any_member(|mut c| async move { c.delete_keys(namespace, keys).await })
+            .await
     }
 
     /// Fetches blocks from their owners directly; `None` for keys no owner has.
@@ -275,17 +294,6 @@ impl ClusterClient {
         blocks: &[B],
     ) -> Result<PutReport, ClientError> {
         self.put_blocks(prefix_items(ns, tokens, blocks, self.opts.codec)?)
-            .await
-    }
-
-    /// Deletes blocks from every owner (asked of one node, which fans out); returns how many
-    /// copies existed.
-    pub async fn delete_keys(
-        &self,
-        namespace: &BlockKey,
-        keys: &[BlockKey],
-    ) -> Result<u32, ClientError> {
-        self.on_any_member(|mut c| async move { c.delete_keys(namespace, keys).await })
             .await
     }
 }

@@ -250,24 +250,19 @@ fn keys_bytes(keys: &[BlockKey]) -> Vec<Bytes> {
     keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
 }
 
-/// The keys of `tokens`' full blocks and how many leading ones `count_hits` finds.
-async fn lookup_prefix<F, Fut>(
+/// The keys of `tokens`' full blocks and how many leading ones `count_hits(namespace digest,
+/// keys)` finds (not asked when the prompt has no full block).
+async fn lookup_prefix(
     ns: &Namespace,
     tokens: &[u32],
-    count_hits: F,
-) -> Result<PrefixLookup, ClientError>
-where
-    F: FnOnce(BlockKey, Vec<BlockKey>) -> Fut,
-    Fut: std::future::Future<Output = Result<(Vec<BlockKey>, usize), ClientError>>,
-{
+    count_hits: impl AsyncFnOnce(&BlockKey, &[BlockKey]) -> Result<usize, ClientError>,
+) -> Result<PrefixLookup, ClientError> {
     let keys = ns.block_keys(tokens)?;
-    if keys.is_empty() {
-        return Ok(PrefixLookup {
-            keys,
-            hit_blocks: 0,
-        });
-    }
-    let (keys, hit_blocks) = count_hits(ns.digest(), keys).await?;
+    let hit_blocks = if keys.is_empty() {
+        0
+    } else {
+        count_hits(&ns.digest(), &keys).await?
+    };
     Ok(PrefixLookup { keys, hit_blocks })
 }
 
@@ -355,11 +350,7 @@ impl KvClient {
         ns: &Namespace,
         tokens: &[u32],
     ) -> Result<PrefixLookup, ClientError> {
-        lookup_prefix(ns, tokens, |digest, keys| async move {
-            let hit = self.lookup_keys(&digest, &keys).await?;
-            Ok((keys, hit))
-        })
-        .await
+        lookup_prefix(ns, tokens, async |d, k| self.lookup_keys(d, k).await).await
     }
 
     async fn lookup_rpc(

@@ -90,6 +90,7 @@ impl clap::ValueEnum for KeyScheme {
             KeyScheme::VllmSha256Cbor(VllmHashParams {
                 python_hash_seed: String::new(),
                 lora_name: None,
+                lora_path: None,
                 cache_salt: None,
                 extra: Vec::new(),
             }),
@@ -128,10 +129,12 @@ pub struct VllmHashParams {
     pub python_hash_seed: String,
     /// LoRA adapter name (`lora_request.lora_name`), mixed into every block.
     pub lora_name: Option<String>,
+    /// LoRA adapter path (`lora_request.lora_path`), part of the LoRA key (`None`: CBOR null).
+    pub lora_path: Option<String>,
     /// Per-request `cache_salt`, mixed into block 0 only.
     pub cache_salt: Option<String>,
-    /// Further extra keys (e.g. multimodal identifiers), appended after the LoRA name on every
-    /// block, before the salt, as vLLM orders them.
+    /// Further extra keys (e.g. multimodal identifiers), appended after the LoRA key on every
+    /// block, before the salt.
     pub extra: Vec<CborValue>,
 }
 
@@ -141,17 +144,21 @@ impl VllmHashParams {
         sha256(&CborValue::Text(self.python_hash_seed.clone()).encode())
     }
 
-    /// The extra keys of block `index`, or `None` when there are none (encoded as CBOR null).
+    /// The extra keys of block `index` (its position in the request), or `None` when there
+    /// are none (encoded as CBOR null). vLLM 0.32 tags them: `("lora", name, path)` on every
+    /// block, then `("cache_salt", salt)` on block 0 only.
     pub fn extra_keys(&self, index: usize) -> Option<Vec<CborValue>> {
+        let text = |s: &str| CborValue::Text(s.to_string());
         let mut keys = Vec::new();
-        if let Some(l) = &self.lora_name {
-            keys.push(CborValue::Text(l.clone()));
+        if let Some(name) = &self.lora_name {
+            let path = self.lora_path.as_deref().map_or(CborValue::Null, text);
+            keys.push(CborValue::Array(vec![text("lora"), text(name), path]));
         }
         keys.extend(self.extra.iter().cloned());
         if index == 0
-            && let Some(s) = self.cache_salt.as_ref().filter(|s| !s.is_empty())
+            && let Some(salt) = self.cache_salt.as_deref().filter(|s| !s.is_empty())
         {
-            keys.push(CborValue::Text(s.clone()));
+            keys.push(CborValue::Array(vec![text("cache_salt"), text(salt)]));
         }
         (!keys.is_empty()).then_some(keys)
     }
@@ -330,20 +337,15 @@ mod tests {
         let p = VllmHashParams {
             python_hash_seed: "0".into(),
             lora_name: Some("adapter".into()),
+            lora_path: None,
             cache_salt: Some("salt".into()),
             extra: vec![],
         };
-        assert_eq!(
-            p.extra_keys(0),
-            Some(vec![
-                CborValue::Text("adapter".into()),
-                CborValue::Text("salt".into())
-            ])
-        );
-        assert_eq!(
-            p.extra_keys(3),
-            Some(vec![CborValue::Text("adapter".into())])
-        );
+        let t = |s: &str| CborValue::Text(s.into());
+        let lora = CborValue::Array(vec![t("lora"), t("adapter"), CborValue::Null]);
+        let salt = CborValue::Array(vec![t("cache_salt"), t("salt")]);
+        assert_eq!(p.extra_keys(0), Some(vec![lora.clone(), salt]));
+        assert_eq!(p.extra_keys(3), Some(vec![lora]));
     }
 
     proptest! {
