@@ -36,6 +36,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,9 @@ _DTYPES: dict[torch.dtype, str] = {
 
 # Loads up to this size reuse one staging buffer; larger ones allocate their own.
 _MAX_CACHED_STAGING = 512 << 20
+
+#: Namespaces kept per connector (least recently used dropped first; rebuilding one is cheap).
+_MAX_CACHED_NAMESPACES = 1024
 
 # Test hook: when set to a directory, the worker writes ``<dir>/loading-<n>`` before fetching
 # the n-th load and waits (up to 60 s) for ``<dir>/resume-<n>``, so a test can kill a node
@@ -343,7 +347,12 @@ class KvshareConnector(KVConnectorBase_V1):
         }
         self._model = str(mc.model)
         self._namespace_salt = str(cfg.get_from_extra_config("namespace_salt", "") or "")
-        self._namespaces: dict[tuple[str | None, str | None, int], kvshare.Namespace] = {}
+        # Namespaces by (LoRA, cache_salt, TP rank); bounded (cache_salt is often per user) and
+        # shared by the engine thread and the push thread.
+        self._namespaces: OrderedDict[tuple[str | None, str | None, int], kvshare.Namespace] = (
+            OrderedDict()
+        )
+        self._namespaces_lock = threading.Lock()
         self._base_ns = self._namespace(NsSpec(), self._tp_rank)
         logger.info(
             "kvshare: %s connector, endpoints %s, keys %s, %s",
@@ -370,7 +379,7 @@ class KvshareConnector(KVConnectorBase_V1):
         self._stats_lock = threading.Lock()
         self._load_count = 0
         self._pusher: _Pusher | None = None
-        if role == KVConnectorRole.WORKER:
+        if role == KVConnectorRole.WORKER and self._do_save:
             self._pusher = _Pusher(
                 self,
                 int(cfg.get_from_extra_config("max_pending_save_bytes", 1 << 30)),
@@ -380,8 +389,11 @@ class KvshareConnector(KVConnectorBase_V1):
 
     def _namespace(self, spec: NsSpec, tp_rank: int) -> kvshare.Namespace:
         k = (spec.lora, spec.salt, tp_rank)
-        ns = self._namespaces.get(k)
-        if ns is None:
+        with self._namespaces_lock:
+            ns = self._namespaces.get(k)
+            if ns is not None:
+                self._namespaces.move_to_end(k)
+                return ns
             salt = self._namespace_salt
             if spec.salt:
                 salt = f"{salt}\x00cache_salt={spec.salt}"
@@ -393,6 +405,8 @@ class KvshareConnector(KVConnectorBase_V1):
                 **self._ns_args,
             )
             self._namespaces[k] = ns
+            while len(self._namespaces) > _MAX_CACHED_NAMESPACES:
+                self._namespaces.popitem(last=False)
         return ns
 
     @staticmethod
@@ -471,7 +485,12 @@ class KvshareConnector(KVConnectorBase_V1):
         n = num_external_tokens // bs
         start = st.lookup_start
         block_ids = list(blocks.get_block_ids()[0])
-        keys = self._request_keys(request, st.ns, start + n)[start:]
+        try:
+            keys = self._request_keys(request, st.ns, start + n)[start:]
+        except Exception as e:  # never into the scheduler: with no keys, the worker reports
+            # every promised block as a load error and vLLM recomputes them.
+            logger.warning("kvshare: preparing the load of %s failed: %s", request.request_id, e)
+            keys = []
         self._pending_loads[request.request_id] = LoadSpec(
             req_id=request.request_id,
             ns=st.ns,
@@ -558,8 +577,12 @@ class KvshareConnector(KVConnectorBase_V1):
     # ==========================================================================================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        caches = [kv_caches[name] for name in self._layer_names]
-        first = caches[0]
+        try:
+            caches = [kv_caches[name] for name in self._layer_names]
+            first = caches[0]
+        except (KeyError, IndexError) as e:
+            logger.error("kvshare: KV cache layer %s not registered; connector disabled", e)
+            return
         if first.shape[0] % self._num_blocks != 0:
             logger.error(
                 "kvshare: KV cache has %d kernel blocks for %d blocks; connector disabled",
@@ -814,7 +837,7 @@ class _Pusher:
             spec, data = item
             try:
                 self._push(spec, data)
-            except Exception as e:
+            except BaseException as e:  # incl. a Rust panic: the thread must keep serving
                 logger.warning(
                     "kvshare: push of %d blocks of request %s failed: %s",
                     len(spec.keys),

@@ -9,10 +9,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kvshare_client::{ClientError, ClientOptions, ClusterClient, KvClient, PutItem, PutStatus};
+use kvshare_client::{ClientError, ClientOptions, ClusterClient, KvClient, encode_blocks};
 use kvshare_core::keys::{chained_block_key, vllm_block_key};
 use kvshare_core::{
-    BlockKey, Codec, CoreError, DType, EncodedBlock, KeyScheme, KvLayout, Namespace, VllmHashParams,
+    BlockKey, Codec, CoreError, DType, KeyScheme, KvLayout, Namespace, VllmHashParams,
 };
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -104,9 +104,10 @@ fn worker_threads() -> usize {
     online_cpus().clamp(1, 8)
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
+/// The extension's tokio runtime, built on first use (a failure to build it is raised).
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    let rt = RT.get_or_init(|| {
         // The codec pool: rayon's global pool, sized to the machine rather than to the
         // (possibly pinned) calling thread. Fails harmlessly if it already exists.
         let _ = rayon::ThreadPoolBuilder::new()
@@ -120,8 +121,10 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .on_thread_start(unpin_thread)
             .enable_all()
             .build()
-            .expect("tokio runtime")
-    })
+            .map_err(|e| format!("cannot start the kvshare runtime: {e}"))
+    });
+    rt.as_ref()
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.clone()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,7 +474,8 @@ fn hash_blocks<'py>(
                     .chunks_exact(block_size)
                     .enumerate()
                     .map(|(i, b)| {
-                        let extra = params.extra_keys(first_block + i);
+                        // Past usize::MAX blocks no index is 0: no salt, as for any later block.
+                        let extra = params.extra_keys(first_block.saturating_add(i));
                         parent = vllm_block_key(&parent, b, extra);
                         parent
                     })
@@ -585,12 +589,19 @@ fn parse_endpoints(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     Ok(list)
 }
 
+/// Checks that a buffer of `len` bytes holds exactly `nkeys` blocks of `block_bytes`; returns
+/// the block size.
 fn check_blocks(what: &str, len: usize, nkeys: usize, block_bytes: u64) -> PyResult<usize> {
-    let bb = block_bytes as usize;
-    if len != nkeys * bb {
+    let too_large = || {
+        PyValueError::new_err(format!(
+            "{nkeys} blocks of {block_bytes} bytes do not fit in memory"
+        ))
+    };
+    let bb = usize::try_from(block_bytes).map_err(|_| too_large())?;
+    let need = nkeys.checked_mul(bb).ok_or_else(too_large)?;
+    if len != need {
         return Err(PyValueError::new_err(format!(
-            "{what} has {len} bytes but {nkeys} blocks of {bb} bytes need {}",
-            nkeys * bb
+            "{what} has {len} bytes but {nkeys} blocks of {bb} bytes need {need}"
         )));
     }
     Ok(bb)
@@ -617,8 +628,9 @@ impl PyClient {
             ..ClientOptions::default()
         };
         let (eps, o) = (endpoints.clone(), opts.clone());
+        let rt = runtime()?;
         let inner = py
-            .allow_threads(move || runtime().block_on(ClusterClient::connect(&eps, o)))
+            .allow_threads(move || rt.block_on(ClusterClient::connect(&eps, o)))
             .map_err(|e| client_err(py, e))?;
         Ok(PyClient {
             inner: Arc::new(inner),
@@ -652,8 +664,8 @@ impl PyClient {
         if keys.is_empty() {
             return Ok(0);
         }
-        let c = self.inner.clone();
-        py.allow_threads(move || runtime().block_on(c.lookup_keys(&digest, &keys)))
+        let (c, rt) = (self.inner.clone(), runtime()?);
+        py.allow_threads(move || rt.block_on(c.lookup_keys(&digest, &keys)))
             .map_err(|e| client_err(py, e))
     }
 
@@ -688,33 +700,19 @@ impl PyClient {
                 wire_bytes: 0,
             });
         }
-        let (c, codec) = (self.inner.clone(), self.codec);
+        let (c, codec, rt) = (self.inner.clone(), self.codec, runtime()?);
         let res = py.allow_threads(|| {
-            let rt = runtime();
-            let digest = ns.digest();
-            let items = buf
-                .bytes()
-                .par_chunks(bb)
-                .enumerate()
-                .map(|(i, raw)| {
-                    let block = EncodedBlock::encode(digest, ns.layout, codec, raw)?;
-                    Ok(PutItem {
-                        key: keys[i],
-                        parent: if i == 0 { parent } else { Some(keys[i - 1]) },
-                        block,
-                    })
-                })
-                .collect::<Result<Vec<_>, CoreError>>()?;
+            let raws: Vec<&[u8]> = buf.bytes().chunks(bb).collect();
+            let mut items = encode_blocks(&ns, &keys, 0, &raws, codec, worker_threads())?;
+            if let Some(first) = items.first_mut() {
+                first.parent = parent;
+            }
             rt.block_on(c.put_blocks(items))
         });
         drop(buf);
         let rep = res.map_err(|e| client_err(py, e))?;
         Ok(PutResult {
-            stored: rep
-                .outcomes
-                .iter()
-                .filter(|o| o.status == PutStatus::Stored)
-                .count(),
+            stored: rep.stored(),
             already_present: rep.already_present(),
             raw_bytes: rep.raw_bytes,
             wire_bytes: rep.wire_bytes,
@@ -749,10 +747,17 @@ impl PyClient {
                 errors: vec![],
             });
         }
-        let c = self.inner.clone();
+        let (c, rt) = (self.inner.clone(), runtime()?);
         let res = py.allow_threads(|| {
             let digest = ns.digest();
-            let blocks = runtime().block_on(c.get_blocks(&digest, &keys))?;
+            let blocks = rt.block_on(c.get_blocks(&digest, &keys))?;
+            if blocks.len() != keys.len() {
+                return Err(ClientError::Protocol(format!(
+                    "{} blocks answered for {} keys",
+                    blocks.len(),
+                    keys.len()
+                )));
+            }
             let wire: u64 = blocks
                 .iter()
                 .flatten()
@@ -840,16 +845,17 @@ impl PyClient {
             return Ok(0);
         }
         let c = self.inner.clone();
-        py.allow_threads(move || runtime().block_on(c.delete_keys(&digest, &keys)))
+        let rt = runtime()?;
+        py.allow_threads(move || rt.block_on(c.delete_keys(&digest, &keys)))
             .map_err(|e| client_err(py, e))
     }
 
     /// Counters and gauges of every healthy member (one dict per node, as the `Stats` RPC
     /// returns them; `namespaces` lists per-namespace usage: digest, blocks, bytes, hits).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let (eps, opts) = (self.endpoints.clone(), self.opts.clone());
+        let (eps, opts, rt) = (self.endpoints.clone(), self.opts.clone(), runtime()?);
         let all = py
-            .allow_threads(move || runtime().block_on(member_stats(eps, opts)))
+            .allow_threads(move || rt.block_on(member_stats(eps, opts)))
             .map_err(|e| client_err(py, e))?;
         let out = PyList::empty(py);
         for s in all {
@@ -953,15 +959,7 @@ fn checksum(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<u64> {
 /// Codec names accepted by `Client(codec=...)`.
 #[pyfunction]
 fn codecs() -> Vec<&'static str> {
-    [
-        Codec::None,
-        Codec::Lz4,
-        Codec::BytePlaneLz4,
-        Codec::BytePlaneZstd,
-    ]
-    .iter()
-    .map(|c| c.name())
-    .collect()
+    Codec::ALL.iter().map(|c| c.name()).collect()
 }
 
 /// The kvshare native extension.
