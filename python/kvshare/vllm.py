@@ -80,6 +80,10 @@ _DTYPES: dict[torch.dtype, str] = {
 # Loads up to this size reuse one staging buffer; larger ones allocate their own.
 _MAX_CACHED_STAGING = 512 << 20
 
+#: Status codes (None: no status, e.g. no member reachable) after which the tier is skipped
+#: for a while instead of every request waiting for its timeout.
+_TIER_DOWN_CODES = (None, "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
 #: Namespaces kept per connector (least recently used dropped first; rebuilding one is cheap).
 _MAX_CACHED_NAMESPACES = 1024
 
@@ -233,6 +237,26 @@ class _LazyClient:
                     )
                     self._logged_down = True
             return self._client
+
+    def mark_down(self, error: BaseException) -> None:
+        """Called when a call failed. When no member answered (``UNAVAILABLE``,
+        ``DEADLINE_EXCEEDED``, or no status at all), drop the client and skip the tier for
+        ``interval_s``: later requests then miss at once instead of each waiting for the
+        timeout on every member."""
+        if not isinstance(error, kvshare.KvshareError) or error.code not in _TIER_DOWN_CODES:
+            return
+        with self._lock:
+            if self._client is None:
+                return
+            self._client = None
+            self._next_try = time.monotonic() + self.interval_s
+            self._logged_down = True
+        logger.warning(
+            "kvshare: tier %s did not answer (%s); skipping it for %.0f s",
+            self.endpoints,
+            error,
+            self.interval_s,
+        )
 
 
 def _layout_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> dict[str, Any]:
@@ -435,6 +459,7 @@ class KvshareConnector(KVConnectorBase_V1):
             return self._matched_tokens(request, num_computed_tokens), False
         except Exception as e:  # never fail the scheduler
             logger.warning("kvshare: lookup for request %s failed: %s", request.request_id, e)
+            self._client.mark_down(e)
             return 0, False
 
     def _matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
@@ -651,6 +676,7 @@ class KvshareConnector(KVConnectorBase_V1):
                 self._load_errors.update(spec.block_ids)
                 self._failed_loads.add(spec.req_id)
                 self._add_stats(load_error_blocks=len(spec.block_ids))
+                self._client.mark_down(e)
 
     def _load(self, spec: LoadSpec) -> None:
         n = len(spec.keys)
