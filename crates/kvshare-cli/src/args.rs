@@ -20,15 +20,15 @@ pub struct SchemeArgs {
     /// vLLM scheme: LoRA adapter name (mixed into every block).
     #[arg(long)]
     pub lora_name: Option<String>,
-    /// vLLM scheme: LoRA adapter path (part of the LoRA key with the name).
-    #[arg(long, requires = "lora_name")]
-    pub lora_path: Option<String>,
     /// vLLM scheme: request cache_salt (mixed into block 0).
     #[arg(long)]
     pub cache_salt: Option<String>,
     /// vLLM scheme: further extra keys (strings), appended after the LoRA key on every block.
     #[arg(long = "extra-key")]
     pub extra_keys: Vec<String>,
+    /// vLLM scheme: LoRA adapter path (part of the LoRA key with the name).
+    #[arg(long, requires = "lora_name")]
+    pub lora_path: Option<String>,
 }
 
 impl SchemeArgs {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use kvshare_client::{ClientError, ClientOptions, ClusterClient, KvClient, encode_blocks};
 use kvshare_core::keys::{chained_block_key, vllm_block_key};
 use kvshare_core::{
-    BlockKey, Codec, CoreError, DType, KeyScheme, KvLayout, Namespace, VllmHashParams,
+    BlockKey, Codec, CoreError, DType, EncodedBlock, KeyScheme, KvLayout, Namespace, VllmHashParams,
 };
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -607,6 +607,47 @@ fn check_blocks(what: &str, len: usize, nkeys: usize, block_bytes: u64) -> PyRes
     Ok(bb)
 }
 
+/// Checks a fetched block against the namespace and decodes it into `slot`: `(GET_OK, None)`,
+/// or `GET_MISSING`/`GET_CORRUPT` with the reason. Blocks stored without a codec are verified
+/// in place and copied once.
+fn decode_into_slot(
+    i: usize,
+    key: &BlockKey,
+    block: Option<EncodedBlock>,
+    digest: &BlockKey,
+    ns: &Namespace,
+    slot: &mut [u8],
+) -> (u8, Option<String>) {
+    let key = &key.to_hex()[..16];
+    let corrupt = |why: String| (GET_CORRUPT, Some(format!("block {i} ({key}): {why}")));
+    let Some(b) = block else {
+        return (GET_MISSING, Some(format!("block {i} ({key}): missing")));
+    };
+    if b.header.namespace != *digest || b.header.layout != ns.layout {
+        return corrupt("header names another namespace or layout".into());
+    }
+    let decoded: Vec<u8>;
+    let raw: &[u8] = if b.header.codec == Codec::None {
+        if let Err(e) = b.verify() {
+            return corrupt(e.to_string());
+        }
+        &b.payload
+    } else {
+        match b.decode() {
+            Ok(v) => {
+                decoded = v;
+                &decoded
+            }
+            Err(e) => return corrupt(e.to_string()),
+        }
+    };
+    if raw.len() != slot.len() {
+        return corrupt(format!("{} raw bytes, expected {}", raw.len(), slot.len()));
+    }
+    slot.copy_from_slice(raw);
+    (GET_OK, None)
+}
+
 #[pymethods]
 impl PyClient {
     #[new]
@@ -768,53 +809,7 @@ impl PyClient {
                 .par_chunks_mut(bb)
                 .zip(blocks.into_par_iter())
                 .enumerate()
-                .map(|(i, (slot, b))| {
-                    let key = &keys[i].to_hex()[..16];
-                    let Some(b) = b else {
-                        return (GET_MISSING, Some(format!("block {i} ({key}): missing")));
-                    };
-                    if b.header.namespace != digest || b.header.layout != ns.layout {
-                        return (
-                            GET_CORRUPT,
-                            Some(format!(
-                                "block {i} ({key}): header names another namespace or layout"
-                            )),
-                        );
-                    }
-                    if b.header.codec == Codec::None {
-                        // Verify in place and copy once (no intermediate buffer).
-                        return match b.verify() {
-                            Ok(()) if b.payload.len() == slot.len() => {
-                                slot.copy_from_slice(&b.payload);
-                                (GET_OK, None)
-                            }
-                            Ok(()) => (
-                                GET_CORRUPT,
-                                Some(format!(
-                                    "block {i} ({key}): {} raw bytes, expected {}",
-                                    b.payload.len(),
-                                    slot.len()
-                                )),
-                            ),
-                            Err(e) => (GET_CORRUPT, Some(format!("block {i} ({key}): {e}"))),
-                        };
-                    }
-                    match b.decode() {
-                        Ok(raw) if raw.len() == slot.len() => {
-                            slot.copy_from_slice(&raw);
-                            (GET_OK, None)
-                        }
-                        Ok(raw) => (
-                            GET_CORRUPT,
-                            Some(format!(
-                                "block {i} ({key}): {} raw bytes, expected {}",
-                                raw.len(),
-                                slot.len()
-                            )),
-                        ),
-                        Err(e) => (GET_CORRUPT, Some(format!("block {i} ({key}): {e}"))),
-                    }
-                })
+                .map(|(i, (slot, b))| decode_into_slot(i, &keys[i], b, &digest, &ns, slot))
                 .collect();
             Ok::<_, ClientError>((results, wire))
         });
