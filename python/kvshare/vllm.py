@@ -69,12 +69,19 @@ logger = init_logger("vllm.kvshare")
 #: backend stores it. Part of every namespace.
 BLOCK_FORMAT = "vllm-paged-v1"
 
+# Byte-sized KV formats (fp8 variants, int8) all travel as "u8"; which one it is goes into the
+# namespace revision (torch dtype and vLLM's cache_dtype), so they never share blocks.
 _DTYPES: dict[torch.dtype, str] = {
     torch.bfloat16: "bf16",
     torch.float16: "f16",
     torch.float32: "f32",
     torch.uint8: "u8",
     torch.int8: "u8",
+    **{
+        d: "u8"
+        for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2"))
+        if d is not None
+    },
 }
 
 # Loads up to this size reuse one staging buffer; larger ones allocate their own.
@@ -358,7 +365,8 @@ class KvshareConnector(KVConnectorBase_V1):
         self._do_save = bool(cfg.is_kv_producer)
         self._use_vllm_hashes = cache.prefix_caching_hash_algo == "sha256_cbor"
         backend = _attention_backend_name(vllm_config)
-        revision = f"{mc.revision or ''}|{BLOCK_FORMAT}|{backend}"
+        kv_format = f"{layout['torch_dtype']}/{cache.cache_dtype}"
+        revision = f"{mc.revision or ''}|{BLOCK_FORMAT}|{backend}|{kv_format}"
         self._ns_args: dict[str, Any] = {
             "num_layers": len(self._layer_names),
             "num_kv_heads": layout["num_kv_heads"],
