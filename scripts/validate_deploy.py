@@ -489,7 +489,7 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
         r.check("memory request = limit", parse_quantity(req_mem) == parse_quantity(lim_mem),
                 f"request {req_mem} != limit {lim_mem}")
         cap_s = flag_vals.get("capacity") or env.get("KVSHARE_CAPACITY")
-        infl_s = flag_vals.get("max-inflight-put") or env.get("KVSHARE_MAX_INFLIGHT_PUT") or "512MiB"
+        infl_s = flag_vals.get("buffer-budget") or env.get("KVSHARE_BUFFER_BUDGET") or "512MiB"
         if r.check("capacity configured", isinstance(cap_s, str), "no --capacity / KVSHARE_CAPACITY (default is 1GiB)"):
             cap = parse_kvshare_size(cap_s)
             infl = parse_kvshare_size(infl_s)

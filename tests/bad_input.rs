@@ -323,12 +323,12 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_wait_for_inflight_room_and_then_fail_cleanly() {
-    // 1 MiB of in-flight budget, 100 ms wait: a 600 KiB block fits, two concurrent ones
+async fn uploads_wait_for_budget_room_and_then_fail_cleanly() {
+    // 1 MiB of buffer budget, 100 ms wait: a 600 KiB block fits, two concurrent ones
     // cannot both be buffered; an upload that never finishes must not hold the budget forever.
     let node = start_node(64 << 20, |c| {
-        c.max_inflight_put = 1 << 20;
-        c.put_wait_ms = 100;
+        c.buffer_budget = 1 << 20;
+        c.budget_wait_ms = 100;
     })
     .await;
     let layout = minilm_layout(DType::BF16, 16);
@@ -346,7 +346,7 @@ async fn uploads_wait_for_inflight_room_and_then_fail_cleanly() {
             .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // Each block reserves payload + raw (~288 KiB); several in parallel exceed 1 MiB.
+    // Each block charges its payload as it arrives (~288 KiB); several in parallel exceed 1 MiB.
     let mut tasks = Vec::new();
     for i in 0..6u8 {
         let mut c = c.clone();

@@ -111,7 +111,7 @@ impl Node {
             "--log-level",
             "warn",
         ])
-        .args(["--max-inflight-put", "2GiB"])
+        .args(["--buffer-budget", "2GiB"])
         .args(extra);
         Ok(Node {
             server: Server::start(cmd, grpc, "kvshared").await?,

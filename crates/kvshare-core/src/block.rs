@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use kvshare_proto::v1 as pb;
 
-use crate::codec::{Codec, checksum};
+use crate::codec::{Codec, checksum, max_encoded_len};
 use crate::error::CoreError;
 use crate::keys::BlockKey;
 use crate::layout::KvLayout;
@@ -57,6 +57,14 @@ impl BlockHeader {
             return Err(CoreError::InvalidHeader(
                 "header.payload_len must be > 0".into(),
             ));
+        }
+        if p.payload_len > max_encoded_len(p.raw_len) {
+            return Err(CoreError::InvalidHeader(format!(
+                "header.payload_len {} is larger than any codec produces for raw_len {} (at most {})",
+                p.payload_len,
+                p.raw_len,
+                max_encoded_len(p.raw_len)
+            )));
         }
         Ok(BlockHeader {
             namespace,

@@ -132,6 +132,12 @@ impl fmt::Display for Codec {
     }
 }
 
+/// Upper bound on an encoded payload's size given its raw size: no codec expands beyond this
+/// (saturating, so a hostile raw size cannot overflow it).
+pub fn max_encoded_len(raw_len: u64) -> u64 {
+    raw_len.saturating_add(raw_len / 255).saturating_add(128)
+}
+
 /// xxh3-64 checksum of raw block bytes.
 pub fn checksum(raw: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(raw)

@@ -100,38 +100,55 @@ pub struct KvLayout {
 /// Upper bound on a layout's raw block size (1 GiB), so products cannot overflow or mislead.
 pub const MAX_LAYOUT_BLOCK_BYTES: u64 = 1 << 30;
 
+/// Most transformer layers a layout may have (the largest models have a few hundred).
+pub const MAX_LAYERS: u32 = 4_096;
+/// Most KV heads per layer (per tensor-parallel rank) a layout may have.
+pub const MAX_KV_HEADS: u32 = 4_096;
+/// Most elements per head a layout may have (MLA latents are 576; 65,536 leaves room for
+/// layouts that fold heads into one row).
+pub const MAX_HEAD_DIM: u32 = 65_536;
+/// Most tokens per block a layout may have (engines use 16 to 256; LMCache chunks are 256).
+pub const MAX_TOKENS_PER_BLOCK: u32 = 65_536;
+
 impl KvLayout {
-    /// Raw bytes of one block of this layout.
+    /// Raw bytes of one block of this layout; `u64::MAX` when the product overflows (which
+    /// [`KvLayout::validate`] rejects, so a validated layout never saturates).
     pub fn block_bytes(&self) -> u64 {
-        u64::from(self.num_layers)
-            * 2
-            * u64::from(self.tokens_per_block)
-            * u64::from(self.num_kv_heads)
-            * u64::from(self.head_dim)
-            * self.dtype.size() as u64
+        self.token_bytes()
+            .saturating_mul(u64::from(self.tokens_per_block))
     }
 
-    /// Raw bytes of one token across all layers (K and V).
+    /// Raw bytes of one token across all layers (K and V); `u64::MAX` when the product
+    /// overflows.
     pub fn token_bytes(&self) -> u64 {
-        u64::from(self.num_layers)
-            * 2
-            * u64::from(self.num_kv_heads)
-            * u64::from(self.head_dim)
-            * self.dtype.size() as u64
+        [
+            2,
+            u64::from(self.num_kv_heads),
+            u64::from(self.head_dim),
+            self.dtype.size() as u64,
+        ]
+        .into_iter()
+        .fold(u64::from(self.num_layers), u64::saturating_mul)
     }
 
-    /// Checks that every dimension is non-zero and the block size is sane.
+    /// Checks that every dimension is between 1 and its limit (`MAX_LAYERS`, `MAX_KV_HEADS`,
+    /// `MAX_HEAD_DIM`, `MAX_TOKENS_PER_BLOCK`) and the block is at most
+    /// [`MAX_LAYOUT_BLOCK_BYTES`].
     pub fn validate(&self) -> Result<(), CoreError> {
         let dims = [
-            ("num_layers", self.num_layers),
-            ("num_kv_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("tokens_per_block", self.tokens_per_block),
+            ("num_layers", self.num_layers, MAX_LAYERS),
+            ("num_kv_heads", self.num_kv_heads, MAX_KV_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            (
+                "tokens_per_block",
+                self.tokens_per_block,
+                MAX_TOKENS_PER_BLOCK,
+            ),
         ];
-        for (name, v) in dims {
-            if v == 0 {
+        for (name, v, max) in dims {
+            if v == 0 || v > max {
                 return Err(CoreError::InvalidLayout(format!(
-                    "layout.{name} must be > 0"
+                    "layout.{name} is {v}; it must be between 1 and {max}"
                 )));
             }
         }
@@ -187,6 +204,59 @@ mod tests {
         assert_eq!(l.token_bytes(), 9_216);
         assert!(l.validate().is_ok());
         assert_eq!(KvLayout::from_proto(&l.to_proto()).ok(), Some(l));
+    }
+
+    #[test]
+    fn overflowing_and_oversized_layouts_are_rejected() {
+        // The dims multiply to 2^64 + 8192: unchecked, that wraps to 8192.
+        let wraps = KvLayout {
+            num_layers: 87_382,
+            num_kv_heads: 45_712,
+            head_dim: 44_208,
+            dtype: DType::U8,
+            tokens_per_block: 52_232,
+        };
+        assert_eq!(wraps.block_bytes(), u64::MAX);
+        let err = wraps.validate().err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("num_layers is 87382")));
+        let huge = KvLayout {
+            num_layers: 1 << 31,
+            num_kv_heads: 2,
+            head_dim: 1,
+            dtype: DType::U8,
+            tokens_per_block: 1 << 31,
+        };
+        assert!(huge.validate().is_err());
+        let at_limits = KvLayout {
+            num_layers: MAX_LAYERS,
+            num_kv_heads: MAX_KV_HEADS,
+            head_dim: MAX_HEAD_DIM,
+            dtype: DType::F32,
+            tokens_per_block: MAX_TOKENS_PER_BLOCK,
+        };
+        assert_eq!(at_limits.block_bytes(), 1 << 59);
+        let err = at_limits.validate().err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("byte maximum")));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn block_bytes_is_the_exact_product_or_saturates(
+            l in 0u32.., h in 0u32.., d in 0u32.., t in 0u32..,
+        ) {
+            let layout = KvLayout {
+                num_layers: l, num_kv_heads: h, head_dim: d, dtype: DType::BF16, tokens_per_block: t,
+            };
+            let exact = [2, u128::from(h), u128::from(d), 2, u128::from(t)]
+                .into_iter()
+                .try_fold(u128::from(l), u128::checked_mul)
+                .unwrap_or(u128::MAX);
+            let expected = u64::try_from(exact).unwrap_or(u64::MAX);
+            proptest::prop_assert_eq!(layout.block_bytes(), expected);
+            if layout.validate().is_ok() {
+                proptest::prop_assert!(exact <= u128::from(MAX_LAYOUT_BLOCK_BYTES) && exact > 0);
+            }
+        }
     }
 
     #[test]

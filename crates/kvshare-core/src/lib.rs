@@ -26,7 +26,7 @@ pub mod store;
 pub mod wire;
 
 pub use block::{BlockHeader, EncodedBlock};
-pub use codec::{Codec, checksum};
+pub use codec::{Codec, checksum, max_encoded_len};
 pub use error::CoreError;
 pub use keys::{BlockKey, KEY_LEN, KeyScheme, VllmHashParams};
 pub use layout::{DType, KvLayout};

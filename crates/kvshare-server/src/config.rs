@@ -47,14 +47,48 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_MAX_BLOCK_SIZE", default_value = "64MiB", value_parser = size_arg)]
     pub max_block_size: u64,
 
-    /// Upper bound on bytes buffered by uploads still in flight (not yet stored). Uploads wait
-    /// for room, then fail with RESOURCE_EXHAUSTED after --put-wait-ms.
-    #[arg(long, env = "KVSHARE_MAX_INFLIGHT_PUT", default_value = "512MiB", value_parser = size_arg)]
-    pub max_inflight_put: u64,
+    /// Memory budget for buffered bytes: uploads still arriving (charged as bytes arrive), the
+    /// decode buffers that verify them, blocks fetched from peers for forwarded Gets, and Get
+    /// responses on their way out. A request that finds it full waits up to --budget-wait-ms,
+    /// then fails with RESOURCE_EXHAUSTED. RSS stays within capacity + this + a fixed overhead.
+    #[arg(long, alias = "max-inflight-put", env = "KVSHARE_BUFFER_BUDGET", default_value = "512MiB", value_parser = size_arg)]
+    pub buffer_budget: u64,
 
-    /// How long an upload waits for in-flight room before it is refused (milliseconds).
-    #[arg(long, env = "KVSHARE_PUT_WAIT_MS", default_value_t = 5_000)]
-    pub put_wait_ms: u64,
+    /// How long a request waits for room in --buffer-budget before RESOURCE_EXHAUSTED (ms).
+    #[arg(
+        long,
+        alias = "put-wait-ms",
+        env = "KVSHARE_BUDGET_WAIT_MS",
+        default_value_t = 5_000
+    )]
+    pub budget_wait_ms: u64,
+
+    /// An upload that delivers no bytes for this long fails with DEADLINE_EXCEEDED and frees
+    /// its buffers (milliseconds).
+    #[arg(long, env = "KVSHARE_PUT_IDLE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub put_idle_timeout_ms: u64,
+
+    /// Slowest accepted upload rate, bytes per second: a block must arrive within
+    /// --put-idle-timeout-ms + its size / this rate, e.g. 64KiB.
+    #[arg(long, env = "KVSHARE_PUT_MIN_RATE", default_value = "64KiB", value_parser = size_arg)]
+    pub put_min_rate: u64,
+
+    /// A connection that has not sent the HTTP/2 preface and SETTINGS within this long is
+    /// closed (milliseconds).
+    #[arg(long, env = "KVSHARE_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub handshake_timeout_ms: u64,
+
+    /// Most open gRPC connections; more are closed as they arrive.
+    #[arg(long, env = "KVSHARE_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+
+    /// Most concurrent requests (HTTP/2 streams) on one gRPC connection.
+    #[arg(
+        long,
+        env = "KVSHARE_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    pub max_streams_per_connection: u32,
 
     /// Largest chunk of a block in one Get response message, e.g. 1MiB.
     #[arg(long, env = "KVSHARE_GET_CHUNK_SIZE", default_value = "1MiB", value_parser = size_arg)]

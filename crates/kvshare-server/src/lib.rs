@@ -13,8 +13,11 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod cluster;
 pub mod config;
+pub mod conn;
+pub mod get;
 pub mod http;
 pub mod metrics;
 pub mod put;
@@ -35,11 +38,11 @@ use kvshare_proto::transport::{
 };
 use kvshare_proto::v1::kv_cache_server::KvCacheServer;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::ServerConfig;
 pub use service::KvCacheService;
@@ -185,7 +188,6 @@ fn node_state(
     addrs: Advertised,
     cluster: Arc<cluster::Cluster>,
 ) -> NodeState {
-    let inflight_kib = (config.max_inflight_put / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
     NodeState {
         node_id,
         store: BlockStore::new(config.capacity),
@@ -197,13 +199,16 @@ fn node_state(
                 .clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64)
                 as usize,
             max_keys: config.max_keys.max(1),
-            put_wait: Duration::from_millis(config.put_wait_ms),
-            inflight_kib,
+            put_idle_timeout: Duration::from_millis(config.put_idle_timeout_ms.max(1)),
+            put_min_rate: config.put_min_rate.max(1),
         },
         grpc_addr: addrs.grpc,
         http_addr: addrs.http,
         started: Instant::now(),
-        inflight: Arc::new(Semaphore::new(inflight_kib as usize)),
+        budget: budget::MemoryBudget::new(
+            config.buffer_budget,
+            Duration::from_millis(config.budget_wait_ms),
+        ),
         cluster,
     }
 }
@@ -214,10 +219,17 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// Interval of HTTP/2 pings on an idle gRPC connection (a peer that stopped answering is
+/// dropped, with its streams and buffers).
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Serves gRPC (KvCache, health, reflection v1 and v1alpha) on `listener` until `shutdown`.
 async fn spawn_grpc(
     listener: TcpListener,
     state: Arc<NodeState>,
+    config: &ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -239,14 +251,33 @@ async fn spawn_grpc(
     // Small messages (lookups, headers) must not wait for Nagle's algorithm and delayed ACKs
     // (40 ms stalls): disable it on every accepted connection. (The builder's tcp_nodelay only
     // applies to listeners tonic binds itself.)
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(s) = &conn {
+    let limit = conn::ConnectionLimit::new(
+        config.max_connections,
+        Duration::from_millis(config.handshake_timeout_ms.max(1)),
+    );
+    let max_connections = config.max_connections;
+    let incoming = TcpListenerStream::new(listener).filter_map(move |conn| match conn {
+        Ok(s) => {
             let _ = s.set_nodelay(true);
+            let admitted = limit.admit(s).map(Ok);
+            if admitted.is_none() {
+                warn!(
+                    max = max_connections,
+                    "connection refused: --max-connections reached"
+                );
+            }
+            admitted
         }
-        conn
+        Err(e) => Some(Err(e)),
     });
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .layer(tower::util::MapResponseLayer::new(
+            conn::message_too_large_is_exhausted,
+        ))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
@@ -304,7 +335,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
-    let grpc_task = spawn_grpc(grpc_listener, state.clone(), shutdown_rx.clone()).await?;
+    let grpc_task = spawn_grpc(grpc_listener, state.clone(), &config, shutdown_rx.clone()).await?;
     tokio::spawn(cluster.run(shutdown_rx.clone()));
     let http_state = http::HttpState {
         node: state.clone(),

@@ -4,25 +4,30 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kvshare_core::placement::{ReplicaTally, ReplicaVerdict};
-use kvshare_core::{BlockHeader, BlockKey, BlockStore, EncodedBlock};
+use kvshare_core::{BlockHeader, BlockKey, BlockStore, EncodedBlock, max_encoded_len};
+use kvshare_proto::transport::MAX_MESSAGE_BYTES;
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
-use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::budget::Charge;
 use crate::cluster::{Target, View};
 use crate::metrics::{PutOutcome, ResultLabels};
 use crate::rejection::{Rejection, is_unreachable};
-use crate::request::{key_prefix, max_payload_for};
+use crate::request::key_prefix;
 use crate::routing::{self, Forward, ForwardResult};
-use crate::state::{NodeState, Scope};
+use crate::state::{Limits, NodeState, Scope};
 
 /// Verified blocks waiting to be sent to a remote owner are flushed past this many bytes.
 const FLUSH_BYTES: u64 = 16 << 20;
+
+/// Budget charged ahead of an upload's arriving bytes, at most this much at a time.
+const CHARGE_STEP: u64 = 256 << 10;
 
 /// A block whose chunks are arriving.
 struct PendingBlock {
@@ -33,26 +38,40 @@ struct PendingBlock {
     header: Option<BlockHeader>,
     /// Payload bytes the block announced.
     payload_len: u64,
-    chunks: Vec<Bytes>,
+    /// The payload so far. Its capacity is reserved up front but only the pages written are
+    /// resident, and only the bytes received are charged to the budget; each chunk is copied
+    /// in and released, so neither small chunks nor their HTTP/2 receive buffers pile up.
+    buf: BytesMut,
     received: u64,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Budget held for `buf` (covers at least `received` bytes).
+    charge: Charge,
+    /// When the block must be complete (the idle allowance plus its size at the slowest
+    /// accepted rate).
+    deadline: Instant,
 }
 
 impl PendingBlock {
-    /// The payload as one exact-size buffer. A received chunk is a slice of a larger HTTP/2
-    /// receive buffer, and keeping that slice would pin the whole buffer for the block's
-    /// lifetime (measured: RSS 1.74x stored bytes at capacity with 256 KiB blocks, against 1.0x
-    /// with the copy).
-    fn payload(&self) -> Bytes {
-        if let [one] = self.chunks.as_slice() {
-            return Bytes::copy_from_slice(one);
-        }
-        let mut b = BytesMut::with_capacity(self.received as usize);
-        for c in &self.chunks {
-            b.extend_from_slice(c);
-        }
-        b.freeze()
+    /// Why the block is overdue at `now`, if it is.
+    fn overdue(&self, limits: &Limits) -> Rejection {
+        Rejection::new(
+            Code::DeadlineExceeded,
+            format!(
+                "block {} (key {}) arrived too slowly: {} of {} payload bytes in {:?}; this node accepts uploads of at least {} bytes/s after {:?} (--put-min-rate, --put-idle-timeout-ms)",
+                self.index,
+                key_prefix(&self.key),
+                self.received,
+                self.payload_len,
+                limits.put_idle_timeout + rate_allowance(self.payload_len, limits.put_min_rate),
+                limits.put_min_rate,
+                limits.put_idle_timeout
+            ),
+        )
     }
+}
+
+/// How long `bytes` take at `rate` bytes per second.
+fn rate_allowance(bytes: u64, rate: u64) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64)
 }
 
 /// One Put call: the blocks seen so far, their outcomes, and the copies bound for other owners.
@@ -95,16 +114,13 @@ impl<'a> PutSession<'a> {
         mut stream: Streaming<pb::PutRequest>,
     ) -> Result<pb::PutResponse, Status> {
         let mut stream_error = loop {
-            let msg = match stream.message().await {
+            let msg = match self.next_message(&mut stream).await {
                 Ok(Some(m)) => m,
                 Ok(None) => break None,
-                Err(s) => {
-                    warn!(status = %s, "put stream broke; a partial block was discarded");
+                Err(r) => {
+                    warn!(code = ?r.code, reason = %r.message, "put stream ended; a partial block was discarded");
                     self.pending = None;
-                    break Some(Status::new(
-                        s.code(),
-                        format!("upload stream failed: {}", s.message()),
-                    ));
+                    break Some(r.into_status());
                 }
             };
             if let Err(s) = self.on_chunk(msg).await {
@@ -130,6 +146,41 @@ impl<'a> PutSession<'a> {
         self.into_response(stream_error)
     }
 
+    /// The next message, within the idle timeout and the pending block's deadline.
+    async fn next_message(
+        &self,
+        stream: &mut Streaming<pb::PutRequest>,
+    ) -> Result<Option<pb::PutRequest>, Rejection> {
+        let limits = &self.state.limits;
+        let idle_until = Instant::now() + limits.put_idle_timeout;
+        let until = self
+            .pending
+            .as_ref()
+            .map_or(idle_until, |p| p.deadline.min(idle_until));
+        match tokio::time::timeout_at(until.into(), stream.message()).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(s)) if s.code() == Code::OutOfRange => Err(Rejection::exhausted(format!(
+                "upload stream failed: {}; send blocks in chunks of at most {} bytes",
+                s.message(),
+                MAX_MESSAGE_BYTES - (1 << 20)
+            ))),
+            Ok(Err(s)) => Err(Rejection::new(
+                s.code(),
+                format!("upload stream failed: {}", s.message()),
+            )),
+            Err(_) => Err(match &self.pending {
+                Some(p) if Instant::now() >= p.deadline => p.overdue(limits),
+                _ => Rejection::new(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "upload stalled: no message for {:?} (--put-idle-timeout-ms); its buffers were freed",
+                        limits.put_idle_timeout
+                    ),
+                ),
+            }),
+        }
+    }
+
     /// One message of the stream. An error ends the stream (the rest is unreadable).
     async fn on_chunk(&mut self, msg: pb::PutRequest) -> Result<(), Status> {
         let key = BlockKey::from_slice(&msg.key).map_err(|_| {
@@ -153,7 +204,7 @@ impl<'a> PutSession<'a> {
                     key_prefix(&key)
                 )));
             }
-            None => self.begin_block(key, &msg).await?,
+            None => self.begin_block(key, &msg)?,
         };
         let n = msg.data.len() as u64;
         if p.received.saturating_add(n) > p.payload_len {
@@ -164,13 +215,17 @@ impl<'a> PutSession<'a> {
                 p.payload_len
             )));
         }
-        p.received += n;
-        if p.header.is_some() {
-            self.state.metrics.received_bytes.inc_by(n);
-            if n > 0 {
-                p.chunks.push(msg.data);
-            }
+        if p.header.is_some()
+            && let Err(r) = self.buffer(&mut p, &msg.data).await
+        {
+            // No room: the block is refused and the rest of its chunks are dropped.
+            self.state.count_put(PutOutcome::rejected);
+            self.reject(p.index, &p.key, r);
+            p.header = None;
+            p.buf = BytesMut::new();
+            p.charge = Charge::default();
         }
+        p.received += n;
         if p.received < p.payload_len {
             self.pending = Some(p);
         } else if p.header.is_some() {
@@ -182,11 +237,7 @@ impl<'a> PutSession<'a> {
     /// Reads the first chunk of a block and admits it. A header that fails validation, or a
     /// block over a limit, refuses the block (its chunks are read and dropped, counted by the
     /// header's payload_len); a first chunk with no usable length at all ends the stream.
-    async fn begin_block(
-        &mut self,
-        key: BlockKey,
-        msg: &pb::PutRequest,
-    ) -> Result<PendingBlock, Status> {
+    fn begin_block(&mut self, key: BlockKey, msg: &pb::PutRequest) -> Result<PendingBlock, Status> {
         let index = self.blocks_started;
         let header_pb = msg.header.as_ref().ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -194,35 +245,42 @@ impl<'a> PutSession<'a> {
                 key_prefix(&key)
             ))
         })?;
+        let limits = &self.state.limits;
         let mut p = PendingBlock {
             index,
             key,
             parent: None,
             header: None,
             payload_len: header_pb.payload_len,
-            chunks: Vec::new(),
+            buf: BytesMut::new(),
             received: 0,
-            _permit: None,
+            charge: Charge::default(),
+            deadline: Instant::now()
+                + limits.put_idle_timeout
+                + rate_allowance(header_pb.payload_len, limits.put_min_rate),
         };
-        let admitted = match parse_block_start(header_pb, &msg.parent_key) {
-            Ok((header, parent)) => {
+        let admitted =
+            parse_block_start(header_pb, &msg.parent_key).and_then(|(header, parent)| {
+                self.admit(&header)?;
                 p.parent = parent;
-                self.admit(&header).await.map(|permit| {
-                    p._permit = Some(permit);
-                    p.header = Some(header);
-                })
-            }
-            Err(r) => {
-                if p.payload_len == 0
-                    || p.payload_len > max_payload_for(self.state.limits.max_block_size)
-                {
-                    return Err(r
-                        .context(format!("block {index} (key {})", key_prefix(&key)))
-                        .into_status());
-                }
-                Err(r)
-            }
-        };
+                // Capacity is reserved, not touched: pages become resident as bytes arrive.
+                p.buf = BytesMut::with_capacity(header.payload_len as usize);
+                p.header = Some(header);
+                Ok(())
+            });
+        if let Err(r) = &admitted
+            && (p.payload_len == 0
+                || p.payload_len > max_encoded_len(self.state.limits.max_block_size))
+        {
+            // Too large to be worth reading: the stream ends here, the block's outcome says why.
+            self.blocks_started += 1;
+            self.state.count_put(PutOutcome::rejected);
+            self.reject(index, &key, r.clone());
+            return Err(r
+                .clone()
+                .context(format!("block {index} (key {})", key_prefix(&key)))
+                .into_status());
+        }
         self.blocks_started += 1;
         if let Err(r) = admitted {
             self.state.count_put(PutOutcome::rejected);
@@ -231,19 +289,13 @@ impl<'a> PutSession<'a> {
         Ok(p)
     }
 
-    /// Size limits and the in-flight budget for a new block: a permit for its buffers.
-    async fn admit(&self, h: &BlockHeader) -> Result<OwnedSemaphorePermit, Rejection> {
+    /// Size limits for a new block (its buffer is charged as bytes arrive).
+    fn admit(&self, h: &BlockHeader) -> Result<(), Rejection> {
         let limits = &self.state.limits;
         if h.raw_len > limits.max_block_size {
             return Err(Rejection::exhausted(format!(
                 "block of {} raw bytes exceeds this node's --max-block-size of {} bytes",
                 h.raw_len, limits.max_block_size
-            )));
-        }
-        if h.payload_len > max_payload_for(h.raw_len) {
-            return Err(Rejection::invalid(format!(
-                "header.payload_len {} is larger than any codec produces for raw_len {}",
-                h.payload_len, h.raw_len
             )));
         }
         let capacity = self.state.store.capacity();
@@ -253,18 +305,23 @@ impl<'a> PutSession<'a> {
                 "block of {charge} bytes exceeds this node's whole capacity of {capacity} bytes"
             )));
         }
-        // Budget for the buffered payload plus the decode buffer used to verify it.
-        let need = (h.payload_len.saturating_add(h.raw_len) / 1024).saturating_add(1);
-        let kib = need.min(u64::from(limits.inflight_kib)) as u32;
-        let acquire = self.state.inflight.clone().acquire_many_owned(kib);
-        match tokio::time::timeout(limits.put_wait, acquire).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(Rejection::new(Code::Unavailable, "node is shutting down")),
-            Err(_) => Err(Rejection::exhausted(format!(
-                "node busy: more than {} KiB of uploads in flight for {:?}; retry later",
-                limits.inflight_kib, limits.put_wait
-            ))),
+        Ok(())
+    }
+
+    /// Copies a chunk into the block's buffer, charging the budget ahead of it.
+    async fn buffer(&self, p: &mut PendingBlock, data: &[u8]) -> Result<(), Rejection> {
+        let n = data.len() as u64;
+        let end = p.received + n;
+        if end > p.charge.bytes() {
+            let step = CHARGE_STEP.min(p.payload_len - p.charge.bytes().min(p.payload_len));
+            let need = (end - p.charge.bytes()).max(step);
+            let what = format!("block {} (key {})", p.index, key_prefix(&p.key));
+            p.charge
+                .absorb(self.state.budget.charge(need, &what).await?);
         }
+        self.state.metrics.received_bytes.inc_by(n);
+        p.buf.extend_from_slice(data);
+        Ok(())
     }
 
     /// A complete block: store it here, or on its owners.
@@ -272,9 +329,11 @@ impl<'a> PutSession<'a> {
         let Some(header) = p.header else {
             return;
         };
+        // The buffer's charge is held until the block is stored or forwarded.
+        let _charge = p.charge;
         let block = Arc::new(EncodedBlock {
             header,
-            payload: p.payload(),
+            payload: p.buf.freeze(),
         });
         let Some(view) = self.view.clone() else {
             match self.state.store_verified(p.key, p.parent, block).await {

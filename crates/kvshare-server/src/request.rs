@@ -52,11 +52,6 @@ pub fn key_prefix(k: &BlockKey) -> String {
     k.to_hex()[..16].to_string()
 }
 
-/// Upper bound on a payload's size given its raw size: no codec expands beyond this.
-pub fn max_payload_for(raw_len: u64) -> u64 {
-    raw_len.saturating_add(raw_len / 255).saturating_add(128)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,11 +73,5 @@ mod tests {
             e.message
         );
         assert!(parse_namespace(&[0u8; 31]).is_err());
-    }
-
-    #[test]
-    fn payload_bound_saturates() {
-        assert_eq!(max_payload_for(0), 128);
-        assert_eq!(max_payload_for(u64::MAX), u64::MAX);
     }
 }

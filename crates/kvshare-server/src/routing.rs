@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::{debug, warn};
 
+use crate::budget::Charge;
 use crate::cluster::{Member, Target, View};
 use crate::metrics::{ForwardLabels, Method};
 use crate::rejection::{Rejection, is_unreachable};
@@ -125,18 +126,34 @@ async fn lookup_remote(
     }
 }
 
+/// A block fetched for a forwarded Get, with the budget charge of its buffer (none for a block
+/// of the local store, which its capacity already counts).
+pub struct Fetched {
+    /// The block.
+    pub block: Arc<EncodedBlock>,
+    /// Budget held for it until it has been sent.
+    pub charge: Charge,
+}
+
+/// What a peer's Get gave: a block (or a miss) per key, `None` when the peer failed.
+type PeerBlocks = Option<Vec<Option<Fetched>>>;
+
 async fn get_remote(
     state: &NodeState,
     member: &Member,
     client: &KvCacheClient<Channel>,
     ns: BlockKey,
     keys: &[BlockKey],
-) -> Option<Vec<Option<EncodedBlock>>> {
+) -> Result<PeerBlocks, Rejection> {
     count_forward(state, Method::get);
     let req = pb::GetRequest {
         namespace: Bytes::copy_from_slice(&ns.0),
         keys: keys_bytes(keys),
     };
+    let mut charges: Vec<Charge> = std::iter::repeat_with(Charge::default)
+        .take(keys.len())
+        .collect();
+    let mut refused = None;
     let result = async {
         let mut stream = client
             .clone()
@@ -145,34 +162,84 @@ async fn get_remote(
             .into_inner();
         let mut asm = GetAssembler::new(keys);
         while let Some(m) = stream.message().await? {
+            // Every received byte is charged before it is kept.
+            let charge = state
+                .budget
+                .charge(m.data.len() as u64, "a forwarded Get")
+                .await;
+            match (charge, charges.get_mut(m.index as usize)) {
+                (Ok(c), Some(held)) => held.absorb(c),
+                (Ok(_), None) => {}
+                (Err(r), _) => {
+                    refused = Some(r);
+                    return Err(Status::cancelled("no room in the buffer budget"));
+                }
+            }
             asm.push(m).map_err(|e| Status::data_loss(e.to_string()))?;
         }
         asm.finish().map_err(|e| Status::data_loss(e.to_string()))
     }
     .await;
-    result
-        .map_err(|s| peer_failed(state, member, Method::get, &s))
-        .ok()
+    if let Some(r) = refused {
+        return Err(r);
+    }
+    Ok(match result {
+        Ok(blocks) => Some(
+            blocks
+                .into_iter()
+                .zip(charges)
+                .map(|(b, charge)| {
+                    b.map(|b| Fetched {
+                        block: Arc::new(b),
+                        charge,
+                    })
+                })
+                .collect(),
+        ),
+        Err(s) => {
+            peer_failed(state, member, Method::get, &s);
+            None
+        }
+    })
 }
 
 /// Blocks of `keys`, each from the first owner that has it (owners tried in rank order).
+/// Fails only when the node's buffer budget has no room for what the owners send.
 pub async fn get(
     state: &NodeState,
     view: &View,
     ns: BlockKey,
     keys: &[BlockKey],
-) -> Vec<Option<Arc<EncodedBlock>>> {
+) -> Result<Vec<Option<Fetched>>, Rejection> {
+    let refused = std::sync::Mutex::new(None);
     let (found, fallbacks) = view
         .fetch_with_failover(keys, |m, idx| {
             let member = &view.members()[m];
             let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+            let refused = &refused;
             async move {
-                let got: Vec<Option<Arc<EncodedBlock>>> = match &member.target {
-                    Target::Local => state.store.get_many(ns, &sub),
+                let got: Vec<Option<Fetched>> = match &member.target {
+                    Target::Local => state
+                        .store
+                        .get_many(ns, &sub)
+                        .into_iter()
+                        .map(|b| {
+                            b.map(|block| Fetched {
+                                block,
+                                charge: Charge::default(),
+                            })
+                        })
+                        .collect(),
                     Target::Remote(client) => {
                         match get_remote(state, member, client, ns, &sub).await {
-                            Some(v) => v.into_iter().map(|b| b.map(Arc::new)).collect(),
-                            None => vec![None; sub.len()],
+                            Ok(Some(v)) => v,
+                            Ok(None) => std::iter::repeat_with(|| None).take(sub.len()).collect(),
+                            Err(r) => {
+                                if let Ok(mut slot) = refused.lock() {
+                                    slot.get_or_insert(r);
+                                }
+                                std::iter::repeat_with(|| None).take(sub.len()).collect()
+                            }
                         }
                     }
                 };
@@ -181,7 +248,10 @@ pub async fn get(
         })
         .await;
     state.metrics.failovers.inc_by(fallbacks);
-    found
+    match refused.into_inner() {
+        Ok(Some(r)) => Err(r),
+        _ => Ok(found),
+    }
 }
 
 /// Deletes `keys` on every owner; returns the number of copies removed. An owner that fails

@@ -3,17 +3,15 @@
 //! its metrics. The node's state lives in [`state`](crate::state), uploads in
 //! [`put`](crate::put).
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::Stream;
-use kvshare_core::wire::get_chunks;
-use kvshare_core::{BlockKey, EncodedBlock};
+use kvshare_core::BlockKey;
 use kvshare_proto::transport::is_no_forward;
 use kvshare_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::get::{self, GetStream};
 use crate::metrics::Method;
 use crate::put::PutSession;
 use crate::request::parse_namespaced_keys;
@@ -111,21 +109,18 @@ impl KvCacheService {
         no_forward: bool,
         request: Request<pb::GetRequest>,
     ) -> Result<GetStream, Status> {
-        let (s, req) = (&self.state, request.get_ref());
+        let req = request.get_ref();
         let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
-        let found = match scope {
-            Scope::Local => s.store.get_many(ns, &keys),
-            Scope::Cluster(view) => routing::get(s, &view, ns, &keys).await,
-        };
-        let (msgs, hits, sent) = get_messages(&keys, found, s.limits.get_chunk_size.max(1));
         if no_forward {
-            s.count_peer_request(Method::get);
-        } else {
-            s.metrics.hits.inc_by(hits);
-            s.metrics.misses.inc_by(keys.len() as u64 - hits);
+            self.state.count_peer_request(Method::get);
         }
-        s.metrics.sent_bytes.inc_by(sent);
-        Ok(Box::pin(tokio_stream::iter(msgs.into_iter().map(Ok))))
+        Ok(get::respond(
+            self.state.clone(),
+            ns,
+            keys,
+            scope,
+            !no_forward,
+        ))
     }
 
     async fn delete(
@@ -143,28 +138,6 @@ impl KvCacheService {
         Ok(pb::DeleteResponse { deleted })
     }
 }
-
-/// The Get response messages for `keys` (a missing key is one `found = false` message), with
-/// the number of blocks found and payload bytes sent.
-fn get_messages(
-    keys: &[BlockKey],
-    found: Vec<Option<Arc<EncodedBlock>>>,
-    chunk: usize,
-) -> (Vec<pb::GetResponse>, u64, u64) {
-    let mut msgs = Vec::with_capacity(keys.len());
-    let (mut hits, mut sent) = (0u64, 0u64);
-    for (i, (key, block)) in keys.iter().zip(found).enumerate() {
-        if let Some(b) = &block {
-            hits += 1;
-            sent += b.payload.len() as u64;
-        }
-        msgs.extend(get_chunks(i as u32, key, block.as_deref(), chunk));
-    }
-    (msgs, hits, sent)
-}
-
-/// Stream type of Get.
-pub type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetResponse, Status>> + Send>>;
 
 impl KvCacheService {
     async fn put(

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvshare_core::{BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey};
 use kvshare_proto::v1 as pb;
-use tokio::sync::Semaphore;
 
+use crate::budget::{Charge, MemoryBudget};
 use crate::cluster::{Cluster, View};
 use crate::metrics::{Method, MethodLabels, Metrics, PutLabels, PutOutcome};
 use crate::rejection::Rejection;
@@ -26,10 +26,10 @@ pub struct Limits {
     pub get_chunk_size: usize,
     /// Most keys per request.
     pub max_keys: usize,
-    /// How long a put waits for in-flight budget.
-    pub put_wait: Duration,
-    /// Total in-flight upload budget, KiB.
-    pub inflight_kib: u32,
+    /// An upload that delivers no bytes for this long is ended.
+    pub put_idle_timeout: Duration,
+    /// Slowest accepted upload rate (bytes per second) once a block's idle allowance is spent.
+    pub put_min_rate: u64,
 }
 
 /// Shared state of a node, used by the gRPC service and the HTTP endpoints.
@@ -42,8 +42,8 @@ pub struct NodeState {
     pub metrics: Metrics,
     /// Request limits.
     pub limits: Limits,
-    /// In-flight upload budget, in KiB permits.
-    pub inflight: Arc<Semaphore>,
+    /// Memory budget for buffered bytes (uploads, verification, Get responses).
+    pub budget: MemoryBudget,
     /// gRPC address advertised to clients.
     pub grpc_addr: String,
     /// HTTP address.
@@ -121,6 +121,19 @@ impl NodeState {
             self.count_put(PutOutcome::already_present);
             return Ok(false);
         }
+        // Decoding a compressed block to check it needs a raw-size buffer.
+        let _decode_buffer = if block.header.codec == kvshare_core::Codec::None {
+            Charge::default()
+        } else {
+            let what = format!("verifying a block of {} raw bytes", block.header.raw_len);
+            match self.budget.charge(block.header.raw_len, &what).await {
+                Ok(c) => c,
+                Err(r) => {
+                    self.count_put(PutOutcome::rejected);
+                    return Err(r);
+                }
+            }
+        };
         let inserted = match verify(block.clone()).await {
             Ok(()) => self.store.insert(sk, parent, block),
             Err(e) => Err(e),

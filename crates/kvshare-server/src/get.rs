@@ -1,0 +1,226 @@
+//! The Get response: blocks streamed as they are produced, never materialised whole.
+//!
+//! A producer task fetches each block when its turn comes (from the local store, or from its
+//! owners in windows of about [`WINDOW_BYTES`]) and hands the response messages one at a time
+//! to the response stream through a channel of one message, so a client that reads slowly
+//! slows the producer instead of piling messages up. Every message is charged to the node's
+//! [`MemoryBudget`](crate::budget::MemoryBudget) until the client has taken it (the charge is
+//! dropped when the next message is asked for), and so is every block fetched from a peer until
+//! its last message is taken. A Get that cannot get room within the budget's wait ends with
+//! `RESOURCE_EXHAUSTED`.
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use kvshare_core::wire::get_chunks;
+use kvshare_core::{BlockKey, EncodedBlock};
+use kvshare_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::budget::Charge;
+use crate::cluster::View;
+use crate::rejection::Rejection;
+use crate::routing::{self, Fetched};
+use crate::state::{NodeState, Scope};
+
+/// Bytes of blocks fetched from peers per window of a forwarded Get (two windows are in
+/// flight: one being sent, the next being fetched).
+pub const WINDOW_BYTES: u64 = 8 << 20;
+/// Keys in the first window of a forwarded Get, before block sizes are known.
+const FIRST_WINDOW: usize = 4;
+/// Most keys in one window.
+const MAX_WINDOW: usize = 1_024;
+/// Bytes charged per response message on top of its payload slice (key, header, framing).
+const MESSAGE_OVERHEAD: u64 = 512;
+
+/// Stream type of Get.
+pub type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetResponse, Status>> + Send>>;
+
+type Item = Result<(pb::GetResponse, Charge), Status>;
+
+/// Why the producer stopped early.
+enum Stop {
+    /// The client went away.
+    Gone,
+    /// No room in the budget: the client is told.
+    Refused(Rejection),
+}
+
+/// The response to a Get of `keys` in namespace `ns`, answered within `scope`.
+/// `from_client`: counts hits and misses (a peer's forwarded Get is counted by the node that
+/// received it from the client).
+pub fn respond(
+    state: Arc<NodeState>,
+    ns: BlockKey,
+    keys: Vec<BlockKey>,
+    scope: Scope,
+    from_client: bool,
+) -> GetStream {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut out = Responder {
+            tx,
+            state: &state,
+            chunk: state.limits.get_chunk_size.max(1),
+            hits: 0,
+            sent: 0,
+        };
+        let result = match scope {
+            Scope::Local => local(&mut out, ns, &keys).await,
+            Scope::Cluster(view) => forwarded(&mut out, &view, ns, &keys).await,
+        };
+        let (hits, sent) = (out.hits, out.sent);
+        if let Err(Stop::Refused(r)) = result {
+            let _ = out.tx.send(Err(r.into_status())).await;
+        }
+        let m = &state.metrics;
+        m.sent_bytes.inc_by(sent);
+        if from_client {
+            m.hits.inc_by(hits);
+            m.misses
+                .inc_by(keys.len() as u64 - hits.min(keys.len() as u64));
+        }
+    });
+    Box::pin(ChargedStream {
+        rx,
+        held: Charge::default(),
+    })
+}
+
+/// Blocks from this node's store, each looked up when its turn comes.
+async fn local(out: &mut Responder<'_>, ns: BlockKey, keys: &[BlockKey]) -> Result<(), Stop> {
+    for (i, key) in keys.iter().enumerate() {
+        let block = out
+            .state
+            .store
+            .get_many(ns, std::slice::from_ref(key))
+            .pop()
+            .flatten();
+        out.block(i, key, block.as_deref(), Charge::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Blocks from their owners, a window at a time; the next window is fetched while the current
+/// one is sent.
+async fn forwarded(
+    out: &mut Responder<'_>,
+    view: &View,
+    ns: BlockKey,
+    keys: &[BlockKey],
+) -> Result<(), Stop> {
+    let state = out.state;
+    let fetch = |range: Range<usize>| async move {
+        let got = routing::get(state, view, ns, &keys[range.clone()]).await;
+        got.map(|blocks| (range, blocks)).map_err(Stop::Refused)
+    };
+    let mut current = fetch(0..FIRST_WINDOW.min(keys.len())).await?;
+    loop {
+        let (range, blocks) = current;
+        let largest = blocks
+            .iter()
+            .flatten()
+            .map(|f| f.block.payload.len() as u64)
+            .max()
+            .unwrap_or(0);
+        let window = (WINDOW_BYTES / largest.max(1)).clamp(1, MAX_WINDOW as u64) as usize;
+        let next = range.end..(range.end + window).min(keys.len());
+        let send = out.window(range.start, &keys[range.clone()], blocks);
+        if next.is_empty() {
+            return send.await;
+        }
+        let (sent, fetched) = futures::join!(send, fetch(next));
+        sent?;
+        current = fetched?;
+    }
+}
+
+/// Sends response messages, each with its charge, and counts what it sent.
+struct Responder<'a> {
+    tx: mpsc::Sender<Item>,
+    state: &'a NodeState,
+    chunk: usize,
+    hits: u64,
+    sent: u64,
+}
+
+impl Responder<'_> {
+    /// The messages of the block at `index` (a miss when `None`); `held` (the charge of a
+    /// block fetched from a peer) is released with its last message.
+    async fn block(
+        &mut self,
+        index: usize,
+        key: &BlockKey,
+        block: Option<&EncodedBlock>,
+        mut held: Charge,
+    ) -> Result<(), Stop> {
+        if let Some(b) = block {
+            self.hits += 1;
+            self.sent += b.payload.len() as u64;
+        }
+        let msgs = get_chunks(index as u32, key, block, self.chunk);
+        let last = msgs.len().saturating_sub(1);
+        for (i, m) in msgs.into_iter().enumerate() {
+            let bytes = m.data.len() as u64 + MESSAGE_OVERHEAD;
+            let mut charge = self
+                .state
+                .budget
+                .charge(bytes, "a Get response")
+                .await
+                .map_err(Stop::Refused)?;
+            if i == last {
+                charge.absorb(std::mem::take(&mut held));
+            }
+            self.tx
+                .send(Ok((m, charge)))
+                .await
+                .map_err(|_| Stop::Gone)?;
+        }
+        Ok(())
+    }
+
+    /// The messages of a window of fetched blocks starting at index `first`.
+    async fn window(
+        &mut self,
+        first: usize,
+        keys: &[BlockKey],
+        blocks: Vec<Option<Fetched>>,
+    ) -> Result<(), Stop> {
+        for (i, (key, fetched)) in keys.iter().zip(blocks).enumerate() {
+            match fetched {
+                Some(f) => self.block(first + i, key, Some(&f.block), f.charge).await?,
+                None => self.block(first + i, key, None, Charge::default()).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The response stream: holds the charge of the message it last yielded until the next one
+/// is asked for (by then that message has been encoded and handed to HTTP/2).
+struct ChargedStream {
+    rx: mpsc::Receiver<Item>,
+    held: Charge,
+}
+
+impl Stream for ChargedStream {
+    type Item = Result<pb::GetResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.held = Charge::default();
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok((msg, charge)))) => {
+                self.held = charge;
+                Poll::Ready(Some(Ok(msg)))
+            }
+            Poll::Ready(Some(Err(s))) => Poll::Ready(Some(Err(s))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
