@@ -104,11 +104,11 @@ pub const MAX_LAYOUT_BLOCK_BYTES: u64 = 1 << 30;
 pub const MAX_LAYERS: u32 = 4_096;
 /// Most KV heads per layer (per tensor-parallel rank) a layout may have.
 pub const MAX_KV_HEADS: u32 = 4_096;
-/// Most elements per head a layout may have (MLA latents are 576; 65,536 leaves room for
-/// layouts that fold heads into one row).
-pub const MAX_HEAD_DIM: u32 = 65_536;
+/// Most elements per head a layout may have (real heads have at most a few hundred; MLA
+/// latents are 576; the room above is for layouts that fold heads or tokens into one row).
+pub const MAX_HEAD_DIM: u32 = 1 << 20;
 /// Most tokens per block a layout may have (engines use 16 to 256; LMCache chunks are 256).
-pub const MAX_TOKENS_PER_BLOCK: u32 = 65_536;
+pub const MAX_TOKENS_PER_BLOCK: u32 = 1 << 20;
 
 impl KvLayout {
     /// Raw bytes of one block of this layout; `u64::MAX` when the product overflows (which
@@ -154,8 +154,12 @@ impl KvLayout {
         }
         if self.block_bytes() > MAX_LAYOUT_BLOCK_BYTES {
             return Err(CoreError::InvalidLayout(format!(
-                "layout describes {} bytes per block, more than the {} byte maximum",
-                self.block_bytes(),
+                "layout describes {} layers x 2 x {} tokens x {} heads x {} dims x {} bytes per block, more than the {} byte maximum",
+                self.num_layers,
+                self.tokens_per_block,
+                self.num_kv_heads,
+                self.head_dim,
+                self.dtype.size(),
                 MAX_LAYOUT_BLOCK_BYTES
             )));
         }
@@ -234,7 +238,7 @@ mod tests {
             dtype: DType::F32,
             tokens_per_block: MAX_TOKENS_PER_BLOCK,
         };
-        assert_eq!(at_limits.block_bytes(), 1 << 59);
+        assert_eq!(at_limits.block_bytes(), u64::MAX);
         let err = at_limits.validate().err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("byte maximum")));
     }

@@ -2,7 +2,7 @@
 //! and reassembling a `Get` stream. Shared by the server (which forwards to peers) and the
 //! client, so both speak the chunking rules identically.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kvshare_proto::v1 as pb;
 
 use crate::block::{BlockHeader, EncodedBlock};
@@ -73,7 +73,8 @@ pub fn get_chunks(
 pub struct GetAssembler<'a> {
     keys: &'a [BlockKey],
     out: Vec<Option<EncodedBlock>>,
-    cur: Option<(BlockHeader, Vec<Bytes>, u64)>,
+    /// The block being received: its header and the payload so far.
+    cur: Option<(BlockHeader, BytesMut)>,
 }
 
 impl<'a> GetAssembler<'a> {
@@ -107,45 +108,49 @@ impl<'a> GetAssembler<'a> {
             self.out.push(None);
             return Ok(());
         }
-        let (header, mut chunks, mut got) = match self.cur.take() {
+        let (header, mut buf) = match self.cur.take() {
             Some(c) => c,
             None => {
                 let h = msg
                     .header
                     .as_ref()
                     .ok_or_else(|| protocol(format!("first chunk of block {idx} has no header")))?;
-                (BlockHeader::from_proto(h)?, Vec::new(), 0)
+                let header = BlockHeader::from_proto(h)?;
+                // The header bounds payload_len (at most the codec bound of a block of at most
+                // 1 GiB), so reserving it is safe; pages become resident as bytes arrive.
+                (header, BytesMut::with_capacity(header.payload_len as usize))
             }
         };
+        let got = buf.len() as u64;
         if msg.offset != got {
             return Err(protocol(format!(
                 "block {idx}: chunk at offset {} after {got} bytes",
                 msg.offset
             )));
         }
-        got += msg.data.len() as u64;
-        if got > header.payload_len {
+        if got + msg.data.len() as u64 > header.payload_len {
             return Err(protocol(format!(
                 "block {idx}: more than payload_len {} bytes",
                 header.payload_len
             )));
         }
-        chunks.push(msg.data);
+        // Copied out, so the message's receive buffer (often larger than the message: a
+        // slice would pin all of it for the block's lifetime) is released at once.
+        buf.extend_from_slice(&msg.data);
         if msg.last {
-            if got != header.payload_len {
+            if buf.len() as u64 != header.payload_len {
                 return Err(protocol(format!(
-                    "block {idx}: {got} payload bytes, header says {}",
+                    "block {idx}: {} payload bytes, header says {}",
+                    buf.len(),
                     header.payload_len
                 )));
             }
-            let payload = if chunks.len() == 1 {
-                chunks.pop().unwrap_or_default()
-            } else {
-                Bytes::from(chunks.concat())
-            };
-            self.out.push(Some(EncodedBlock { header, payload }));
+            self.out.push(Some(EncodedBlock {
+                header,
+                payload: buf.freeze(),
+            }));
         } else {
-            self.cur = Some((header, chunks, got));
+            self.cur = Some((header, buf));
         }
         Ok(())
     }

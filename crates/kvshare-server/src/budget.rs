@@ -102,6 +102,18 @@ impl Charge {
             .map_or(0, |p| p.num_permits() as u64 * 1024)
     }
 
+    /// Splits `bytes` (rounded up to KiB) off this charge, if it holds that much.
+    pub fn take(&mut self, bytes: u64) -> Option<Charge> {
+        if bytes == 0 {
+            return Some(Charge::default());
+        }
+        let kib = usize::try_from(bytes.div_ceil(1024)).ok()?;
+        let permit = self.permit.as_mut()?.split(kib)?;
+        Some(Charge {
+            permit: Some(permit),
+        })
+    }
+
     /// Adds `other`'s bytes to this charge.
     pub fn absorb(&mut self, other: Charge) {
         match (&mut self.permit, other.permit) {
@@ -131,5 +143,9 @@ mod tests {
         let too_big = b.charge(5 << 10, "a block").await.expect_err("never fits");
         assert!(too_big.message.contains("whole --buffer-budget"));
         assert_eq!(b.charge(0, "nothing").await.map(|c| c.bytes()), Ok(0));
+        let mut credit = b.charge(4 << 10, "credit").await.expect("fits");
+        let part = credit.take(1_500).expect("held");
+        assert_eq!((part.bytes(), credit.bytes()), (2 << 10, 2 << 10));
+        assert!(credit.take(3 << 10).is_none());
     }
 }

@@ -63,13 +63,13 @@ pub struct ServerConfig {
     )]
     pub budget_wait_ms: u64,
 
-    /// An upload that delivers no bytes for this long fails with DEADLINE_EXCEEDED and frees
-    /// its buffers (milliseconds).
-    #[arg(long, env = "KVSHARE_PUT_IDLE_TIMEOUT_MS", default_value_t = 10_000)]
-    pub put_idle_timeout_ms: u64,
+    /// An upload that delivers no message for this long fails with DEADLINE_EXCEEDED, and a
+    /// Get whose client reads nothing for this long is ended; both free their buffers (ms).
+    #[arg(long, env = "KVSHARE_STREAM_IDLE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub stream_idle_timeout_ms: u64,
 
     /// Slowest accepted upload rate, bytes per second: a block must arrive within
-    /// --put-idle-timeout-ms + its size / this rate, e.g. 64KiB.
+    /// --stream-idle-timeout-ms + its size / this rate, e.g. 64KiB.
     #[arg(long, env = "KVSHARE_PUT_MIN_RATE", default_value = "64KiB", value_parser = size_arg)]
     pub put_min_rate: u64,
 

@@ -148,7 +148,8 @@ pub fn message_too_large_is_exhausted<B>(
     let too_large = h.get("grpc-status").is_some_and(|v| v == "11")
         && h.get("grpc-message")
             .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message length too large"));
+            // Percent-encoded on the wire (spaces as %20).
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
     if too_large {
         h.insert(
             "grpc-status",

@@ -3,7 +3,8 @@
 //! A producer task fetches each block when its turn comes (from the local store, or from its
 //! owners in windows of about [`WINDOW_BYTES`]) and hands the response messages one at a time
 //! to the response stream through a channel of one message, so a client that reads slowly
-//! slows the producer instead of piling messages up. Every message is charged to the node's
+//! slows the producer instead of piling messages up; one that reads nothing for the stream idle
+//! timeout has its stream ended and what was fetched for it freed. Every message is charged to the node's
 //! [`MemoryBudget`](crate::budget::MemoryBudget) until the client has taken it (the charge is
 //! dropped when the next message is asked for), and so is every block fetched from a peer until
 //! its last message is taken. A Get that cannot get room within the budget's wait ends with
@@ -20,6 +21,7 @@ use kvshare_core::{BlockKey, EncodedBlock};
 use kvshare_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
+use tracing::warn;
 
 use crate::budget::Charge;
 use crate::cluster::View;
@@ -29,9 +31,7 @@ use crate::state::{NodeState, Scope};
 
 /// Bytes of blocks fetched from peers per window of a forwarded Get (two windows are in
 /// flight: one being sent, the next being fetched).
-pub const WINDOW_BYTES: u64 = 8 << 20;
-/// Keys in the first window of a forwarded Get, before block sizes are known.
-const FIRST_WINDOW: usize = 4;
+pub const WINDOW_BYTES: u64 = 4 << 20;
 /// Most keys in one window.
 const MAX_WINDOW: usize = 1_024;
 /// Bytes charged per response message on top of its payload slice (key, header, framing).
@@ -46,6 +46,8 @@ type Item = Result<(pb::GetResponse, Charge), Status>;
 enum Stop {
     /// The client went away.
     Gone,
+    /// The client took no message for the idle timeout: what was fetched for it is freed.
+    Stalled,
     /// No room in the budget: the client is told.
     Refused(Rejection),
 }
@@ -74,8 +76,18 @@ pub fn respond(
             Scope::Cluster(view) => forwarded(&mut out, &view, ns, &keys).await,
         };
         let (hits, sent) = (out.hits, out.sent);
-        if let Err(Stop::Refused(r)) = result {
-            let _ = out.tx.send(Err(r.into_status())).await;
+        match result {
+            Err(Stop::Refused(r)) => {
+                let _ = out.tx.send(Err(r.into_status())).await;
+            }
+            Err(Stop::Stalled) => {
+                let idle = state.limits.stream_idle_timeout;
+                warn!(
+                    ?idle,
+                    "Get stream ended: its client read nothing for the idle timeout"
+                );
+            }
+            Err(Stop::Gone) | Ok(()) => {}
         }
         let m = &state.metrics;
         m.sent_bytes.inc_by(sent);
@@ -115,26 +127,34 @@ async fn forwarded(
     keys: &[BlockKey],
 ) -> Result<(), Stop> {
     let state = out.state;
-    let fetch = |range: Range<usize>| async move {
-        let got = routing::get(state, view, ns, &keys[range.clone()]).await;
+    // A window's room is reserved whole before it is fetched (twice the bytes its blocks are
+    // expected to take: the held block and its encoded response), so a stream never holds part
+    // of a window while it waits for the rest; only the first block is charged as it arrives.
+    let fetch = |range: Range<usize>, expected: u64| async move {
+        let reserve = 2 * expected * range.len() as u64;
+        let credit = state.budget.charge(reserve, "a forwarded Get").await;
+        let got = match credit {
+            Ok(credit) => routing::get(state, view, ns, &keys[range.clone()], credit).await,
+            Err(r) => Err(r),
+        };
         got.map(|blocks| (range, blocks)).map_err(Stop::Refused)
     };
-    let mut current = fetch(0..FIRST_WINDOW.min(keys.len())).await?;
+    let mut current = fetch(0..1, 0).await?;
+    let mut largest = 0;
     loop {
         let (range, blocks) = current;
-        let largest = blocks
+        largest = blocks
             .iter()
             .flatten()
             .map(|f| f.block.payload.len() as u64)
-            .max()
-            .unwrap_or(0);
+            .fold(largest, u64::max);
         let window = (WINDOW_BYTES / largest.max(1)).clamp(1, MAX_WINDOW as u64) as usize;
         let next = range.end..(range.end + window).min(keys.len());
         let send = out.window(range.start, &keys[range.clone()], blocks);
         if next.is_empty() {
             return send.await;
         }
-        let (sent, fetched) = futures::join!(send, fetch(next));
+        let (sent, fetched) = futures::join!(send, fetch(next, largest));
         sent?;
         current = fetched?;
     }
@@ -165,21 +185,30 @@ impl Responder<'_> {
         }
         let msgs = get_chunks(index as u32, key, block, self.chunk);
         let last = msgs.len().saturating_sub(1);
+        let fetched = held.bytes() > 0;
         for (i, m) in msgs.into_iter().enumerate() {
-            let bytes = m.data.len() as u64 + MESSAGE_OVERHEAD;
-            let mut charge = self
-                .state
-                .budget
-                .charge(bytes, "a Get response")
-                .await
-                .map_err(Stop::Refused)?;
+            // A block fetched from a peer is charged already, and its messages are slices of
+            // it; sending it needs no more room (so a stream never waits for room while it
+            // holds a window that only its client can drain).
+            let mut charge = if fetched {
+                Charge::default()
+            } else {
+                let bytes = m.data.len() as u64 + MESSAGE_OVERHEAD;
+                self.state
+                    .budget
+                    .charge(bytes, "a Get response")
+                    .await
+                    .map_err(Stop::Refused)?
+            };
             if i == last {
                 charge.absorb(std::mem::take(&mut held));
             }
-            self.tx
-                .send(Ok((m, charge)))
-                .await
-                .map_err(|_| Stop::Gone)?;
+            let idle = self.state.limits.stream_idle_timeout;
+            match self.tx.send_timeout(Ok((m, charge)), idle).await {
+                Ok(()) => {}
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(Stop::Gone),
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(Stop::Stalled),
+            }
         }
         Ok(())
     }

@@ -199,7 +199,7 @@ fn node_state(
                 .clamp(4096, (MAX_MESSAGE_BYTES - (1 << 20)) as u64)
                 as usize,
             max_keys: config.max_keys.max(1),
-            put_idle_timeout: Duration::from_millis(config.put_idle_timeout_ms.max(1)),
+            stream_idle_timeout: Duration::from_millis(config.stream_idle_timeout_ms.max(1)),
             put_min_rate: config.put_min_rate.max(1),
         },
         grpc_addr: addrs.grpc,

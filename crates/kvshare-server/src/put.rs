@@ -56,14 +56,14 @@ impl PendingBlock {
         Rejection::new(
             Code::DeadlineExceeded,
             format!(
-                "block {} (key {}) arrived too slowly: {} of {} payload bytes in {:?}; this node accepts uploads of at least {} bytes/s after {:?} (--put-min-rate, --put-idle-timeout-ms)",
+                "block {} (key {}) arrived too slowly: {} of {} payload bytes in {:?}; this node accepts uploads of at least {} bytes/s after {:?} (--put-min-rate, --stream-idle-timeout-ms)",
                 self.index,
                 key_prefix(&self.key),
                 self.received,
                 self.payload_len,
-                limits.put_idle_timeout + rate_allowance(self.payload_len, limits.put_min_rate),
+                limits.stream_idle_timeout + rate_allowance(self.payload_len, limits.put_min_rate),
                 limits.put_min_rate,
-                limits.put_idle_timeout
+                limits.stream_idle_timeout
             ),
         )
     }
@@ -152,7 +152,7 @@ impl<'a> PutSession<'a> {
         stream: &mut Streaming<pb::PutRequest>,
     ) -> Result<Option<pb::PutRequest>, Rejection> {
         let limits = &self.state.limits;
-        let idle_until = Instant::now() + limits.put_idle_timeout;
+        let idle_until = Instant::now() + limits.stream_idle_timeout;
         let until = self
             .pending
             .as_ref()
@@ -173,8 +173,8 @@ impl<'a> PutSession<'a> {
                 _ => Rejection::new(
                     Code::DeadlineExceeded,
                     format!(
-                        "upload stalled: no message for {:?} (--put-idle-timeout-ms); its buffers were freed",
-                        limits.put_idle_timeout
+                        "upload stalled: no message for {:?} (--stream-idle-timeout-ms); its buffers were freed",
+                        limits.stream_idle_timeout
                     ),
                 ),
             }),
@@ -256,7 +256,7 @@ impl<'a> PutSession<'a> {
             received: 0,
             charge: Charge::default(),
             deadline: Instant::now()
-                + limits.put_idle_timeout
+                + limits.stream_idle_timeout
                 + rate_allowance(header_pb.payload_len, limits.put_min_rate),
         };
         let admitted =

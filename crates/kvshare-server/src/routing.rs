@@ -144,6 +144,7 @@ async fn get_remote(
     client: &KvCacheClient<Channel>,
     ns: BlockKey,
     keys: &[BlockKey],
+    credit: &std::sync::Mutex<Charge>,
 ) -> Result<PeerBlocks, Rejection> {
     count_forward(state, Method::get);
     let req = pb::GetRequest {
@@ -162,11 +163,14 @@ async fn get_remote(
             .into_inner();
         let mut asm = GetAssembler::new(keys);
         while let Some(m) = stream.message().await? {
-            // Every received byte is charged before it is kept.
-            let charge = state
-                .budget
-                .charge(m.data.len() as u64, "a forwarded Get")
-                .await;
+            // Every received byte is charged before it is kept, twice: the block held until it
+            // is sent, and the copy its response messages are encoded into.
+            let need = 2 * m.data.len() as u64;
+            let prepaid = credit.lock().ok().and_then(|mut c| c.take(need));
+            let charge = match prepaid {
+                Some(c) => Ok(c),
+                None => state.budget.charge(need, "a forwarded Get").await,
+            };
             match (charge, charges.get_mut(m.index as usize)) {
                 (Ok(c), Some(held)) => held.absorb(c),
                 (Ok(_), None) => {}
@@ -204,19 +208,22 @@ async fn get_remote(
 }
 
 /// Blocks of `keys`, each from the first owner that has it (owners tried in rank order).
-/// Fails only when the node's buffer budget has no room for what the owners send.
+/// What peers send is paid from `credit` (reserved ahead) while it lasts, then charged to the
+/// budget. Fails only when the budget has no room for what the owners send.
 pub async fn get(
     state: &NodeState,
     view: &View,
     ns: BlockKey,
     keys: &[BlockKey],
+    credit: Charge,
 ) -> Result<Vec<Option<Fetched>>, Rejection> {
+    let credit = std::sync::Mutex::new(credit);
     let refused = std::sync::Mutex::new(None);
     let (found, fallbacks) = view
         .fetch_with_failover(keys, |m, idx| {
             let member = &view.members()[m];
             let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-            let refused = &refused;
+            let (refused, credit) = (&refused, &credit);
             async move {
                 let got: Vec<Option<Fetched>> = match &member.target {
                     Target::Local => state
@@ -231,7 +238,7 @@ pub async fn get(
                         })
                         .collect(),
                     Target::Remote(client) => {
-                        match get_remote(state, member, client, ns, &sub).await {
+                        match get_remote(state, member, client, ns, &sub, credit).await {
                             Ok(Some(v)) => v,
                             Ok(None) => std::iter::repeat_with(|| None).take(sub.len()).collect(),
                             Err(r) => {

@@ -26,8 +26,9 @@ pub struct Limits {
     pub get_chunk_size: usize,
     /// Most keys per request.
     pub max_keys: usize,
-    /// An upload that delivers no bytes for this long is ended.
-    pub put_idle_timeout: Duration,
+    /// An upload that delivers nothing, or a Get whose client reads nothing, for this long is
+    /// ended.
+    pub stream_idle_timeout: Duration,
     /// Slowest accepted upload rate (bytes per second) once a block's idle allowance is spent.
     pub put_min_rate: u64,
 }

@@ -173,6 +173,24 @@ impl NodeProcess {
         }
     }
 
+    /// Process id, while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in bytes, from `/proc`.
+    pub fn rss(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kib| kib * 1024)
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// gRPC endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.grpc)
