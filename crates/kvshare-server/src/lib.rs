@@ -7,9 +7,10 @@
 //! `/readyz`.
 //!
 //! Modules, each depending only on those listed after it: [`service`] (thin gRPC adapter) →
-//! [`put`] (the upload state machine) → [`routing`] (fan-out to owners) → [`state`] (the node:
-//! store, limits, metrics, cluster) → [`cluster`] (membership, health) ; [`http`] → [`state`];
-//! leaves: [`metrics`], [`rejection`], [`request`], [`config`].
+//! [`put`] (the upload state machine) and [`get`] (the streamed Get response) → [`routing`]
+//! (fan-out to owners) → [`state`] (the node: store, limits, budget, metrics, cluster) →
+//! [`cluster`] (membership, health) ; [`http`] → [`state`]; leaves: [`budget`], [`conn`],
+//! [`metrics`], [`rejection`], [`request`], [`config`].
 
 #![warn(missing_docs)]
 
