@@ -186,10 +186,16 @@ fn node_state(
     cluster: Arc<cluster::Cluster>,
 ) -> NodeState {
     let inflight_kib = (config.max_inflight_put / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
+    let stats_top_namespaces = config
+        .stats_top_namespaces
+        .clamp(1, state::MAX_STATS_TOP_NAMESPACES);
+    let store = Arc::new(BlockStore::new(config.capacity));
+    let mut metrics = metrics::Metrics::new();
+    metrics.register_namespaces(store.clone(), stats_top_namespaces as usize);
     NodeState {
         node_id,
-        store: BlockStore::new(config.capacity),
-        metrics: metrics::Metrics::new(),
+        store,
+        metrics,
         limits: state::Limits {
             max_block_size: config.max_block_size,
             get_chunk_size: config
@@ -199,6 +205,7 @@ fn node_state(
             max_keys: config.max_keys.max(1),
             put_wait: Duration::from_millis(config.put_wait_ms),
             inflight_kib,
+            stats_top_namespaces,
         },
         grpc_addr: addrs.grpc,
         http_addr: addrs.http,
