@@ -769,6 +769,15 @@ def source_metric_names(path: str) -> set[str]:
             names.add(full)
         else:
             raise ValueError(f"metrics.rs: unknown type {t!r} of metric {name}")
+    # Scrape-time collectors: `("name", "help", MetricType::Kind)` table entries.
+    for name, kind in re.findall(r'\(\s*"([a-z0-9_]+)",\s*"(?:[^"\\]|\\.)*",\s*MetricType::(\w+),?\s*\)', src):
+        full = pre + name
+        if kind == "Counter":
+            names.add(full if full.endswith("_total") else full + "_total")
+        elif kind == "Gauge":
+            names.add(full)
+        else:
+            raise ValueError(f"metrics.rs: unsupported collector type {kind} of metric {name}")
     return names
 
 

@@ -311,7 +311,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
         payload.extend_from_slice(&m.data);
     }
     assert_eq!(payload, good.payload.to_vec());
-    let s = node.state.stats();
+    let s = node.state.stats(0);
     assert!(
         s.puts_rejected >= 8,
         "rejections counted: {}",

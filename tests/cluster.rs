@@ -70,7 +70,7 @@ async fn three_nodes_spread_replicate_and_route() {
     // Spread: each node holds 2/3 of the blocks, within 15 %.
     let per_node: Vec<u64> = nodes
         .iter()
-        .map(|n| n.state.stats().stored_blocks)
+        .map(|n| n.state.stats(0).stored_blocks)
         .collect();
     let even = (2 * BLOCKS) as f64 / 3.0;
     println!("blocks per node: {per_node:?} (even share {even:.0})");
@@ -260,7 +260,7 @@ async fn a_fourth_node_takes_about_a_quarter_of_ownership_and_loses_nothing() {
     // New writes now land on node 3 too.
     let new = block_items(&ns, &prompt_tokens(1_000, 4));
     c0.put_blocks(new).await.expect("put");
-    let on3 = nodes[3].state.stats().stored_blocks;
+    let on3 = nodes[3].state.stats(0).stored_blocks;
     println!("node-3 took {on3} of 2000 new block copies");
     assert!((350..=650).contains(&on3), "{on3}");
     let info = c0.cluster_info().await.expect("info");

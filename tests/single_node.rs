@@ -80,7 +80,7 @@ async fn thousand_blocks_round_trip_through_every_codec_and_lookups_are_exact() 
             0
         );
     }
-    let s = node.state.stats();
+    let s = node.state.stats(0);
     assert_eq!(s.stored_blocks, 4 * BLOCKS as u64);
     assert_eq!(s.puts_stored, 4 * BLOCKS as u64);
     assert_eq!(s.puts_present, 40);

@@ -329,7 +329,7 @@ fn summarise(rows: &[Row], nodes: &[kvshare_server::NodeHandle]) {
         raw / wire.max(1.0)
     );
     for n in nodes {
-        let s = n.state.stats();
+        let s = n.state.stats(0);
         println!(
             "{:<12} {} blocks, {} of {} stored; {} lookups answered, {} evictions",
             n.state.node_id,

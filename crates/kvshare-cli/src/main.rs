@@ -51,6 +51,10 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Namespaces to list: the N largest by bytes and the N with most hits (0: the node's
+        /// default, --stats-top-namespaces; at most 1000).
+        #[arg(long, default_value_t = 0)]
+        top: u32,
     },
     /// Longest cached prefix of a prompt.
     Lookup(PromptArgs),
@@ -117,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     let connect = |opts: ClientOptions| KvClient::connect(&cli.endpoint, opts);
     match cli.command {
         Command::Status => status(&mut connect(opts).await?).await,
-        Command::Stats { json } => stats(&mut connect(opts).await?, json).await,
+        Command::Stats { json, top } => stats(&mut connect(opts).await?, json, top).await,
         Command::Lookup(prompt) => lookup(&mut connect(opts).await?, &prompt).await,
         Command::Put {
             prompt,
@@ -215,6 +219,7 @@ fn stats_json(s: &pb::StatsResponse) -> serde_json::Value {
         "bytes_out": s.bytes_out,
         "deletes": s.deletes,
         "uptime_seconds": s.uptime_seconds,
+        "namespaces_total": s.namespaces_total,
         "namespaces": s.namespaces.iter().map(|n| json!({
             "namespace": hex::encode(&n.namespace), "blocks": n.blocks, "bytes": n.bytes, "hits": n.hits,
         })).collect::<Vec<_>>(),
@@ -311,15 +316,35 @@ fn print_usage(s: &pb::StatsResponse) {
     );
 }
 
-async fn stats(c: &mut KvClient, as_json: bool) -> anyhow::Result<()> {
-    let s = c.stats().await?;
+async fn stats(c: &mut KvClient, as_json: bool, top: u32) -> anyhow::Result<()> {
+    let s = c.stats_top(top).await?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&stats_json(&s))?);
     } else {
         println!("node       {}", s.node_id);
         print_usage(&s);
+        print_namespaces(&s);
     }
     Ok(())
+}
+
+/// The node's namespace count and its top namespaces (largest first).
+fn print_namespaces(s: &pb::StatsResponse) {
+    use kvshare_core::size::format_size;
+    println!(
+        "namespaces {} stored, top {} by bytes and hits:",
+        s.namespaces_total,
+        s.namespaces.len()
+    );
+    for n in &s.namespaces {
+        println!(
+            "  {:<16} {:>10} blocks {:>12} {:>12} hits",
+            hex::encode(n.namespace.get(..8).unwrap_or(&n.namespace)),
+            n.blocks,
+            format_size(n.bytes),
+            n.hits
+        );
+    }
 }
 
 async fn lookup(c: &mut KvClient, prompt: &PromptArgs) -> anyhow::Result<()> {

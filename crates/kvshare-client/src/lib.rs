@@ -499,9 +499,19 @@ impl KvClient {
         Ok(resp.into_inner().deleted)
     }
 
-    /// The node's counters.
+    /// The node's counters, with its default number of top namespaces.
     pub async fn stats(&mut self) -> Result<pb::StatsResponse, ClientError> {
-        let req = self.request(pb::StatsRequest {});
+        self.stats_top(0).await
+    }
+
+    /// The node's counters, listing its `top_namespaces` largest namespaces by bytes together
+    /// with its `top_namespaces` with most hits (0: the node's default; the node caps it at
+    /// 1000).
+    pub async fn stats_top(
+        &mut self,
+        top_namespaces: u32,
+    ) -> Result<pb::StatsResponse, ClientError> {
+        let req = self.request(pb::StatsRequest { top_namespaces });
         Ok(self.rpc.stats(req).await?.into_inner())
     }
 

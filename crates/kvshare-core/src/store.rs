@@ -1,9 +1,9 @@
-//! The bounded block store: byte-capped, concurrent, LRU, chain-aware.
+//! The bounded block store: byte-capped, concurrent, LRU over chain tails, chain-aware.
 //!
 //! # Why our own store
 //!
-//! We index blocks in an [`lru::LruCache`] (a hash map threaded with a recency list) behind one
-//! mutex rather than use a cache crate or a sharded map:
+//! We index blocks in a hash map plus an ordered set of evictable blocks behind one mutex rather
+//! than use a cache crate or a sharded map:
 //! - moka's TinyLFU admission refuses freshly pushed blocks once the cache is full (200 of 200
 //!   refused in our check) and its weighted size lags until maintenance runs, so capacity is not
 //!   a hard limit at every instant. Both are wrong for a KV tier: a new prefix must be admitted,
@@ -14,34 +14,52 @@
 //! - A sharded map (dashmap) gives per-shard recency and per-shard budgets, so neither global LRU
 //!   order nor a global hard cap would hold.
 //!
-//! One mutex around O(1) operations (a few hundred ns per put or lookup, no I/O and no
+//! One mutex around O(log n) operations (a few hundred ns per put or lookup, no I/O and no
 //! allocation of payloads under the lock) is far below the cost of moving a block over gRPC, so
 //! it is not the bottleneck; payloads are `Bytes` shared with the network layer, never copied.
+//!
+//! # Eviction rule
+//!
+//! The victim is **the least recently used block that has no stored children**. Every block
+//! carries a recency tick (bumped on insert and on every hit) and a count of the blocks stored
+//! with it as their parent. Blocks whose count is zero (leaves) sit in an ordered set keyed by
+//! tick; eviction takes the smallest. When a leaf goes and its parent's count drops to zero, the
+//! parent becomes a leaf at its own (older) tick, so a chain is eaten from its tail towards its
+//! head, and a chain head is never evicted while a longer prefix of it is stored here.
+//!
+//! A child remembers its parent by key and by the parent's unique insertion id: after an explicit
+//! delete orphans the children of a block (they stay stored, counted nowhere), a new block stored
+//! later under the same key does not inherit them.
+//!
+//! # Complexity
+//!
+//! Whatever the shape of the chains (one chain of 262,000 blocks, or a star of 100,000 children
+//! of one parent): insert, remove and each evicted block cost O(log n); lookups and gets
+//! O(k log n) for k keys. Nothing walks a chain or a list of children.
 //!
 //! # Guarantees
 //! - `used_bytes() <= capacity()` at every instant: room is made (by eviction) before a block is
 //!   charged, inside the same critical section.
-//! - Eviction is LRU, except that a victim with children stored here is kept and its deepest
-//!   descendant is evicted instead (tails before parents).
+//! - Tails before parents (above); among leaves, least recently used first.
 //! - A block handed out by [`BlockStore::get`] is an `Arc`: eviction drops the index entry, and
 //!   the bytes live until the last reader (a streaming Get) is done.
+//! - Per-namespace usage lives in a concurrent map updated inside the same critical section as
+//!   the index, so [`BlockStore::stats`] reads it without holding the store's lock; a namespace's
+//!   entry (and its hit count) is dropped as soon as it has no stored block.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lru::LruCache;
+use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::block::EncodedBlock;
 use crate::error::CoreError;
 use crate::keys::BlockKey;
 
-/// Bytes charged per stored block on top of its payload (index entry, header, LRU links).
+/// Bytes charged per stored block on top of its payload (index entry, header, recency links).
 pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
-
-/// Longest walk from an eviction candidate to a leaf of its chain.
-const MAX_TAIL_WALK: usize = 100_000;
 
 /// A block's identity in the store: namespace digest plus block key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,8 +85,14 @@ pub enum InsertOutcome {
 struct Entry {
     block: Arc<EncodedBlock>,
     charge: u64,
-    parent: Option<BlockKey>,
-    children: Vec<BlockKey>,
+    /// Unique insertion id (never reused).
+    id: u64,
+    /// Recency: larger is more recent; unique among stored blocks.
+    tick: u64,
+    /// The parent stored when this block was inserted, with that parent's insertion id.
+    parent: Option<(BlockKey, u64)>,
+    /// Stored blocks whose `parent` points at this block (key and id).
+    children: u32,
 }
 
 /// Usage of one namespace.
@@ -78,17 +102,47 @@ pub struct NamespaceUsage {
     pub blocks: u64,
     /// Charged bytes stored.
     pub bytes: u64,
-    /// Hits (blocks found by lookups and gets).
+    /// Hits (blocks found by lookups and gets) since the namespace last had no stored block.
     pub hits: u64,
     /// Tokens per block of the namespace's layout (from its stored blocks; 0 if unknown).
     pub tokens_per_block: u32,
 }
 
 struct Inner {
-    map: LruCache<StoreKey, Entry>,
+    map: HashMap<StoreKey, Entry>,
+    /// Evictable blocks (no stored children), by tick.
+    leaves: BTreeMap<u64, StoreKey>,
+    /// Source of ticks and insertion ids.
+    clock: u64,
     used: u64,
     raw_bytes: u64,
-    namespaces: HashMap<BlockKey, NamespaceUsage>,
+    /// Test builds: check each victim against a full recount of its children (O(n) each).
+    #[cfg(test)]
+    audit: bool,
+    /// Test builds: victims found to have stored children by the audit.
+    #[cfg(test)]
+    evicted_parents: u64,
+}
+
+impl Inner {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Marks a stored block used now. Returns whether it is stored.
+    fn promote(&mut self, key: &StoreKey) -> bool {
+        let now = self.tick();
+        let Some(e) = self.map.get_mut(key) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut e.tick, now);
+        if e.children == 0 {
+            self.leaves.remove(&old);
+            self.leaves.insert(now, *key);
+        }
+        true
+    }
 }
 
 /// A point-in-time view of the store.
@@ -106,14 +160,18 @@ pub struct StoreStats {
     pub payload_bytes: u64,
     /// Blocks evicted since start.
     pub evictions: u64,
-    /// Per-namespace usage.
+    /// Namespaces with stored blocks.
+    pub namespaces_total: u64,
+    /// The top namespaces asked for ([`BlockStore::stats`]): the `n` largest by bytes together
+    /// with the `n` with most hits, largest first.
     pub namespaces: Vec<(BlockKey, NamespaceUsage)>,
 }
 
-/// The byte-bounded LRU block store. Cheap to share behind an `Arc`.
+/// The byte-bounded block store. Cheap to share behind an `Arc`.
 pub struct BlockStore {
     capacity: u64,
     inner: Mutex<Inner>,
+    namespaces: DashMap<BlockKey, NamespaceUsage>,
     used: AtomicU64,
     evictions: AtomicU64,
 }
@@ -124,11 +182,17 @@ impl BlockStore {
         BlockStore {
             capacity: capacity_bytes,
             inner: Mutex::new(Inner {
-                map: LruCache::unbounded(),
+                map: HashMap::new(),
+                leaves: BTreeMap::new(),
+                clock: 0,
                 used: 0,
                 raw_bytes: 0,
-                namespaces: HashMap::new(),
+                #[cfg(test)]
+                audit: false,
+                #[cfg(test)]
+                evicted_parents: 0,
             }),
+            namespaces: DashMap::new(),
             used: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
@@ -159,8 +223,9 @@ impl BlockStore {
         payload_len + ENTRY_OVERHEAD_BYTES
     }
 
-    /// Stores `block` under `key`, evicting least recently used blocks (chain tails first) to
-    /// make room. `parent` is the key of the previous block of the same prefix, when known.
+    /// Stores `block` under `key`, evicting the least recently used blocks without stored
+    /// children to make room. `parent` is the key of the previous block of the same prefix,
+    /// when known; it links the two only if the parent is stored here now.
     pub fn insert(
         &self,
         key: StoreKey,
@@ -175,7 +240,7 @@ impl BlockStore {
             });
         }
         let mut g = self.inner.lock();
-        if g.map.promote(&key) {
+        if g.promote(&key) {
             return Ok(InsertOutcome::AlreadyPresent);
         }
         let mut evicted = 0;
@@ -192,52 +257,65 @@ impl BlockStore {
                 limit: self.capacity - g.used,
             });
         }
-        let parent = parent.filter(|p| *p != key.key);
-        if let Some(p) = parent
-            && let Some(pe) = g.map.peek_mut(&StoreKey {
+        let mut parent_link = None;
+        if let Some(p) = parent.filter(|p| *p != key.key) {
+            let pk = StoreKey {
                 namespace: key.namespace,
                 key: p,
-            })
-        {
-            pe.children.push(key.key);
+            };
+            if let Some(pe) = g.map.get_mut(&pk) {
+                pe.children = pe.children.saturating_add(1);
+                let (pid, ptick, now_parent) = (pe.id, pe.tick, pe.children == 1);
+                parent_link = Some((p, pid));
+                if now_parent {
+                    g.leaves.remove(&ptick);
+                }
+            }
         }
         let raw = block.header.raw_len;
         let tpb = block.header.layout.tokens_per_block;
-        g.map.put(
+        let now = g.tick();
+        g.map.insert(
             key,
             Entry {
                 block,
                 charge,
-                parent,
-                children: Vec::new(),
+                id: now,
+                tick: now,
+                parent: parent_link,
+                children: 0,
             },
         );
+        g.leaves.insert(now, key);
         g.used += charge;
         g.raw_bytes += raw;
-        let ns = g.namespaces.entry(key.namespace).or_default();
-        ns.blocks += 1;
-        ns.bytes += charge;
-        ns.tokens_per_block = tpb;
+        {
+            let mut ns = self.namespaces.entry(key.namespace).or_default();
+            ns.blocks += 1;
+            ns.bytes += charge;
+            ns.tokens_per_block = tpb;
+        }
         self.used.store(g.used, Ordering::Release);
         Ok(InsertOutcome::Stored { evicted })
     }
 
-    /// Evicts one block: the least recently used, or the deepest stored descendant of it.
+    /// Evicts the least recently used leaf. False when nothing is stored.
     fn evict_one(&self, g: &mut Inner) -> bool {
-        let Some((&lru_key, _)) = g.map.peek_lru() else {
+        let Some((_, victim)) = g.leaves.pop_first() else {
             return false;
         };
-        let mut victim = lru_key;
-        for _ in 0..MAX_TAIL_WALK {
-            let next = g.map.peek(&victim).and_then(|e| e.children.last().copied());
-            match next {
-                Some(child) => {
-                    victim = StoreKey {
-                        namespace: victim.namespace,
-                        key: child,
-                    }
-                }
-                None => break,
+        #[cfg(test)]
+        if g.audit
+            && let Some(v) = g.map.get(&victim)
+        {
+            let link = Some((victim.key, v.id));
+            let stored_children = g
+                .map
+                .iter()
+                .filter(|(k, e)| k.namespace == victim.namespace && e.parent == link)
+                .count();
+            if stored_children > 0 || v.children > 0 {
+                g.evicted_parents += 1;
             }
         }
         self.remove_locked(g, &victim);
@@ -246,40 +324,48 @@ impl BlockStore {
     }
 
     fn remove_locked(&self, g: &mut Inner, key: &StoreKey) -> bool {
-        let Some(e) = g.map.pop(key) else {
+        let Some(e) = g.map.remove(key) else {
             return false;
         };
+        if e.children == 0 {
+            g.leaves.remove(&e.tick);
+        }
+        // Children of a deleted parent stay stored as orphans: their `parent` ids match no
+        // stored block any more, so they never touch a block later stored under this key.
         g.used -= e.charge;
         g.raw_bytes -= e.block.header.raw_len;
-        if let Some(p) = e.parent
-            && let Some(pe) = g.map.peek_mut(&StoreKey {
+        if let Some((p, pid)) = e.parent {
+            let pk = StoreKey {
                 namespace: key.namespace,
                 key: p,
-            })
-        {
-            pe.children.retain(|c| *c != key.key);
-        }
-        // Orphaned children keep no pointer to a parent that is gone.
-        for c in &e.children {
-            if let Some(ce) = g.map.peek_mut(&StoreKey {
-                namespace: key.namespace,
-                key: *c,
-            }) {
-                ce.parent = None;
+            };
+            if let Some(pe) = g.map.get_mut(&pk)
+                && pe.id == pid
+            {
+                pe.children = pe.children.saturating_sub(1);
+                let (ptick, leaf) = (pe.tick, pe.children == 0);
+                if leaf {
+                    g.leaves.insert(ptick, pk);
+                }
             }
         }
-        if let Some(ns) = g.namespaces.get_mut(&key.namespace) {
-            ns.blocks -= 1;
-            ns.bytes -= e.charge;
-            if ns.blocks == 0 && ns.hits == 0 {
-                g.namespaces.remove(&key.namespace);
+        let now_empty = match self.namespaces.get_mut(&key.namespace) {
+            Some(mut ns) => {
+                ns.blocks = ns.blocks.saturating_sub(1);
+                ns.bytes = ns.bytes.saturating_sub(e.charge);
+                ns.blocks == 0
             }
+            None => false,
+        };
+        if now_empty {
+            self.namespaces
+                .remove_if(&key.namespace, |_, ns| ns.blocks == 0);
         }
         self.used.store(g.used, Ordering::Release);
         true
     }
 
-    /// Removes a block; returns whether it existed.
+    /// Removes a block; returns whether it existed. Its stored children (if any) stay, orphaned.
     pub fn remove(&self, key: &StoreKey) -> bool {
         let mut g = self.inner.lock();
         self.remove_locked(&mut g, key)
@@ -287,45 +373,55 @@ impl BlockStore {
 
     /// Whether a block is stored (does not change recency).
     pub fn contains(&self, key: &StoreKey) -> bool {
-        self.inner.lock().map.contains(key)
+        self.inner.lock().map.contains_key(key)
+    }
+
+    /// Adds hits to a namespace that has stored blocks (never creates an entry).
+    fn count_hits(&self, namespace: &BlockKey, hits: u64) {
+        if hits > 0
+            && let Some(mut ns) = self.namespaces.get_mut(namespace)
+        {
+            ns.hits += hits;
+        }
     }
 
     /// Number of leading `keys` stored in `namespace`. The hits are marked used, the head of the
-    /// prefix last, so that an LRU scan reaches a chain's tail before its head.
+    /// prefix last (most recent).
     pub fn lookup_prefix(&self, namespace: BlockKey, keys: &[BlockKey]) -> usize {
-        let mut g = self.inner.lock();
-        let hit = keys
-            .iter()
-            .take_while(|k| {
-                g.map.contains(&StoreKey {
-                    namespace,
-                    key: **k,
+        let hit = {
+            let mut g = self.inner.lock();
+            let hit = keys
+                .iter()
+                .take_while(|k| {
+                    g.map.contains_key(&StoreKey {
+                        namespace,
+                        key: **k,
+                    })
                 })
-            })
-            .count();
-        for k in keys[..hit].iter().rev() {
-            g.map.promote(&StoreKey { namespace, key: *k });
-        }
-        if hit > 0 {
-            g.namespaces.entry(namespace).or_default().hits += hit as u64;
-        }
+                .count();
+            for k in keys[..hit].iter().rev() {
+                g.promote(&StoreKey { namespace, key: *k });
+            }
+            hit
+        };
+        self.count_hits(&namespace, hit as u64);
         hit
     }
 
     /// Whether each of `keys` is stored in `namespace`. Hits are marked used, last key first.
     pub fn presence(&self, namespace: BlockKey, keys: &[BlockKey]) -> Vec<bool> {
-        let mut g = self.inner.lock();
         let mut out = vec![false; keys.len()];
         let mut hits = 0;
-        for (i, k) in keys.iter().enumerate().rev() {
-            if g.map.promote(&StoreKey { namespace, key: *k }) {
-                out[i] = true;
-                hits += 1;
+        {
+            let mut g = self.inner.lock();
+            for (i, k) in keys.iter().enumerate().rev() {
+                if g.promote(&StoreKey { namespace, key: *k }) {
+                    out[i] = true;
+                    hits += 1;
+                }
             }
         }
-        if hits > 0 {
-            g.namespaces.entry(namespace).or_default().hits += hits;
-        }
+        self.count_hits(&namespace, hits);
         out
     }
 
@@ -335,57 +431,115 @@ impl BlockStore {
         namespace: BlockKey,
         keys: &[BlockKey],
     ) -> Vec<Option<Arc<EncodedBlock>>> {
-        let mut g = self.inner.lock();
         let mut out = vec![None; keys.len()];
         let mut hits = 0;
-        for (i, k) in keys.iter().enumerate().rev() {
-            if let Some(e) = g.map.get(&StoreKey { namespace, key: *k }) {
-                out[i] = Some(e.block.clone());
-                hits += 1;
+        {
+            let mut g = self.inner.lock();
+            for (i, k) in keys.iter().enumerate().rev() {
+                let sk = StoreKey { namespace, key: *k };
+                if g.promote(&sk)
+                    && let Some(e) = g.map.get(&sk)
+                {
+                    out[i] = Some(e.block.clone());
+                    hits += 1;
+                }
             }
         }
-        if hits > 0 {
-            g.namespaces.entry(namespace).or_default().hits += hits;
-        }
+        self.count_hits(&namespace, hits);
         out
     }
 
     /// Tokens per block of a namespace this store holds blocks of (0 when unknown).
     pub fn tokens_per_block(&self, namespace: &BlockKey) -> u32 {
-        self.inner
-            .lock()
-            .namespaces
+        self.namespaces
             .get(namespace)
             .map_or(0, |u| u.tokens_per_block)
     }
 
-    /// Fetches one block, marking it used.
+    /// Fetches one block, marking it used. Does not count a namespace hit.
     pub fn get(&self, key: &StoreKey) -> Option<Arc<EncodedBlock>> {
-        self.inner.lock().map.get(key).map(|e| e.block.clone())
+        let mut g = self.inner.lock();
+        if !g.promote(key) {
+            return None;
+        }
+        g.map.get(key).map(|e| e.block.clone())
     }
 
-    /// A snapshot of sizes and per-namespace usage.
-    pub fn stats(&self) -> StoreStats {
-        let g = self.inner.lock();
-        let mut namespaces: Vec<_> = g.namespaces.iter().map(|(k, v)| (*k, *v)).collect();
-        namespaces.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(b.1.hits.cmp(&a.1.hits)));
-        let blocks = g.map.len() as u64;
+    /// Namespaces with stored blocks.
+    pub fn namespace_count(&self) -> u64 {
+        self.namespaces.len() as u64
+    }
+
+    /// A snapshot of sizes and of the top namespaces: the `top` largest by bytes together with
+    /// the `top` with most hits (so at most `2 * top`), largest first. Selected in O(n) over the
+    /// n namespaces, without holding the store's lock while the namespaces are read.
+    pub fn stats(&self, top: usize) -> StoreStats {
+        let (used, blocks, raw_bytes) = {
+            let g = self.inner.lock();
+            (g.used, g.map.len() as u64, g.raw_bytes)
+        };
+        let (namespaces_total, namespaces) = if top == 0 {
+            (self.namespace_count(), Vec::new())
+        } else {
+            let all: Vec<(BlockKey, NamespaceUsage)> = self
+                .namespaces
+                .iter()
+                .map(|r| (*r.key(), *r.value()))
+                .collect();
+            (all.len() as u64, top_namespaces(all, top))
+        };
         StoreStats {
             capacity_bytes: self.capacity,
-            used_bytes: g.used,
+            used_bytes: used,
             blocks,
-            raw_bytes: g.raw_bytes,
-            payload_bytes: g.used - blocks * ENTRY_OVERHEAD_BYTES,
+            raw_bytes,
+            payload_bytes: used.saturating_sub(blocks * ENTRY_OVERHEAD_BYTES),
             evictions: self.evictions(),
+            namespaces_total,
             namespaces,
         }
     }
 
-    /// Every stored key, least recently used first (for tests and diagnostics).
+    /// Every stored key, least recently used first (for tests and diagnostics; O(n log n)).
     pub fn keys_lru_order(&self) -> Vec<StoreKey> {
         let g = self.inner.lock();
-        g.map.iter().rev().map(|(k, _)| *k).collect()
+        let mut all: Vec<(u64, StoreKey)> = g.map.iter().map(|(k, e)| (e.tick, *k)).collect();
+        all.sort_unstable_by_key(|(t, _)| *t);
+        all.into_iter().map(|(_, k)| k).collect()
     }
+}
+
+/// The `top` largest namespaces by bytes together with the `top` with most (non-zero) hits,
+/// sorted by bytes then hits, largest first (ties by digest). O(n) selection plus a sort of at
+/// most `2 * top` entries.
+fn top_namespaces(
+    mut all: Vec<(BlockKey, NamespaceUsage)>,
+    top: usize,
+) -> Vec<(BlockKey, NamespaceUsage)> {
+    type Item = (BlockKey, NamespaceUsage);
+    let by_bytes = |a: &Item, b: &Item| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(&b.0));
+    let by_hits = |a: &Item, b: &Item| b.1.hits.cmp(&a.1.hits).then(a.0.cmp(&b.0));
+    let mut picked: Vec<Item> = Vec::with_capacity(2 * top.min(all.len()));
+    if all.len() > top {
+        all.select_nth_unstable_by(top - 1, by_hits);
+    }
+    picked.extend(all.iter().take(top).filter(|n| n.1.hits > 0).copied());
+    if all.len() > top {
+        all.select_nth_unstable_by(top - 1, by_bytes);
+    }
+    let seen: HashSet<BlockKey> = picked.iter().map(|n| n.0).collect();
+    picked.extend(
+        all.iter()
+            .take(top)
+            .filter(|n| !seen.contains(&n.0))
+            .copied(),
+    );
+    picked.sort_unstable_by(|a, b| {
+        (b.1.bytes, b.1.hits)
+            .cmp(&(a.1.bytes, a.1.hits))
+            .then(a.0.cmp(&b.0))
+    });
+    picked
 }
 
 #[cfg(test)]
@@ -393,6 +547,7 @@ mod tests {
     use super::*;
     use crate::codec::Codec;
     use crate::layout::{DType, KvLayout};
+    use proptest::prelude::*;
 
     const NS: BlockKey = BlockKey([1; 32]);
 
@@ -412,6 +567,85 @@ mod tests {
         StoreKey {
             namespace: NS,
             key: BlockKey([i; 32]),
+        }
+    }
+
+    /// A 2-byte block (charged 258 bytes).
+    fn tiny() -> Arc<EncodedBlock> {
+        sized(1)
+    }
+
+    /// A block of `2 * head_dim` raw bytes, stored uncompressed.
+    fn sized(head_dim: u32) -> Arc<EncodedBlock> {
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim,
+            dtype: DType::U8,
+            tokens_per_block: 1,
+        };
+        let raw = vec![7u8; 2 * head_dim as usize];
+        Arc::new(EncodedBlock::encode(NS, layout, Codec::None, &raw).expect("encode"))
+    }
+
+    fn nkey(namespace: BlockKey, i: u32) -> StoreKey {
+        let mut k = [0xa5; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        StoreKey {
+            namespace,
+            key: BlockKey(k),
+        }
+    }
+
+    impl BlockStore {
+        /// Checks every internal invariant against a full recount; panics on a violation.
+        fn check_invariants(&self) {
+            let g = self.inner.lock();
+            let used: u64 = g.map.values().map(|e| e.charge).sum();
+            assert_eq!(g.used, used, "used bytes");
+            assert_eq!(self.used_bytes(), used);
+            assert!(used <= self.capacity, "{used} > {}", self.capacity);
+            let mut children: HashMap<StoreKey, u32> = HashMap::new();
+            for (k, e) in &g.map {
+                if let Some((p, pid)) = e.parent {
+                    let pk = StoreKey {
+                        namespace: k.namespace,
+                        key: p,
+                    };
+                    if g.map.get(&pk).is_some_and(|pe| pe.id == pid) {
+                        *children.entry(pk).or_default() += 1;
+                    }
+                }
+            }
+            let mut leaves = BTreeMap::new();
+            for (k, e) in &g.map {
+                assert_eq!(e.children, children.get(k).copied().unwrap_or(0), "{k:?}");
+                if e.children == 0 {
+                    leaves.insert(e.tick, *k);
+                }
+            }
+            assert_eq!(g.leaves, leaves, "leaf set");
+            let mut ns: HashMap<BlockKey, (u64, u64)> = HashMap::new();
+            for (k, e) in &g.map {
+                let u = ns.entry(k.namespace).or_default();
+                u.0 += 1;
+                u.1 += e.charge;
+            }
+            assert_eq!(self.namespaces.len(), ns.len(), "namespace entries");
+            for (k, (blocks, bytes)) in ns {
+                let u = self.namespaces.get(&k).map(|u| *u).unwrap_or_default();
+                assert_eq!((u.blocks, u.bytes), (blocks, bytes), "{k:?}");
+            }
+            assert_eq!(
+                g.evicted_parents, 0,
+                "a block with stored children was evicted"
+            );
+        }
+
+        fn audited(capacity: u64) -> Self {
+            let s = BlockStore::new(capacity);
+            s.inner.lock().audit = true;
+            s
         }
     }
 
@@ -535,9 +769,213 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let max = sampler.join().expect("sampler");
         assert!(max <= 20_000, "max {max}");
-        let st = s.stats();
+        let st = s.stats(usize::MAX);
         assert_eq!(st.blocks, 20);
         assert_eq!(st.evictions, 8_000 - 20);
         assert_eq!(st.used_bytes, 20_000);
+    }
+
+    #[test]
+    fn chain_is_evicted_tail_first_while_recent_blocks_stay() {
+        let s = BlockStore::audited(5_000);
+        s.insert(key(0), None, block(0)).expect("0");
+        s.insert(key(1), Some(key(0).key), block(1)).expect("1");
+        s.insert(key(2), Some(key(1).key), block(2)).expect("2");
+        s.insert(key(8), None, block(8)).expect("8");
+        s.insert(key(9), None, block(9)).expect("9");
+        let mut gone = Vec::new();
+        for i in 20..23 {
+            // Keep the unrelated blocks the most recent.
+            assert!(s.get(&key(8)).is_some() && s.get(&key(9)).is_some());
+            s.insert(key(i), None, block(i)).expect("insert");
+            for c in [0u8, 1, 2] {
+                if !s.contains(&key(c)) && !gone.contains(&c) {
+                    gone.push(c);
+                }
+            }
+            s.check_invariants();
+        }
+        assert_eq!(gone, vec![2, 1, 0]);
+        assert!(s.contains(&key(8)) && s.contains(&key(9)));
+    }
+
+    #[test]
+    fn deleting_a_parent_orphans_its_children_and_a_new_parent_does_not_adopt_them() {
+        let s = BlockStore::audited(10_000);
+        s.insert(key(0), None, block(0)).expect("0");
+        s.insert(key(1), Some(key(0).key), block(1)).expect("1");
+        assert!(s.remove(&key(0)));
+        s.check_invariants();
+        // A new block under the parent's key: the orphan's stale link must not count for it.
+        s.insert(key(0), None, block(0)).expect("0 again");
+        s.check_invariants();
+        assert!(s.remove(&key(1)));
+        s.check_invariants();
+        assert_eq!(s.inner.lock().map.get(&key(0)).map(|e| e.children), Some(0));
+    }
+
+    #[test]
+    fn namespace_entry_goes_with_its_last_block_and_hits_never_create_one() {
+        let s = BlockStore::new(10_000);
+        s.insert(key(0), None, block(0)).expect("0");
+        assert_eq!(s.lookup_prefix(NS, &[key(0).key]), 1);
+        assert_eq!(s.stats(10).namespaces[0].1.hits, 1);
+        assert!(s.remove(&key(0)));
+        assert_eq!(s.stats(10).namespaces_total, 0);
+        let other = BlockKey([9; 32]);
+        assert_eq!(s.lookup_prefix(other, &[key(0).key]), 0);
+        assert_eq!(s.presence(other, &[key(0).key]), vec![false]);
+        assert_eq!(s.stats(10).namespaces_total, 0);
+        assert!(s.stats(10).namespaces.is_empty());
+    }
+
+    #[test]
+    fn stats_keep_the_top_namespaces_by_bytes_and_by_hits() {
+        let s = BlockStore::new(1 << 30);
+        // Namespace i holds i + 1 blocks; namespace 100 + i holds one block and gets 1000 + i hits.
+        for i in 0..50u32 {
+            let ns = BlockKey([i as u8; 32]);
+            for b in 0..=i {
+                s.insert(nkey(ns, b), None, tiny()).expect("insert");
+            }
+        }
+        for i in 0..5u32 {
+            let ns = BlockKey([100 + i as u8; 32]);
+            s.insert(nkey(ns, 0), None, tiny()).expect("insert");
+            for _ in 0..(1000 + i) {
+                s.get_many(ns, &[nkey(ns, 0).key]);
+            }
+        }
+        let st = s.stats(3);
+        assert_eq!(st.namespaces_total, 55);
+        let got: Vec<u8> = st.namespaces.iter().map(|(k, _)| k.0[0]).collect();
+        // By bytes 49, 48, 47; by hits 104, 103, 102 (one block each, so last).
+        assert_eq!(got, vec![49, 48, 47, 104, 103, 102]);
+        assert_eq!(st.namespaces[0].1.blocks, 50);
+        assert_eq!(st.namespaces[3].1.hits, 1004);
+        assert_eq!(s.stats(0).namespaces.len(), 0);
+        assert_eq!(s.stats(1000).namespaces.len(), 55);
+    }
+
+    #[test]
+    fn a_star_of_50_000_children_fills_and_evicts_without_walking_children() {
+        let block = tiny();
+        let charge = BlockStore::charge_of(&block);
+        let s = BlockStore::new(10_000 * charge);
+        s.insert(nkey(NS, 0), None, block.clone()).expect("parent");
+        for i in 1..=50_000 {
+            s.insert(nkey(NS, i), Some(nkey(NS, 0).key), block.clone())
+                .expect("child");
+        }
+        s.check_invariants();
+        // The parent is kept (it has children); the most recent children fill the rest.
+        assert!(s.contains(&nkey(NS, 0)));
+        assert!(s.contains(&nkey(NS, 50_000)) && !s.contains(&nkey(NS, 1)));
+        assert_eq!(s.evictions(), 50_001 - 10_000);
+        let children = s.inner.lock().map.get(&nkey(NS, 0)).map(|e| e.children);
+        assert_eq!(children, Some(9_999));
+        // Deleting the children one by one is O(1) each as well.
+        for i in 40_002..=50_000 {
+            assert!(s.remove(&nkey(NS, i)));
+        }
+        s.check_invariants();
+        assert_eq!(s.inner.lock().leaves.len(), 1, "the parent is a leaf again");
+    }
+
+    #[test]
+    fn a_262_000_block_chain_fills_and_evicts_twice_over() {
+        let block = tiny();
+        let charge = BlockStore::charge_of(&block);
+        let cap_blocks = 131_000u32;
+        let s = BlockStore::new(u64::from(cap_blocks) * charge);
+        for i in 0..2 * cap_blocks {
+            let parent = i.checked_sub(1).map(|p| nkey(NS, p).key);
+            s.insert(nkey(NS, i), parent, block.clone())
+                .expect("insert");
+            if i % 8192 == 0 {
+                // Other clients' lookups keep working at every stage.
+                assert_eq!(s.lookup_prefix(NS, &[nkey(NS, i).key]), 1);
+            }
+        }
+        s.check_invariants();
+        assert_eq!(s.evictions(), u64::from(cap_blocks));
+        assert_eq!(s.used_bytes(), u64::from(cap_blocks) * charge);
+        // The newest chain segment is stored whole, head to tail.
+        let keys: Vec<BlockKey> = (cap_blocks..2 * cap_blocks)
+            .map(|i| nkey(NS, i).key)
+            .collect();
+        assert_eq!(s.lookup_prefix(NS, &keys), cap_blocks as usize);
+        let u = s.stats(1).namespaces[0].1;
+        assert_eq!((u.blocks, u.bytes), (u64::from(cap_blocks), s.used_bytes()));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert {
+            ns: u8,
+            key: u8,
+            parent: Option<u8>,
+            size: u8,
+        },
+        Remove {
+            ns: u8,
+            key: u8,
+        },
+        Lookup {
+            ns: u8,
+            keys: Vec<u8>,
+        },
+        Get {
+            ns: u8,
+            key: u8,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..3u8, 0..40u8, proptest::option::weighted(0.8, 0..40u8), 0..4u8)
+                .prop_map(|(ns, key, parent, size)| Op::Insert { ns, key, parent, size }),
+            1 => (0..3u8, 0..40u8).prop_map(|(ns, key)| Op::Remove { ns, key }),
+            2 => (0..3u8, proptest::collection::vec(0..40u8, 0..6))
+                .prop_map(|(ns, keys)| Op::Lookup { ns, keys }),
+            2 => (0..3u8, 0..40u8).prop_map(|(ns, key)| Op::Get { ns, key }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn random_ops_keep_every_invariant(
+            cap_blocks in 1..12u64,
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let blocks: Vec<_> = [1u32, 8, 40, 100].iter().map(|h| sized(*h)).collect();
+            let s = BlockStore::audited(cap_blocks * BlockStore::charge_of(&blocks[3]));
+            let ns = |n: u8| BlockKey([n + 1; 32]);
+            for op in ops {
+                match op {
+                    Op::Insert { ns: n, key, parent, size } => {
+                        let parent = parent.map(|p| nkey(ns(n), u32::from(p)).key);
+                        let r = s.insert(nkey(ns(n), u32::from(key)), parent, blocks[size as usize].clone());
+                        prop_assert!(r.is_ok());
+                    }
+                    Op::Remove { ns: n, key } => {
+                        s.remove(&nkey(ns(n), u32::from(key)));
+                    }
+                    Op::Lookup { ns: n, keys } => {
+                        let keys: Vec<BlockKey> =
+                            keys.iter().map(|k| nkey(ns(n), u32::from(*k)).key).collect();
+                        let hit = s.lookup_prefix(ns(n), &keys);
+                        let all_stored = keys[..hit].iter().all(|k| s.contains(&StoreKey { namespace: ns(n), key: *k }));
+                        prop_assert!(all_stored);
+                    }
+                    Op::Get { ns: n, key } => {
+                        let k = nkey(ns(n), u32::from(key));
+                        prop_assert_eq!(s.get_many(ns(n), &[k.key])[0].is_some(), s.contains(&k));
+                    }
+                }
+                s.check_invariants();
+            }
+        }
     }
 }

@@ -846,7 +846,8 @@ impl PyClient {
     }
 
     /// Counters and gauges of every healthy member (one dict per node, as the `Stats` RPC
-    /// returns them; `namespaces` lists per-namespace usage: digest, blocks, bytes, hits).
+    /// returns them; `namespaces` lists the node's top namespaces by bytes and by hits: digest,
+    /// blocks, bytes, hits; `namespaces_total` counts all its namespaces).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let (eps, opts, rt) = (self.endpoints.clone(), self.opts.clone(), runtime()?);
         let all = py
@@ -873,6 +874,7 @@ impl PyClient {
                 ("bytes_out", s.bytes_out),
                 ("deletes", s.deletes),
                 ("uptime_seconds", s.uptime_seconds),
+                ("namespaces_total", s.namespaces_total),
             ] {
                 d.set_item(k, v)?;
             }

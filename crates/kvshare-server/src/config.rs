@@ -150,6 +150,12 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_DNS_INTERVAL_MS", default_value_t = 10_000)]
     pub dns_interval_ms: u64,
 
+    /// Namespaces listed by Stats, /api/stats and /metrics: the N largest by bytes together
+    /// with the N with most hits (1 to 1000). A Stats request may ask for up to 1000.
+    #[arg(long, env = "KVSHARE_STATS_TOP_NAMESPACES", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub stats_top_namespaces: u32,
+
     /// Seconds to wait for in-flight requests on SIGTERM before exiting anyway.
     #[arg(long, env = "KVSHARE_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
@@ -197,5 +203,14 @@ mod tests {
         assert_eq!(c.capacity, 8 << 30);
         assert_eq!(c.max_block_size, 4 << 20);
         assert!(ServerConfig::try_parse_from(["kvshared", "--capacity", "lots"]).is_err());
+        assert_eq!(c.stats_top_namespaces, 50);
+        let c = ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", "7"])
+            .expect("parse");
+        assert_eq!(c.stats_top_namespaces, 7);
+        for bad in ["0", "1001"] {
+            assert!(
+                ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", bad]).is_err()
+            );
+        }
     }
 }

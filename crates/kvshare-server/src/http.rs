@@ -114,8 +114,12 @@ pub struct StatsJson {
     pub deletes: u64,
     /// Seconds since start.
     pub uptime_seconds: u64,
-    /// Per-namespace usage, largest first.
+    /// The top namespaces (the largest by bytes together with those with most hits, as many
+    /// as the node's `--stats-top-namespaces`), largest first.
     pub namespaces: Vec<NamespaceJson>,
+    /// Namespaces with blocks stored on the node, listed or not.
+    #[serde(default)]
+    pub namespaces_total: u64,
 }
 
 /// One namespace in `/api/stats`.
@@ -134,7 +138,7 @@ pub struct NamespaceJson {
 impl StatsJson {
     /// Builds the JSON view of a node's stats.
     pub fn from_node(node: &NodeState) -> Self {
-        Self::from_pb(&node.stats())
+        Self::from_pb(&node.stats(0))
     }
 
     /// JSON view of a Stats RPC answer.
@@ -184,6 +188,7 @@ impl StatsJson {
                     hits: n.hits,
                 })
                 .collect(),
+            namespaces_total: s.namespaces_total,
         }
     }
 }
@@ -222,6 +227,10 @@ pub struct ClusterJson {
     pub namespaces_by_bytes: Vec<NamespaceJson>,
     /// Top namespaces by hits.
     pub namespaces_by_hits: Vec<NamespaceJson>,
+    /// Most namespaces stored on one reachable member (a lower bound of the cluster's distinct
+    /// namespaces: replicas would make a sum count one namespace several times).
+    #[serde(default)]
+    pub namespaces_total: u64,
 }
 
 /// One peer's entry in `/api/cluster`: its `Stats` RPC (1 s deadline).
@@ -229,7 +238,7 @@ async fn peer_json(
     info: kvshare_proto::v1::Member,
     mut client: kvshare_proto::v1::kv_cache_client::KvCacheClient<tonic::transport::Channel>,
 ) -> NodeJson {
-    let mut req = tonic::Request::new(kvshare_proto::v1::StatsRequest {});
+    let mut req = tonic::Request::new(kvshare_proto::v1::StatsRequest::default());
     req.set_timeout(std::time::Duration::from_secs(1));
     let r = tokio::time::timeout(std::time::Duration::from_millis(1500), client.stats(req)).await;
     let (stats, error) = match r {
@@ -322,6 +331,12 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
     nodes.extend(futures::future::join_all(fetches).await);
     nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     let (totals, namespaces_by_bytes, namespaces_by_hits) = aggregate(&nodes);
+    let namespaces_total = nodes
+        .iter()
+        .filter_map(|n| n.stats.as_ref())
+        .map(|s| s.namespaces_total)
+        .max()
+        .unwrap_or(0);
     ClusterJson {
         node_id: node.node_id.clone(),
         replicas: node.cluster.replicas(),
@@ -329,6 +344,7 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
         totals,
         namespaces_by_bytes,
         namespaces_by_hits,
+        namespaces_total,
     }
 }
 
@@ -351,7 +367,8 @@ async fn api_cluster(State(st): State<HttpState>) -> Json<ClusterJson> {
 
 async fn metrics(State(st): State<HttpState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let node = &st.node;
-    let s = node.store.stats();
+    // Sizes only: the namespace collector lists the top namespaces itself.
+    let s = node.store.stats(0);
     let m = &node.metrics;
     m.stored_bytes.set(s.used_bytes as i64);
     m.stored_blocks.set(s.blocks as i64);

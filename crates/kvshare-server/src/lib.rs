@@ -189,10 +189,16 @@ fn node_state(
     addrs: Advertised,
     cluster: Arc<cluster::Cluster>,
 ) -> NodeState {
+    let stats_top_namespaces = config
+        .stats_top_namespaces
+        .clamp(1, state::MAX_STATS_TOP_NAMESPACES);
+    let store = Arc::new(BlockStore::new(config.capacity));
+    let mut metrics = metrics::Metrics::new();
+    metrics.register_namespaces(store.clone(), stats_top_namespaces as usize);
     NodeState {
         node_id,
-        store: BlockStore::new(config.capacity),
-        metrics: metrics::Metrics::new(),
+        store,
+        metrics,
         limits: state::Limits {
             max_block_size: config.max_block_size,
             get_chunk_size: config
@@ -202,6 +208,7 @@ fn node_state(
             max_keys: config.max_keys.max(1),
             stream_idle_timeout: Duration::from_millis(config.stream_idle_timeout_ms.max(1)),
             put_min_rate: config.put_min_rate.max(1),
+            stats_top_namespaces,
         },
         grpc_addr: addrs.grpc,
         http_addr: addrs.http,

@@ -1,9 +1,17 @@
 //! Prometheus metrics of a node (`/metrics`), following Prometheus naming conventions.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::Arc;
+
+use kvshare_core::BlockStore;
+use kvshare_core::store::NamespaceUsage;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -70,6 +78,86 @@ pub struct ResultLabels {
 pub struct PeerLabels {
     /// Peer node id (or address while its id is unknown).
     pub peer: String,
+}
+
+/// Labels of per-namespace metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    /// First 16 hex digits of the namespace digest.
+    pub namespace: String,
+}
+
+/// Scrape-time collector of per-namespace usage: only the store's top namespaces (by bytes and
+/// by hits, see [`BlockStore::stats`]), so the label cardinality stays bounded by `2 * top`
+/// however many namespaces the node holds; `kvshare_namespaces` counts them all.
+struct NamespaceCollector {
+    store: Arc<BlockStore>,
+    top: usize,
+}
+
+impl std::fmt::Debug for NamespaceCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamespaceCollector")
+            .field("top", &self.top)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the namespace collector emits, after the registry's `kvshare_` prefix: name, help, type
+/// (a table, like `register!`, so that scripts/validate_deploy.py finds the names).
+const NAMESPACE_METRICS: [(&str, &str, MetricType); 4] = [
+    (
+        "namespaces",
+        "Namespaces with blocks stored on this node",
+        MetricType::Gauge,
+    ),
+    (
+        "namespace_stored_bytes",
+        "Bytes stored (payload plus index overhead) by each of the top namespaces",
+        MetricType::Gauge,
+    ),
+    (
+        "namespace_blocks",
+        "Blocks stored by each of the top namespaces",
+        MetricType::Gauge,
+    ),
+    (
+        "namespace_hits",
+        "Blocks of each of the top namespaces found by lookups and gets (from 0 again after a namespace loses its last block)",
+        MetricType::Counter,
+    ),
+];
+
+/// Reads one figure of a namespace's usage.
+type UsageField = fn(&NamespaceUsage) -> u64;
+
+impl Collector for NamespaceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = self.store.stats(self.top);
+        let [total, bytes, blocks, hits] = &NAMESPACE_METRICS;
+        let gauge = ConstGauge::new(st.namespaces_total);
+        gauge.encode(encoder.encode_descriptor(total.0, total.1, None, total.2)?)?;
+        let labels: Vec<NamespaceLabels> = st
+            .namespaces
+            .iter()
+            .map(|(ns, _)| NamespaceLabels {
+                namespace: ns.to_hex().chars().take(16).collect(),
+            })
+            .collect();
+        let gauges: [(_, UsageField); 2] = [(bytes, |u| u.bytes), (blocks, |u| u.blocks)];
+        for ((name, help, kind), value) in gauges {
+            let mut e = encoder.encode_descriptor(name, help, None, *kind)?;
+            for (l, (_, u)) in labels.iter().zip(&st.namespaces) {
+                e.encode_family(l)?.encode_gauge(&value(u))?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(hits.0, hits.1, None, hits.2)?;
+        for (l, (_, u)) in labels.iter().zip(&st.namespaces) {
+            e.encode_family(l)?
+                .encode_counter::<NamespaceLabels, u64, u64>(&u.hits, None)?;
+        }
+        Ok(())
+    }
 }
 
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
@@ -194,6 +282,14 @@ impl Metrics {
         m
     }
 
+    /// Registers the per-namespace collector: at each scrape, the `top` namespaces of `store` by
+    /// bytes and by hits (`kvshare_namespace_stored_bytes`, `kvshare_namespace_blocks`,
+    /// `kvshare_namespace_hits`) and the count of all (`kvshare_namespaces`).
+    pub fn register_namespaces(&mut self, store: Arc<BlockStore>, top: usize) {
+        self.registry
+            .register_collector(Box::new(NamespaceCollector { store, top }));
+    }
+
     /// Counts a client's lookup of `keys` blocks of which the first `hit` are cached
     /// (`tokens_per_block` of the namespace, 0 when unknown).
     pub fn count_client_lookup(&self, keys: u64, hit: u64, tokens_per_block: u64) {
@@ -297,5 +393,57 @@ mod tests {
         );
         assert!(t.contains("# TYPE kvshare_rpc_duration_seconds histogram"));
         assert!(!t.contains("# EOF"));
+    }
+
+    #[test]
+    fn namespace_collector_lists_only_the_top_namespaces() {
+        use kvshare_core::layout::{DType, KvLayout};
+        use kvshare_core::{BlockKey, Codec, EncodedBlock, StoreKey};
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 1,
+            dtype: DType::U8,
+            tokens_per_block: 1,
+        };
+        let store = Arc::new(BlockStore::new(1 << 20));
+        for ns in 0..20u8 {
+            let namespace = BlockKey([ns; 32]);
+            let block = Arc::new(
+                EncodedBlock::encode(namespace, layout, Codec::None, &[1, 2]).expect("block"),
+            );
+            for b in 0..=ns {
+                let key = StoreKey {
+                    namespace,
+                    key: BlockKey([b; 32]),
+                };
+                store.insert(key, None, block.clone()).expect("insert");
+            }
+        }
+        // Namespace 3 gets the most hits; 19 is the largest.
+        store.lookup_prefix(BlockKey([3; 32]), &[BlockKey([0; 32]), BlockKey([1; 32])]);
+        let mut m = Metrics::new();
+        m.register_namespaces(store, 1);
+        let t = m.encode_prometheus_text();
+        assert!(t.contains("\nkvshare_namespaces 20\n"), "{t}");
+        let largest = format!(
+            "kvshare_namespace_blocks{{namespace=\"{}\"}} 20\n",
+            "13".repeat(8)
+        );
+        assert!(t.contains(&largest), "{t}");
+        let hit = format!(
+            "kvshare_namespace_hits_total{{namespace=\"{}\"}} 2\n",
+            "03".repeat(8)
+        );
+        assert!(t.contains(&hit), "{t}");
+        assert!(
+            t.contains("# TYPE kvshare_namespace_hits_total counter"),
+            "{t}"
+        );
+        assert_eq!(
+            t.matches("kvshare_namespace_stored_bytes{").count(),
+            2,
+            "{t}"
+        );
     }
 }

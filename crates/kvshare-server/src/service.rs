@@ -155,9 +155,9 @@ impl KvCacheService {
     async fn stats(
         &self,
         _: bool,
-        _: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<pb::StatsResponse, Status> {
-        Ok(self.state.stats())
+        Ok(self.state.stats(request.get_ref().top_namespaces))
     }
 
     async fn cluster_info(

@@ -31,14 +31,19 @@ pub struct Limits {
     pub stream_idle_timeout: Duration,
     /// Slowest accepted upload rate (bytes per second) once a block's idle allowance is spent.
     pub put_min_rate: u64,
+    /// Top namespaces listed by stats when the request does not say (see [`NodeState::stats`]).
+    pub stats_top_namespaces: u32,
 }
+
+/// Most top namespaces a Stats request may ask for.
+pub const MAX_STATS_TOP_NAMESPACES: u32 = 1000;
 
 /// Shared state of a node, used by the gRPC service and the HTTP endpoints.
 pub struct NodeState {
     /// Stable node id.
     pub node_id: String,
-    /// The block store.
-    pub store: BlockStore,
+    /// The block store (shared with the `/metrics` namespace collector).
+    pub store: Arc<BlockStore>,
     /// Metrics.
     pub metrics: Metrics,
     /// Request limits.
@@ -156,9 +161,22 @@ impl NodeState {
         }
     }
 
-    /// Counters and gauges as the Stats RPC reports them.
-    pub fn stats(&self) -> pb::StatsResponse {
-        let st = self.store.stats();
+    /// Top namespaces to list for a request asking for `requested` (0: this node's default;
+    /// at most [`MAX_STATS_TOP_NAMESPACES`]).
+    pub fn stats_top(&self, requested: u32) -> usize {
+        let n = if requested == 0 {
+            self.limits.stats_top_namespaces
+        } else {
+            requested
+        };
+        n.min(MAX_STATS_TOP_NAMESPACES) as usize
+    }
+
+    /// Counters and gauges as the Stats RPC reports them, listing the top `top_namespaces`
+    /// namespaces by bytes and by hits (0: this node's default; capped at
+    /// [`MAX_STATS_TOP_NAMESPACES`]) and counting them all in `namespaces_total`.
+    pub fn stats(&self, top_namespaces: u32) -> pb::StatsResponse {
+        let st = self.store.stats(self.stats_top(top_namespaces));
         let m = &self.metrics;
         let put = |o| m.puts.get_or_create(&PutLabels { outcome: o }).get();
         pb::StatsResponse {
@@ -193,6 +211,7 @@ impl NodeState {
             lookup_hit_blocks: m.lookup_hit_blocks.get(),
             lookup_tokens: m.lookup_tokens.get(),
             lookup_hit_tokens: m.lookup_hit_tokens.get(),
+            namespaces_total: st.namespaces_total,
         }
     }
 }

@@ -62,7 +62,7 @@ async fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
         .collect();
     c.put(tokio_stream::iter(msgs)).await.expect("put");
     let s = c
-        .stats(pb::StatsRequest {})
+        .stats(pb::StatsRequest::default())
         .await
         .expect("stats")
         .into_inner();
