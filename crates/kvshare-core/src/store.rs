@@ -500,6 +500,15 @@ impl BlockStore {
         }
     }
 
+    /// A stored block and the parent key it was stored with, without marking it used (for
+    /// background work such as re-replication, which must not change eviction order).
+    pub fn peek(&self, key: &StoreKey) -> Option<(Arc<EncodedBlock>, Option<BlockKey>)> {
+        let g = self.inner.lock();
+        g.map
+            .get(key)
+            .map(|e| (e.block.clone(), e.parent.map(|(p, _)| p)))
+    }
+
     /// Every stored key, least recently used first (for tests and diagnostics; O(n log n)).
     pub fn keys_lru_order(&self) -> Vec<StoreKey> {
         let g = self.inner.lock();

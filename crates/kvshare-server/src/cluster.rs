@@ -38,6 +38,8 @@ pub struct ClusterConfig {
     pub failure_threshold: u32,
     /// Deadline of a request forwarded to a peer.
     pub forward_timeout: Duration,
+    /// How long a read waits for an owner before it also asks the next one.
+    pub hedge_after: Duration,
     /// Interval between DNS resolutions.
     pub dns_interval: Duration,
 }
@@ -400,6 +402,11 @@ impl Cluster {
     /// Deadline of forwarded requests.
     pub fn forward_timeout(&self) -> Duration {
         self.config.forward_timeout
+    }
+
+    /// How long a read waits for an owner before it also asks the next one.
+    pub fn hedge_after(&self) -> Duration {
+        self.config.hedge_after
     }
 
     /// Runs health checks (and DNS resolution) until `shutdown` turns true.

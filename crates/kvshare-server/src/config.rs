@@ -146,6 +146,24 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_FORWARD_TIMEOUT_MS", default_value_t = 5_000)]
     pub forward_timeout_ms: u64,
 
+    /// A read (Lookup, Get) waits this long for a key's owner before it also asks the key's
+    /// next owner; a frozen or overloaded owner costs a read this delay (milliseconds).
+    #[arg(long, env = "KVSHARE_HEDGE_AFTER_MS", default_value_t = 250)]
+    pub hedge_after_ms: u64,
+
+    /// A member down this long has its blocks copied from the surviving owners to the owners
+    /// that replace it (milliseconds). A member that returns or joins is caught up at once.
+    #[arg(long, env = "KVSHARE_REREPLICATE_AFTER_MS", default_value_t = 30_000)]
+    pub rereplicate_after_ms: u64,
+
+    /// Interval of the periodic re-replication sweep (milliseconds).
+    #[arg(long, env = "KVSHARE_REBALANCE_INTERVAL_MS", default_value_t = 600_000)]
+    pub rebalance_interval_ms: u64,
+
+    /// Most bytes per second re-replication copies to other nodes, e.g. 64MiB.
+    #[arg(long, env = "KVSHARE_REREPLICATE_RATE", default_value = "64MiB", value_parser = size_arg)]
+    pub rereplicate_rate: u64,
+
     /// Interval between DNS resolutions of --peers-dns (milliseconds).
     #[arg(long, env = "KVSHARE_DNS_INTERVAL_MS", default_value_t = 10_000)]
     pub dns_interval_ms: u64,

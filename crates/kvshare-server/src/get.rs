@@ -25,6 +25,7 @@ use tracing::warn;
 
 use crate::budget::Charge;
 use crate::cluster::View;
+use crate::deadline;
 use crate::rejection::Rejection;
 use crate::routing::{self, Fetched};
 use crate::state::{NodeState, Scope};
@@ -63,7 +64,7 @@ pub fn respond(
     from_client: bool,
 ) -> GetStream {
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(async move {
+    tokio::spawn(deadline::scope(deadline::current(), async move {
         let mut out = Responder {
             tx,
             state: &state,
@@ -96,7 +97,7 @@ pub fn respond(
             m.misses
                 .inc_by(keys.len() as u64 - hits.min(keys.len() as u64));
         }
-    });
+    }));
     Box::pin(ChargedStream {
         rx,
         held: Charge::default(),

@@ -18,10 +18,12 @@ pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod get;
 pub mod http;
 pub mod metrics;
 pub mod put;
+pub mod rebalance;
 pub mod rejection;
 pub mod request;
 pub mod routing;
@@ -179,6 +181,7 @@ fn cluster_config(config: &ServerConfig) -> cluster::ClusterConfig {
         health_timeout: Duration::from_millis(config.peer_health_timeout_ms.max(10)),
         failure_threshold: config.peer_failure_threshold.max(1),
         forward_timeout: Duration::from_millis(config.forward_timeout_ms.max(10)),
+        hedge_after: Duration::from_millis(config.hedge_after_ms.max(1)),
         dns_interval: Duration::from_millis(config.dns_interval_ms.max(100)),
     }
 }
@@ -345,6 +348,16 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let ready = Arc::new(AtomicBool::new(true));
     let grpc_task = spawn_grpc(grpc_listener, state.clone(), &config, shutdown_rx.clone()).await?;
     tokio::spawn(cluster.run(shutdown_rx.clone()));
+    let rebalance = rebalance::RebalanceConfig {
+        after_down: Duration::from_millis(config.rereplicate_after_ms),
+        interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),
+        rate: config.rereplicate_rate.max(1),
+    };
+    tokio::spawn(rebalance::run(
+        state.clone(),
+        rebalance,
+        shutdown_rx.clone(),
+    ));
     let http_state = http::HttpState {
         node: state.clone(),
         ready: ready.clone(),

@@ -214,6 +214,12 @@ pub struct Metrics {
     pub replica_writes: Family<ResultLabels, Counter>,
     /// Blocks served by a replica other than the first owner.
     pub failovers: Counter,
+    /// Blocks copied to an owner that lacked them by re-replication.
+    pub rereplicated_blocks: Counter,
+    /// Local blocks that the last re-replication sweep found missing on one of their owners.
+    pub under_replicated_blocks: Gauge,
+    /// Re-replication sweeps completed.
+    pub rebalance_sweeps: Counter,
     /// 1 when a peer is healthy, 0 when marked down.
     pub peer_up: Family<PeerLabels, Gauge>,
 }
@@ -252,6 +258,9 @@ impl Metrics {
             peer_requests: Family::default(),
             replica_writes: Family::default(),
             failovers: Counter::default(),
+            rereplicated_blocks: Counter::default(),
+            under_replicated_blocks: Gauge::default(),
+            rebalance_sweeps: Counter::default(),
             peer_up: Family::default(),
         };
         register!(m.registry, m;
@@ -277,6 +286,9 @@ impl Metrics {
             peer_requests: "peer_requests", "Requests served from the local store for peers and smart clients";
             replica_writes: "replica_writes", "Block writes to remote replicas, by result";
             failovers: "failovers", "Blocks served by a replica other than the first owner";
+            rereplicated_blocks: "rereplicated_blocks", "Blocks copied by re-replication to an owner that lacked them";
+            under_replicated_blocks: "under_replicated_blocks", "Local blocks the last re-replication sweep found missing on one of their owners (before copying)";
+            rebalance_sweeps: "rebalance_sweeps", "Re-replication sweeps completed";
             peer_up: "peer_up", "Whether a peer is healthy (1) or marked down (0)";
         );
         m

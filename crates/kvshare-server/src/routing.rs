@@ -3,6 +3,10 @@
 //! node's store only (one hop).
 
 use std::collections::HashMap;
+use std::future::Future;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +22,7 @@ use tracing::{debug, warn};
 
 use crate::budget::Charge;
 use crate::cluster::{Member, Target, View};
+use crate::deadline;
 use crate::metrics::{ForwardLabels, Method};
 use crate::rejection::{Rejection, is_unreachable};
 use crate::state::NodeState;
@@ -50,7 +55,7 @@ pub struct ForwardResult {
 /// A request to a peer: deadline and the do-not-forward header set.
 fn peer_request<T>(msg: T, state: &NodeState) -> Request<T> {
     let mut r = Request::new(msg);
-    r.set_timeout(state.cluster.forward_timeout());
+    r.set_timeout(deadline::budget(state.cluster.forward_timeout()));
     mark_no_forward(&mut r);
     r
 }
@@ -76,29 +81,60 @@ fn peer_failed(state: &NodeState, member: &Member, method: Method, status: &Stat
     }
 }
 
-/// Presence of every key on any of its owners.
+/// Presence of every key on any of its owners. Once every key has an answer from at least one
+/// owner, slower owners get the hedge delay to answer too (a copy only they hold still
+/// counts), then are left behind: a frozen owner costs a lookup that delay, not its timeout.
 pub async fn lookup(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockKey]) -> Vec<bool> {
-    let calls = view.all_owner_groups(keys).into_iter().map(|(m, idx)| {
-        let member = &view.members()[m];
-        let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-        async move {
-            let present = match &member.target {
-                Target::Local => Some(state.store.presence(ns, &sub)),
-                Target::Remote(client) => lookup_remote(state, member, client, ns, &sub).await,
-            };
-            (idx, present)
-        }
-    });
+    let mut calls: FuturesUnordered<_> = view
+        .all_owner_groups(keys)
+        .into_iter()
+        .map(|(m, idx)| {
+            let member = &view.members()[m];
+            let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+            async move {
+                let present = match &member.target {
+                    Target::Local => Some(state.store.presence(ns, &sub)),
+                    Target::Remote(client) => lookup_remote(state, member, client, ns, &sub).await,
+                };
+                (idx, present)
+            }
+        })
+        .collect();
     let mut present = vec![false; keys.len()];
-    for (idx, p) in futures::future::join_all(calls).await {
-        for (i, hit) in idx.into_iter().zip(p.unwrap_or_default()) {
+    let mut covered = vec![false; keys.len()];
+    let mut uncovered = keys.len();
+    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        let next = match grace.as_mut() {
+            Some(g) => tokio::select! {
+                r = calls.next() => r,
+                _ = g => break,
+            },
+            None => calls.next().await,
+        };
+        let Some((idx, answer)) = next else { break };
+        for (i, hit) in idx.into_iter().zip(answer.unwrap_or_default()) {
             present[i] |= hit;
+            if !covered[i] {
+                covered[i] = true;
+                uncovered -= 1;
+            }
+        }
+        if uncovered == 0 {
+            if present.iter().all(|p| *p) {
+                break;
+            }
+            if grace.is_none() {
+                grace = Some(Box::pin(tokio::time::sleep(state.cluster.hedge_after())));
+            }
         }
     }
     present
 }
 
-async fn lookup_remote(
+/// Presence of `keys` on one peer (a per-key Lookup marked do-not-forward); `None` when the
+/// peer failed (counted against its health when it did not answer).
+pub async fn lookup_remote(
     state: &NodeState,
     member: &Member,
     client: &KvCacheClient<Channel>,
@@ -219,45 +255,136 @@ pub async fn get(
 ) -> Result<Vec<Option<Fetched>>, Rejection> {
     let credit = std::sync::Mutex::new(credit);
     let refused = std::sync::Mutex::new(None);
-    let (found, fallbacks) = view
-        .fetch_with_failover(keys, |m, idx| {
-            let member = &view.members()[m];
-            let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-            let (refused, credit) = (&refused, &credit);
-            async move {
-                let got: Vec<Option<Fetched>> = match &member.target {
-                    Target::Local => state
-                        .store
-                        .get_many(ns, &sub)
-                        .into_iter()
-                        .map(|b| {
-                            b.map(|block| Fetched {
-                                block,
-                                charge: Charge::default(),
-                            })
+    let hedge = state.cluster.hedge_after();
+    let (found, fallbacks) = fetch_hedged(view, keys, hedge, |m, idx| {
+        let member = &view.members()[m];
+        let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+        let (refused, credit) = (&refused, &credit);
+        async move {
+            let got: Vec<Option<Fetched>> = match &member.target {
+                Target::Local => state
+                    .store
+                    .get_many(ns, &sub)
+                    .into_iter()
+                    .map(|b| {
+                        b.map(|block| Fetched {
+                            block,
+                            charge: Charge::default(),
                         })
-                        .collect(),
-                    Target::Remote(client) => {
-                        match get_remote(state, member, client, ns, &sub, credit).await {
-                            Ok(Some(v)) => v,
-                            Ok(None) => std::iter::repeat_with(|| None).take(sub.len()).collect(),
-                            Err(r) => {
-                                if let Ok(mut slot) = refused.lock() {
-                                    slot.get_or_insert(r);
-                                }
-                                std::iter::repeat_with(|| None).take(sub.len()).collect()
+                    })
+                    .collect(),
+                Target::Remote(client) => {
+                    match get_remote(state, member, client, ns, &sub, credit).await {
+                        Ok(Some(v)) => v,
+                        Ok(None) => std::iter::repeat_with(|| None).take(sub.len()).collect(),
+                        Err(r) => {
+                            if let Ok(mut slot) = refused.lock() {
+                                slot.get_or_insert(r);
                             }
+                            std::iter::repeat_with(|| None).take(sub.len()).collect()
                         }
                     }
-                };
-                (idx, got)
-            }
-        })
-        .await;
+                }
+            };
+            (idx, got)
+        }
+    })
+    .await;
     state.metrics.failovers.inc_by(fallbacks);
     match refused.into_inner() {
         Ok(Some(r)) => Err(r),
         _ => Ok(found),
+    }
+}
+
+/// Fetches every key from its owners in rank order, with hedging: a key whose owner misses
+/// or fails goes to its next owner at once, and a key whose owner has not answered within
+/// `hedge` goes to its next owner too (both requests race; the first block wins). Returns when
+/// every key has a block or every owner of it has answered, leaving slower requests behind;
+/// also returns how many blocks came from a fallback owner.
+pub async fn fetch_hedged<T, F, Fut>(
+    view: &View,
+    keys: &[BlockKey],
+    hedge: std::time::Duration,
+    fetch: F,
+) -> (Vec<Option<T>>, u64)
+where
+    F: FnMut(usize, Vec<usize>) -> Fut,
+    Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
+{
+    let n = keys.len();
+    let mut h = Hedged {
+        owners: view.owner_lists(keys),
+        next_rank: vec![0; n],
+        pending: vec![0; n],
+        calls: FuturesUnordered::new(),
+        fetch,
+    };
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
+    let mut fallbacks = 0;
+    h.ask_next((0..n).collect());
+    let mut timer = Box::pin(tokio::time::sleep(hedge));
+    while !(0..n).all(|i| out[i].is_some() || h.exhausted(i)) {
+        tokio::select! {
+            r = h.calls.next() => {
+                let Some((idx, got)) = r else { break };
+                let mut retry = Vec::new();
+                for (i, item) in idx.into_iter().zip(got) {
+                    h.pending[i] = h.pending[i].saturating_sub(1);
+                    match item {
+                        Some(v) if out[i].is_none() => {
+                            fallbacks += u64::from(h.next_rank[i] > 1);
+                            out[i] = Some(v);
+                        }
+                        None if out[i].is_none() && h.pending[i] == 0 => retry.push(i),
+                        _ => {}
+                    }
+                }
+                h.ask_next(retry);
+            }
+            _ = &mut timer => {
+                let slow = (0..n).filter(|&i| out[i].is_none() && h.pending[i] > 0).collect();
+                h.ask_next(slow);
+                timer = Box::pin(tokio::time::sleep(hedge));
+            }
+        }
+    }
+    (out, fallbacks)
+}
+
+/// The state of a hedged fetch: which owner rank each key asks next and how many requests for
+/// it are out.
+struct Hedged<F, Fut> {
+    owners: Vec<Vec<usize>>,
+    next_rank: Vec<usize>,
+    pending: Vec<u32>,
+    calls: FuturesUnordered<Fut>,
+    fetch: F,
+}
+
+impl<T, F, Fut> Hedged<F, Fut>
+where
+    F: FnMut(usize, Vec<usize>) -> Fut,
+    Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
+{
+    /// Asks each of `which` keys' next owner (one request per owner).
+    fn ask_next(&mut self, which: Vec<usize>) {
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for i in which {
+            if let Some(&m) = self.owners[i].get(self.next_rank[i]) {
+                self.next_rank[i] += 1;
+                self.pending[i] += 1;
+                groups.entry(m).or_default().push(i);
+            }
+        }
+        for (m, idx) in groups {
+            self.calls.push((self.fetch)(m, idx));
+        }
+    }
+
+    /// Whether every owner of key `i` has been asked and has answered.
+    fn exhausted(&self, i: usize) -> bool {
+        self.pending[i] == 0 && self.next_rank[i] >= self.owners[i].len()
     }
 }
 

@@ -11,6 +11,7 @@ use kvshare_proto::transport::is_no_forward;
 use kvshare_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::deadline;
 use crate::get::{self, GetStream};
 use crate::metrics::Method;
 use crate::put::PutSession;
@@ -40,7 +41,8 @@ impl KvCacheService {
     ) -> Result<Response<T>, Status> {
         let t0 = Instant::now();
         let no_forward = is_no_forward(request.metadata());
-        let r = handler(no_forward, request).await;
+        let until = deadline::from_metadata(request.metadata());
+        let r = deadline::scope(until, handler(no_forward, request)).await;
         self.record_rpc(method, t0, r.map(Response::new))
     }
 
