@@ -96,10 +96,12 @@ impl Cluster {
                 continue;
             }
             while self.sweeps(i).await <= *before {
-                assert!(
-                    t0.elapsed() < limit,
-                    "node-{i} did not sweep within {limit:?}"
-                );
+                if t0.elapsed() >= limit {
+                    let cluster = http_get(self.ports[i].1, "/api/cluster").await;
+                    panic!(
+                        "node-{i} did not sweep within {limit:?} (sweeps before: {since:?}); its /api/cluster: {cluster}"
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
