@@ -111,8 +111,9 @@ for t in "${targets[@]}"; do
     "$([ "$rc" = 0 ] && echo ok || echo FAILED)" "${execs:-?}" "${rate:-?}" "${rss:-?}" "${cov:-?}"
   if [ "$rc" != 0 ]; then
     failed=1
-    echo "---- $t: last lines of the libFuzzer log (exit $rc)"
-    grep -vE '^#[0-9]+\s' "$dir/log" | tail -40 || true
+    echo "---- $t: what failed (exit $rc; full log: $ARTIFACTS/$t/log)"
+    grep -E -A3 'panicked at|==ERROR|ERROR: libFuzzer' "$dir/log" | head -24 || true
+    grep -vE '^#[0-9]+\s|^ +#[0-9]+ 0x|^ +(at |[0-9]+: )' "$dir/log" | tail -12 || true
     cp "$dir/log" "$ARTIFACTS/$t/log"
     echo "---- $t: inputs saved under $ARTIFACTS/$t/:"
     ls -1 "$ARTIFACTS/$t" | grep -v '^log$' | sed "s|^|  $ARTIFACTS/$t/|" || true
