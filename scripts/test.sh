@@ -16,6 +16,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== fuzzing (block header, Get stream, codecs: ${FUZZ_SECONDS:-60}s per target, 2 at a time; docs/fuzzing.md)"
+scripts/fuzz.sh
 echo "== deployment manifests, alerts, dashboards (validated against kvshared --help and schemas)"
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/validate-deploy.sh
 echo "== benchmark smoke run (kvshare vs redis, tiny sizes)"

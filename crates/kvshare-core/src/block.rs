@@ -129,13 +129,7 @@ impl EncodedBlock {
 
     /// Decodes the payload and verifies length and checksum.
     pub fn decode(&self) -> Result<Vec<u8>, CoreError> {
-        if self.payload.len() as u64 != self.header.payload_len {
-            return Err(CoreError::Corrupt(format!(
-                "payload has {} bytes but header.payload_len is {}",
-                self.payload.len(),
-                self.header.payload_len
-            )));
-        }
+        self.check_payload_len()?;
         let raw = self
             .header
             .codec
@@ -153,6 +147,7 @@ impl EncodedBlock {
     /// Checks that the payload decodes to `raw_len` bytes with the header's checksum, without
     /// keeping the decoded bytes (a raw payload is hashed in place, with no copy).
     pub fn verify(&self) -> Result<(), CoreError> {
+        self.check_payload_len()?;
         if self.header.codec == Codec::None {
             if self.payload.len() as u64 != self.header.raw_len {
                 return Err(CoreError::Corrupt(format!(
@@ -171,6 +166,17 @@ impl EncodedBlock {
             return Ok(());
         }
         self.decode().map(|_| ())
+    }
+
+    fn check_payload_len(&self) -> Result<(), CoreError> {
+        if self.payload.len() as u64 != self.header.payload_len {
+            return Err(CoreError::Corrupt(format!(
+                "payload has {} bytes but header.payload_len is {}",
+                self.payload.len(),
+                self.header.payload_len
+            )));
+        }
+        Ok(())
     }
 
     /// Compression ratio raw / encoded.
@@ -232,5 +238,19 @@ mod tests {
             b.decode(),
             Err(CoreError::ChecksumMismatch { .. })
         ));
+    }
+
+    /// Found by the codec_decode fuzz target: verify accepted a raw block whose header
+    /// payload_len disagreed with its payload (decode refused it).
+    #[test]
+    fn verify_checks_payload_len_like_decode() {
+        let raw = vec![1u8; layout().block_bytes() as usize];
+        for codec in Codec::ALL {
+            let mut b =
+                EncodedBlock::encode(BlockKey([3; 32]), layout(), codec, &raw).expect("enc");
+            b.header.payload_len += 1;
+            assert!(matches!(b.verify(), Err(CoreError::Corrupt(_))), "{codec}");
+            assert!(matches!(b.decode(), Err(CoreError::Corrupt(_))), "{codec}");
+        }
     }
 }
