@@ -80,6 +80,15 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// Labels of configuration mismatches.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MismatchLabels {
+    /// `replicas`, `members` or `duplicate_node_id`.
+    pub kind: String,
+    /// The peer: node id, or `id@address` for a duplicate node id.
+    pub peer: String,
+}
+
 /// Labels of per-namespace metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NamespaceLabels {
@@ -216,6 +225,10 @@ pub struct Metrics {
     pub failovers: Counter,
     /// 1 when a peer is healthy, 0 when marked down.
     pub peer_up: Family<PeerLabels, Gauge>,
+    /// Times each peer was marked down (shared with the cluster's health checks).
+    pub peer_markdowns: Family<PeerLabels, Counter>,
+    /// 1 per configuration mismatch in force (set at scrape time).
+    pub config_mismatch: Family<MismatchLabels, Gauge>,
 }
 
 /// Registers clones of the metric handles (they share their values) as `name` with `help`.
@@ -253,6 +266,8 @@ impl Metrics {
             replica_writes: Family::default(),
             failovers: Counter::default(),
             peer_up: Family::default(),
+            peer_markdowns: Family::default(),
+            config_mismatch: Family::default(),
         };
         register!(m.registry, m;
             lookups: "lookups", "Lookup RPCs served";
@@ -278,6 +293,8 @@ impl Metrics {
             replica_writes: "replica_writes", "Block writes to remote replicas, by result";
             failovers: "failovers", "Blocks served by a replica other than the first owner";
             peer_up: "peer_up", "Whether a peer is healthy (1) or marked down (0)";
+            peer_markdowns: "peer_markdowns", "Times a peer was marked down by failed health checks";
+            config_mismatch: "config_mismatch", "Configuration mismatches with peers in force (1 each), by kind (replicas, members, duplicate_node_id) and peer";
         );
         m
     }
