@@ -190,22 +190,22 @@ async fn get_remote(
     if let Some(r) = refused {
         return Err(r);
     }
+    if result.is_ok() {
+        state.cluster.report_success(&member.node_id);
+    }
     Ok(match result {
-        Ok(blocks) => {
-            state.cluster.report_success(&member.node_id);
-            Some(
-                blocks
-                    .into_iter()
-                    .zip(charges)
-                    .map(|(b, charge)| {
-                        b.map(|b| Fetched {
-                            block: Arc::new(b),
-                            charge,
-                        })
+        Ok(blocks) => Some(
+            blocks
+                .into_iter()
+                .zip(charges)
+                .map(|(b, charge)| {
+                    b.map(|b| Fetched {
+                        block: Arc::new(b),
+                        charge,
                     })
-                    .collect(),
-            )
-        }
+                })
+                .collect(),
+        ),
         Err(s) => {
             peer_failed(state, member, Method::get, &s);
             None
