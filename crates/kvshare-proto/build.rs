@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not compile time (`env!`): checkouts that share a target directory
+    // share this script's binary, and each must compile its own proto files.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let file = proto_root.join("kvshare/v1/kvshare.proto");
     println!("cargo:rerun-if-changed={}", file.display());
 

@@ -138,7 +138,8 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_PEER_HEALTH_TIMEOUT_MS", default_value_t = 500)]
     pub peer_health_timeout_ms: u64,
 
-    /// Consecutive failed checks (or forwarded requests) that mark a peer down.
+    /// Consecutive failed health checks that mark a peer down (a failed forwarded request
+    /// only makes the peer checked at once).
     #[arg(long, env = "KVSHARE_PEER_FAILURE_THRESHOLD", default_value_t = 2)]
     pub peer_failure_threshold: u32,
 

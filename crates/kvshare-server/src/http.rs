@@ -90,6 +90,30 @@ pub struct UsageJson {
     pub traffic: TrafficJson,
 }
 
+/// A configuration mismatch with a peer, in `/api/stats` and `/api/cluster`.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
+pub struct ConfigWarningJson {
+    /// `replicas`, `members` or `duplicate_node_id`.
+    pub kind: String,
+    /// The peer: node id, or `id@address` for a duplicate node id.
+    pub peer: String,
+    /// What differs and what to change.
+    pub message: String,
+}
+
+/// The configuration mismatches `node` sees now.
+fn config_warnings(node: &NodeState) -> Vec<ConfigWarningJson> {
+    node.cluster
+        .config_warnings()
+        .into_iter()
+        .map(|w| ConfigWarningJson {
+            kind: w.kind.as_str().into(),
+            peer: w.peer,
+            message: w.message,
+        })
+        .collect()
+}
+
 /// JSON body of `/api/stats`.
 #[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
 pub struct StatsJson {
@@ -120,6 +144,10 @@ pub struct StatsJson {
     /// Namespaces with blocks stored on the node, listed or not.
     #[serde(default)]
     pub namespaces_total: u64,
+    /// Configuration mismatches between the node and its peers (empty for a peer's stats
+    /// fetched over gRPC).
+    #[serde(default)]
+    pub config_warnings: Vec<ConfigWarningJson>,
 }
 
 /// One namespace in `/api/stats`.
@@ -138,7 +166,9 @@ pub struct NamespaceJson {
 impl StatsJson {
     /// Builds the JSON view of a node's stats.
     pub fn from_node(node: &NodeState) -> Self {
-        Self::from_pb(&node.stats(0))
+        let mut s = Self::from_pb(&node.stats(0));
+        s.config_warnings = config_warnings(node);
+        s
     }
 
     /// JSON view of a Stats RPC answer.
@@ -189,6 +219,7 @@ impl StatsJson {
                 })
                 .collect(),
             namespaces_total: s.namespaces_total,
+            config_warnings: Vec::new(),
         }
     }
 }
@@ -231,6 +262,10 @@ pub struct ClusterJson {
     /// namespaces: replicas would make a sum count one namespace several times).
     #[serde(default)]
     pub namespaces_total: u64,
+    /// Configuration mismatches the answering node sees between itself and its peers
+    /// (replication factor, member lists, duplicate node ids).
+    #[serde(default)]
+    pub config_warnings: Vec<ConfigWarningJson>,
 }
 
 /// One peer's entry in `/api/cluster`: its `Stats` RPC (1 s deadline).
@@ -345,6 +380,7 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
         namespaces_by_bytes,
         namespaces_by_hits,
         namespaces_total,
+        config_warnings: config_warnings(node),
     }
 }
 
@@ -380,6 +416,15 @@ async fn metrics(State(st): State<HttpState>, headers: axum::http::HeaderMap) ->
         m.peer_up
             .get_or_create(&crate::metrics::PeerLabels { peer })
             .set(i64::from(up));
+    }
+    m.config_mismatch.clear();
+    for w in node.cluster.config_warnings() {
+        m.config_mismatch
+            .get_or_create(&crate::metrics::MismatchLabels {
+                kind: w.kind.as_str().into(),
+                peer: w.peer,
+            })
+            .set(1);
     }
     // Prometheus asks for OpenMetrics; everything else (curl, promtool) gets text format 0.0.4.
     let wants_om = headers

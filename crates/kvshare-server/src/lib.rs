@@ -191,12 +191,12 @@ fn node_state(
     node_id: String,
     addrs: Advertised,
     cluster: Arc<cluster::Cluster>,
+    mut metrics: metrics::Metrics,
 ) -> NodeState {
     let stats_top_namespaces = config
         .stats_top_namespaces
         .clamp(1, state::MAX_STATS_TOP_NAMESPACES);
     let store = Arc::new(BlockStore::new(config.capacity));
-    let mut metrics = metrics::Metrics::new();
     metrics.register_namespaces(store.clone(), stats_top_namespaces as usize);
     NodeState {
         node_id,
@@ -336,18 +336,27 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let http_addr = local(&http_listener, config.http_addr)?;
     let node_id = config.resolved_node_id();
     let addrs = advertised(&config, &node_id, grpc_addr, http_addr);
+    let metrics = metrics::Metrics::new();
     let cluster = cluster::Cluster::new(
         node_id.clone(),
         addrs.grpc.clone(),
         addrs.http.clone(),
         cluster_config(&config),
+        metrics.peer_markdowns.clone(),
     );
-    let state = Arc::new(node_state(&config, node_id.clone(), addrs, cluster.clone()));
+    let state = Arc::new(node_state(
+        &config,
+        node_id.clone(),
+        addrs,
+        cluster.clone(),
+        metrics,
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
     let grpc_task = spawn_grpc(grpc_listener, state.clone(), &config, shutdown_rx.clone()).await?;
-    tokio::spawn(cluster.run(shutdown_rx.clone()));
+    // Health checks on their own thread and runtime: a saturated data path cannot starve them.
+    cluster.spawn_health_thread(shutdown_rx.clone());
     let rebalance = rebalance::RebalanceConfig {
         after_down: Duration::from_millis(config.rereplicate_after_ms),
         interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),

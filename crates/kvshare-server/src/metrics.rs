@@ -80,6 +80,15 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// Labels of configuration mismatches.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MismatchLabels {
+    /// `replicas`, `members` or `duplicate_node_id`.
+    pub kind: String,
+    /// The peer: node id, or `id@address` for a duplicate node id.
+    pub peer: String,
+}
+
 /// Labels of per-namespace metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NamespaceLabels {
@@ -222,6 +231,10 @@ pub struct Metrics {
     pub rebalance_sweeps: Counter,
     /// 1 when a peer is healthy, 0 when marked down.
     pub peer_up: Family<PeerLabels, Gauge>,
+    /// Times each peer was marked down (shared with the cluster's health checks).
+    pub peer_markdowns: Family<PeerLabels, Counter>,
+    /// 1 per configuration mismatch in force (set at scrape time).
+    pub config_mismatch: Family<MismatchLabels, Gauge>,
 }
 
 /// Registers clones of the metric handles (they share their values) as `name` with `help`.
@@ -262,6 +275,8 @@ impl Metrics {
             under_replicated_blocks: Gauge::default(),
             rebalance_sweeps: Counter::default(),
             peer_up: Family::default(),
+            peer_markdowns: Family::default(),
+            config_mismatch: Family::default(),
         };
         register!(m.registry, m;
             lookups: "lookups", "Lookup RPCs served";
@@ -290,6 +305,8 @@ impl Metrics {
             under_replicated_blocks: "under_replicated_blocks", "Local blocks the last re-replication sweep found missing on one of their owners (before copying)";
             rebalance_sweeps: "rebalance_sweeps", "Re-replication sweeps completed";
             peer_up: "peer_up", "Whether a peer is healthy (1) or marked down (0)";
+            peer_markdowns: "peer_markdowns", "Times a peer was marked down by failed health checks";
+            config_mismatch: "config_mismatch", "Configuration mismatches with peers in force (1 each), by kind (replicas, members, duplicate_node_id) and peer";
         );
         m
     }

@@ -72,8 +72,8 @@ fn count_forward(state: &NodeState, method: Method) {
         .inc();
 }
 
-/// Logs a failed forwarded request and, when the peer did not answer, counts it against the
-/// peer's health (enough failures mark it down).
+/// Logs a failed forwarded request and, when the peer did not answer, reports it to the
+/// cluster (the peer is health-checked at once; only failed checks mark it down).
 fn peer_failed(state: &NodeState, member: &Member, method: Method, status: &Status) {
     debug!(peer = %member.node_id, ?method, %status, "forwarded request failed");
     if is_unreachable(status.code()) {
@@ -148,7 +148,10 @@ pub async fn lookup_remote(
         per_key: true,
     };
     match client.clone().lookup(peer_request(req, state)).await {
-        Ok(r) if r.get_ref().present.len() == keys.len() => Some(r.into_inner().present),
+        Ok(r) if r.get_ref().present.len() == keys.len() => {
+            state.cluster.report_success(&member.node_id);
+            Some(r.into_inner().present)
+        }
         Ok(r) => {
             let n = r.get_ref().present.len();
             let status = Status::internal(format!("{n} presence flags for {} keys", keys.len()));
@@ -222,6 +225,9 @@ async fn get_remote(
     .await;
     if let Some(r) = refused {
         return Err(r);
+    }
+    if result.is_ok() {
+        state.cluster.report_success(&member.node_id);
     }
     Ok(match result {
         Ok(blocks) => Some(

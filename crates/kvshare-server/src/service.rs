@@ -173,6 +173,9 @@ impl KvCacheService {
             members: s.cluster.members_info(),
             replicas: s.cluster.replicas(),
             placement: kvshare_core::placement::PLACEMENT_NAME.into(),
+            instance_id: s.cluster.instance_id.clone(),
+            started_unix_ms: s.cluster.started_unix_ms,
+            configured_replicas: s.cluster.configured_replicas(),
         })
     }
 }
