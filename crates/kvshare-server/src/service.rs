@@ -11,6 +11,7 @@ use kvshare_proto::transport::is_no_forward;
 use kvshare_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::capacity;
 use crate::get::{self, GetStream};
 use crate::metrics::Method;
 use crate::put::PutSession;
@@ -173,6 +174,16 @@ impl KvCacheService {
             placement: kvshare_core::placement::PLACEMENT_NAME.into(),
         })
     }
+
+    /// Admin: changes this node's capacity (never forwarded: one call per node).
+    async fn set_capacity(
+        &self,
+        _: bool,
+        request: Request<pb::SetCapacityRequest>,
+    ) -> Result<pb::SetCapacityResponse, Status> {
+        let bytes = capacity::check_capacity(request.get_ref().capacity_bytes)?;
+        capacity::set_capacity(&self.state, bytes).await
+    }
 }
 
 /// The `KvCache` trait: every RPC goes through [`KvCacheService::serve`] (do-not-forward
@@ -199,4 +210,5 @@ kv_cache_rpcs! {
     delete(pb::DeleteRequest) -> pb::DeleteResponse;
     stats(pb::StatsRequest) -> pb::StatsResponse;
     cluster_info(pb::ClusterInfoRequest) -> pb::ClusterInfoResponse;
+    set_capacity(pb::SetCapacityRequest) -> pb::SetCapacityResponse;
 }
