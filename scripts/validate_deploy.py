@@ -11,11 +11,13 @@ exits non-zero when a check failed):
                             validate_servicemonitor.mjs: schema, plus a TypeScript check that
                             rejects unknown fields; self-tests on broken copies), and
                             kvshare's own consistency rules: real kvshared flags and
-                            KVSHARE_* variables only, memory = capacity + headroom, probes,
+                            KVSHARE_* variables only, memory = capacity + headroom (or a
+                            limit that leaves room for one with capacity auto), probes,
                             selectors, named ports, security context, grace period > drain.
   smoke RENDERED.yaml       Starts the real kvshared with the StatefulSet's args and env (listen
                             addresses moved to 127.0.0.1 and port 0, peers pointed at a closed
-                            loopback port: no traffic leaves the machine), checks /healthz,
+                            loopback port: no traffic leaves the machine; capacity auto is
+                            replaced by what the pod's memory limit gives), checks /healthz,
                             /readyz, /api/stats against the manifests, records the metric names
                             of /metrics, then stops it with SIGTERM.
   monitoring                Metric names used by the alert rules, their tests, the Grafana
@@ -112,6 +114,11 @@ def parse_kvshare_size(s: str) -> int:
         power = "KMGT".index(unit[0]) + 1
         mult = (1024 if "i" in unit else 1000) ** power
     return int(num * mult)
+
+
+def auto_capacity(memory_limit: Any, buffer_budget: str) -> int:
+    """What `--capacity auto` derives under a container memory limit: limit - budget - 256MiB."""
+    return int(parse_quantity(memory_limit)) - parse_kvshare_size(buffer_budget) - RUNTIME_HEADROOM
 
 
 def parse_quantity(q: Any) -> float:
@@ -491,8 +498,17 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
         cap_s = flag_vals.get("capacity") or env.get("KVSHARE_CAPACITY")
         infl_s = flag_vals.get("buffer-budget") or env.get("KVSHARE_BUFFER_BUDGET") or "512MiB"
         if r.check("capacity configured", isinstance(cap_s, str), "no --capacity / KVSHARE_CAPACITY (default is 1GiB)"):
-            cap = parse_kvshare_size(cap_s)
             infl = parse_kvshare_size(infl_s)
+            if cap_s.strip().lower() == "auto":
+                # kvshared derives capacity = memory limit - buffer budget - 256MiB.
+                cap = auto_capacity(lim_mem, infl_s)
+                r.check("capacity auto: memory limit > in-flight + 256MiB", cap > 0,
+                        f"limit {lim_mem} leaves {mib(cap)} for the store after in-flight {infl_s} + 256MiB"
+                        " (kvshared refuses to start)",
+                        detail=f"{lim_mem} - {infl_s} - 256MiB = {mib(cap)} of capacity")
+                cap_s = mib(cap)
+            else:
+                cap = parse_kvshare_size(cap_s)
             want = cap + infl + RUNTIME_HEADROOM
             have = parse_quantity(lim_mem)
             r.check("memory limit = capacity + in-flight + 256MiB",
@@ -591,6 +607,12 @@ def smoke(r: Report, docs: list[dict], kvshared_bin: str, metrics_out: str | Non
         resolved[k] = expand(val)
     env.update(resolved)
     env["RUST_BACKTRACE"] = "0"
+    if env.get("KVSHARE_CAPACITY", "").strip().lower() == "auto":
+        # This machine's cgroup is not the pod's: start with what the pod's memory limit gives.
+        lim = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        cap = auto_capacity(lim, env.get("KVSHARE_BUFFER_BUDGET", "512MiB"))
+        print(f"  ...   KVSHARE_CAPACITY=auto: starting with {cap} bytes (memory limit {lim} - budget - 256MiB)")
+        env["KVSHARE_CAPACITY"] = str(cap)
     tmp = tempfile.mkdtemp(prefix="kvshare-smoke-")
     port_file = os.path.join(tmp, "ports.json")
     args = []

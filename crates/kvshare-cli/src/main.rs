@@ -95,6 +95,11 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Show or change the capacity of the cluster's nodes (SetCapacity, one call per node).
+    Capacity {
+        #[command(subcommand)]
+        action: CapacityCommand,
+    },
     /// Run the benchmark suite (`kvshare-bench`, installed next to this binary); arguments are
     /// passed through, e.g. `kvshare bench --quick --compare redis`.
     Bench {
@@ -102,6 +107,37 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CapacityCommand {
+    /// Each member's capacity and stored bytes.
+    Get {
+        /// Only this member (node id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the capacity of every member of the cluster (or of one, with --node) at run time.
+    /// Shrinking evicts least recently used blocks down to the new size before the call returns.
+    /// Lasts until the node restarts: change --capacity / KVSHARE_CAPACITY too to keep it.
+    Set {
+        /// The new capacity per node, e.g. 64MiB or 8GiB.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+        /// Only this member (node id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    kvshare_core::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[tokio::main]
@@ -140,7 +176,154 @@ async fn main() -> anyhow::Result<()> {
             "this kvshare was built without the `demo` feature; build it with \
              `cargo build -p kvshare-cli` (the feature is on by default) to run the demo"
         ),
+        Command::Capacity { action } => capacity(&mut connect(opts).await?, action).await,
         Command::Bench { args } => bench(&args),
+    }
+}
+
+/// A member a capacity command talks to: its id and a client connected to it.
+struct Target {
+    node_id: String,
+    client: anyhow::Result<KvClient>,
+}
+
+/// The members `node` selects (all when `None`), each with a client. The node behind
+/// `c` is reached through `c`'s endpoint (which works through a port-forward too); the others at
+/// the gRPC address they advertise.
+async fn capacity_targets(c: &KvClient, node: Option<&str>) -> anyhow::Result<Vec<Target>> {
+    let info = c.clone().cluster_info().await?;
+    let mut members: Vec<(String, String)> = info
+        .members
+        .iter()
+        .map(|m| (m.node_id.clone(), m.grpc_addr.clone()))
+        .collect();
+    if members.is_empty() {
+        members.push((info.node_id.clone(), String::new()));
+    }
+    if let Some(want) = node {
+        members.retain(|(id, _)| id == want);
+        if members.is_empty() {
+            let ids: Vec<&str> = info.members.iter().map(|m| m.node_id.as_str()).collect();
+            bail!(
+                "no member {want:?} in the cluster of {}; members: {}",
+                c.endpoint(),
+                ids.join(", ")
+            );
+        }
+    }
+    let opts = c.options().clone();
+    let targets = members.into_iter().map(|(id, addr)| {
+        let (opts, this) = (opts.clone(), (id == info.node_id).then(|| c.clone()));
+        async move {
+            let client = match this {
+                Some(c) => Ok(c),
+                None => KvClient::connect(&format!("http://{addr}"), opts)
+                    .await
+                    .with_context(|| format!("connecting to {id} at {addr}")),
+            };
+            Target {
+                node_id: id,
+                client,
+            }
+        }
+    });
+    Ok(futures::future::join_all(targets).await)
+}
+
+async fn capacity(c: &mut KvClient, action: CapacityCommand) -> anyhow::Result<()> {
+    use kvshare_core::size::format_size;
+    match action {
+        CapacityCommand::Get { node, json } => {
+            let targets = capacity_targets(c, node.as_deref()).await?;
+            let answers = futures::future::join_all(targets.into_iter().map(async |t| {
+                let r = match t.client {
+                    Ok(mut c) => c.stats_top(1).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                (t.node_id, r)
+            }))
+            .await;
+            let mut failed = 0;
+            let mut rows = Vec::new();
+            for (id, r) in answers {
+                match r {
+                    Ok(s) => {
+                        if !json {
+                            let pct =
+                                100.0 * s.stored_bytes as f64 / s.capacity_bytes.max(1) as f64;
+                            println!(
+                                "{id:<20} capacity {:>12}  stored {:>12} ({pct:.1}%)",
+                                format_size(s.capacity_bytes),
+                                format_size(s.stored_bytes)
+                            );
+                        }
+                        rows.push(json!({"node_id": id, "capacity_bytes": s.capacity_bytes, "stored_bytes": s.stored_bytes}));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{id}: {e:#}");
+                        rows.push(json!({"node_id": id, "error": format!("{e:#}")}));
+                    }
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+            if failed > 0 {
+                bail!("{failed} node(s) did not answer");
+            }
+            Ok(())
+        }
+        CapacityCommand::Set { size, node, json } => {
+            let targets = capacity_targets(c, node.as_deref()).await?;
+            let answers = futures::future::join_all(targets.into_iter().map(async |t| {
+                let t0 = std::time::Instant::now();
+                let r = match t.client {
+                    Ok(mut c) => c.set_capacity(size).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                (t.node_id, r, t0.elapsed())
+            }))
+            .await;
+            let mut failed = 0;
+            let mut rows = Vec::new();
+            for (id, r, took) in answers {
+                match r {
+                    Ok(a) => {
+                        if !json {
+                            println!(
+                                "{id:<20} {} -> {}: evicted {} blocks, stored {} ({} ms)",
+                                format_size(a.old_capacity_bytes),
+                                format_size(a.new_capacity_bytes),
+                                a.evicted_blocks,
+                                format_size(a.stored_bytes),
+                                took.as_millis()
+                            );
+                        }
+                        rows.push(json!({
+                            "node_id": id,
+                            "old_capacity_bytes": a.old_capacity_bytes,
+                            "new_capacity_bytes": a.new_capacity_bytes,
+                            "evicted_blocks": a.evicted_blocks,
+                            "stored_bytes": a.stored_bytes,
+                            "millis": took.as_millis() as u64,
+                        }));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{id}: capacity not changed: {e:#}");
+                        rows.push(json!({"node_id": id, "error": format!("{e:#}")}));
+                    }
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+            if failed > 0 {
+                bail!("{failed} node(s) kept their old capacity (errors above)");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -528,6 +528,17 @@ impl KvClient {
         let req = self.request(pb::ClusterInfoRequest {});
         Ok(self.rpc.cluster_info(req).await?.into_inner())
     }
+
+    /// Admin: sets the capacity of this node (the one the client is connected to; never
+    /// forwarded) to `capacity_bytes`, evicting down to it. Old and new capacity, evicted blocks
+    /// and stored bytes in the answer.
+    pub async fn set_capacity(
+        &mut self,
+        capacity_bytes: u64,
+    ) -> Result<pb::SetCapacityResponse, ClientError> {
+        let req = self.request(pb::SetCapacityRequest { capacity_bytes });
+        Ok(self.rpc.set_capacity(req).await?.into_inner())
+    }
 }
 
 /// Upload items for the first `blocks.len()` full blocks of `tokens` (block `i`'s raw K/V is

@@ -39,7 +39,11 @@
 //!
 //! # Guarantees
 //! - `used_bytes() <= capacity()` at every instant: room is made (by eviction) before a block is
-//!   charged, inside the same critical section.
+//!   charged, inside the same critical section. The one exception is a capacity change:
+//!   [`BlockStore::set_capacity`] lowers the cap at once and evicts down to it in batches of
+//!   [`SHRINK_BATCH_BLOCKS`], releasing the lock between batches so requests keep being served.
+//!   Until it returns, stored bytes may exceed the new cap but never grow (an insert evicts at
+//!   least what it adds); once it returns, the cap holds again for every later insert.
 //! - Tails before parents (above); among leaves, least recently used first.
 //! - A block handed out by [`BlockStore::get`] is an `Arc`: eviction drops the index entry, and
 //!   the bytes live until the last reader (a streaming Get) is done.
@@ -52,7 +56,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::block::EncodedBlock;
 use crate::error::CoreError;
@@ -60,6 +64,11 @@ use crate::keys::BlockKey;
 
 /// Bytes charged per stored block on top of its payload (index entry, header, recency links).
 pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
+
+/// Most blocks [`BlockStore::set_capacity`] evicts in one hold of the store's lock while it
+/// shrinks the store (about a millisecond of work: the evicted payloads are freed after the lock
+/// is released).
+pub const SHRINK_BATCH_BLOCKS: usize = 2048;
 
 /// A block's identity in the store: namespace digest plus block key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -169,7 +178,11 @@ pub struct StoreStats {
 
 /// The byte-bounded block store. Cheap to share behind an `Arc`.
 pub struct BlockStore {
-    capacity: u64,
+    /// The cap; written under `inner`'s lock, so an insert (which reads it under the lock) sees
+    /// a change before or after it as a whole.
+    capacity: AtomicU64,
+    /// Serialises capacity changes.
+    resize: Mutex<()>,
     inner: Mutex<Inner>,
     namespaces: DashMap<BlockKey, NamespaceUsage>,
     used: AtomicU64,
@@ -180,7 +193,8 @@ impl BlockStore {
     /// A store that never holds more than `capacity_bytes` charged bytes.
     pub fn new(capacity_bytes: u64) -> Self {
         BlockStore {
-            capacity: capacity_bytes,
+            capacity: AtomicU64::new(capacity_bytes),
+            resize: Mutex::new(()),
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
                 leaves: BTreeMap::new(),
@@ -198,12 +212,49 @@ impl BlockStore {
         }
     }
 
-    /// Configured capacity in bytes.
+    /// Capacity in bytes now (the last [`BlockStore::set_capacity`], else the one the store was
+    /// created with).
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
 
-    /// Charged bytes stored now (lock-free read; never above capacity).
+    /// Changes the capacity; returns how many blocks were evicted to fit under it.
+    ///
+    /// Growing takes effect at once. Shrinking sets the new cap at once, then evicts least
+    /// recently used leaves (the usual eviction order) in batches of at most
+    /// [`SHRINK_BATCH_BLOCKS`], handing the lock to waiting requests between batches and freeing
+    /// each batch's payloads outside the lock. While it runs, inserts evict at least as many
+    /// bytes as they add, so stored bytes only go down; when it returns, `used_bytes() <=
+    /// capacity()` holds and every later insert keeps it. Concurrent calls are serialised.
+    /// A capacity of 0 empties the store and refuses every block.
+    pub fn set_capacity(&self, capacity_bytes: u64) -> u64 {
+        let _one_at_a_time = self.resize.lock();
+        let mut g = self.inner.lock();
+        self.capacity.store(capacity_bytes, Ordering::Release);
+        let mut evicted = 0u64;
+        let mut freed = Vec::with_capacity(SHRINK_BATCH_BLOCKS.min(g.map.len()));
+        loop {
+            while g.used > capacity_bytes && freed.len() < SHRINK_BATCH_BLOCKS {
+                match self.evict_one(&mut g) {
+                    Some(block) => freed.push(block),
+                    None => break,
+                }
+            }
+            let batch = freed.len();
+            evicted += batch as u64;
+            if g.used <= capacity_bytes || batch == 0 {
+                break;
+            }
+            // Free the batch and let waiting requests run before the next one.
+            MutexGuard::unlocked_fair(&mut g, || freed.clear());
+        }
+        drop(g);
+        drop(freed);
+        evicted
+    }
+
+    /// Charged bytes stored now (lock-free read; never above capacity, except while
+    /// [`BlockStore::set_capacity`] shrinks the store).
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Acquire)
     }
@@ -233,29 +284,39 @@ impl BlockStore {
         block: Arc<EncodedBlock>,
     ) -> Result<InsertOutcome, CoreError> {
         let charge = Self::charge_of(&block);
-        if charge > self.capacity {
-            return Err(CoreError::TooLarge {
-                size: charge,
-                limit: self.capacity,
-            });
+        let too_large = |limit| CoreError::TooLarge {
+            size: charge,
+            limit,
+        };
+        let capacity = self.capacity();
+        if charge > capacity {
+            return Err(too_large(capacity));
         }
+        // Evicted blocks are freed after the lock is released (declared first, dropped last).
+        let mut freed = Vec::new();
         let mut g = self.inner.lock();
+        // Read under the lock: a capacity change is seen entirely before or after this insert.
+        let capacity = self.capacity();
+        if charge > capacity {
+            return Err(too_large(capacity));
+        }
         if g.promote(&key) {
             return Ok(InsertOutcome::AlreadyPresent);
         }
+        // While `set_capacity` is shrinking the store, `used` may exceed the new cap: then this
+        // insert only keeps `used` from growing and leaves the rest to the shrink.
+        let limit = capacity.max(g.used);
         let mut evicted = 0;
-        while g.used + charge > self.capacity {
-            if !self.evict_one(&mut g) {
-                break;
+        while g.used + charge > limit {
+            match self.evict_one(&mut g) {
+                Some(victim) => freed.push(victim),
+                None => break,
             }
             evicted += 1;
         }
-        if g.used + charge > self.capacity {
+        if g.used + charge > limit {
             // Unreachable while charge <= capacity (an empty store has room), kept as a guard.
-            return Err(CoreError::TooLarge {
-                size: charge,
-                limit: self.capacity - g.used,
-            });
+            return Err(too_large(limit - g.used));
         }
         let mut parent_link = None;
         if let Some(p) = parent.filter(|p| *p != key.key) {
@@ -299,11 +360,10 @@ impl BlockStore {
         Ok(InsertOutcome::Stored { evicted })
     }
 
-    /// Evicts the least recently used leaf. False when nothing is stored.
-    fn evict_one(&self, g: &mut Inner) -> bool {
-        let Some((_, victim)) = g.leaves.pop_first() else {
-            return false;
-        };
+    /// Evicts the least recently used leaf and returns its block (for the caller to drop after
+    /// releasing the lock). `None` when nothing is stored.
+    fn evict_one(&self, g: &mut Inner) -> Option<Arc<EncodedBlock>> {
+        let (_, victim) = g.leaves.pop_first()?;
         #[cfg(test)]
         if g.audit
             && let Some(v) = g.map.get(&victim)
@@ -318,15 +378,14 @@ impl BlockStore {
                 g.evicted_parents += 1;
             }
         }
-        self.remove_locked(g, &victim);
+        let block = self.remove_locked(g, &victim);
         self.evictions.fetch_add(1, Ordering::Relaxed);
-        true
+        block
     }
 
-    fn remove_locked(&self, g: &mut Inner, key: &StoreKey) -> bool {
-        let Some(e) = g.map.remove(key) else {
-            return false;
-        };
+    /// Removes a block from the index; returns it if it was stored.
+    fn remove_locked(&self, g: &mut Inner, key: &StoreKey) -> Option<Arc<EncodedBlock>> {
+        let e = g.map.remove(key)?;
         if e.children == 0 {
             g.leaves.remove(&e.tick);
         }
@@ -362,13 +421,13 @@ impl BlockStore {
                 .remove_if(&key.namespace, |_, ns| ns.blocks == 0);
         }
         self.used.store(g.used, Ordering::Release);
-        true
+        Some(e.block)
     }
 
     /// Removes a block; returns whether it existed. Its stored children (if any) stay, orphaned.
     pub fn remove(&self, key: &StoreKey) -> bool {
         let mut g = self.inner.lock();
-        self.remove_locked(&mut g, key)
+        self.remove_locked(&mut g, key).is_some()
     }
 
     /// Whether a block is stored (does not change recency).
@@ -489,7 +548,7 @@ impl BlockStore {
             (all.len() as u64, top_namespaces(all, top))
         };
         StoreStats {
-            capacity_bytes: self.capacity,
+            capacity_bytes: self.capacity(),
             used_bytes: used,
             blocks,
             raw_bytes,
@@ -613,7 +672,7 @@ mod tests {
             let used: u64 = g.map.values().map(|e| e.charge).sum();
             assert_eq!(g.used, used, "used bytes");
             assert_eq!(self.used_bytes(), used);
-            assert!(used <= self.capacity, "{used} > {}", self.capacity);
+            assert!(used <= self.capacity(), "{used} > {}", self.capacity());
             let mut children: HashMap<StoreKey, u32> = HashMap::new();
             for (k, e) in &g.map {
                 if let Some((p, pid)) = e.parent {
@@ -785,6 +844,126 @@ mod tests {
     }
 
     #[test]
+    fn shrinking_evicts_least_recently_used_down_to_the_new_cap_and_growing_is_immediate() {
+        let s = BlockStore::audited(10_000);
+        for i in 0..10 {
+            s.insert(key(i), None, block(i)).expect("insert");
+        }
+        assert!(s.get(&key(0)).is_some()); // 0 is the most recent; 1..=7 are the oldest
+        assert_eq!(s.set_capacity(3_500), 7);
+        assert_eq!(s.capacity(), 3_500);
+        assert_eq!(s.used_bytes(), 3_000);
+        assert_eq!(s.evictions(), 7);
+        assert!(s.contains(&key(0)) && s.contains(&key(8)) && s.contains(&key(9)));
+        s.check_invariants();
+        // The cap holds for the next inserts.
+        s.insert(key(10), None, block(10)).expect("insert");
+        assert_eq!(s.used_bytes(), 3_000);
+        assert!(!s.contains(&key(8)));
+        // Growing evicts nothing and makes room at once.
+        assert_eq!(s.set_capacity(5_000), 0);
+        for i in 11..13 {
+            assert_eq!(
+                s.insert(key(i), None, block(i)),
+                Ok(InsertOutcome::Stored { evicted: 0 })
+            );
+        }
+        assert_eq!(s.used_bytes(), 5_000);
+        assert_eq!(s.stats(0).capacity_bytes, 5_000);
+        s.check_invariants();
+        // A block larger than the new cap is refused with the new limit.
+        s.set_capacity(999);
+        assert_eq!(s.stats(0).blocks, 0);
+        assert_eq!(
+            s.insert(key(20), None, block(20)),
+            Err(CoreError::TooLarge {
+                size: 1_000,
+                limit: 999
+            })
+        );
+        // 0 empties the store and refuses everything.
+        s.set_capacity(0);
+        assert_eq!(s.used_bytes(), 0);
+        assert!(s.insert(key(21), None, tiny()).is_err());
+        s.check_invariants();
+    }
+
+    #[test]
+    fn shrinking_keeps_chain_order_and_works_through_many_batches() {
+        let s = BlockStore::audited(1 << 30);
+        // One chain of 3 * SHRINK_BATCH_BLOCKS + 5 tiny blocks, then an unrelated recent block.
+        let n = 3 * SHRINK_BATCH_BLOCKS as u32 + 5;
+        for i in 0..n {
+            let parent = i.checked_sub(1).map(|p| nkey(NS, p).key);
+            s.insert(nkey(NS, i), parent, tiny()).expect("insert");
+        }
+        let other = nkey(BlockKey([9; 32]), 0);
+        s.insert(other, None, tiny()).expect("insert");
+        // The chain's head is the oldest block, but its tail goes first.
+        let keep = 100;
+        let evicted = s.set_capacity(keep * BlockStore::charge_of(&tiny()));
+        assert_eq!(evicted, u64::from(n) + 1 - keep);
+        assert!(s.contains(&other));
+        for i in 0..n {
+            assert_eq!(
+                s.contains(&nkey(NS, i)),
+                u64::from(i) < keep - 1,
+                "block {i}"
+            );
+        }
+        s.check_invariants();
+    }
+
+    #[test]
+    fn concurrent_inserts_and_shrinks_keep_the_cap_once_set_capacity_returns() {
+        const BIG: u64 = 400_000;
+        const SMALL: u64 = 50_000;
+        let s = Arc::new(BlockStore::new(BIG));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..4u8)
+            .map(|t| {
+                let (s, stop) = (s.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut k = [t; 32];
+                        k[..4].copy_from_slice(&i.to_le_bytes());
+                        let sk = StoreKey {
+                            namespace: NS,
+                            key: BlockKey(k),
+                        };
+                        s.insert(sk, None, block(t)).expect("insert");
+                        i = i.wrapping_add(1);
+                    }
+                })
+            })
+            .collect();
+        for round in 0..20 {
+            // Let the writers fill the big cap, then shrink under them.
+            let t0 = std::time::Instant::now();
+            while s.used_bytes() + 1_000 <= BIG && t0.elapsed().as_secs() < 5 {
+                std::thread::yield_now();
+            }
+            s.set_capacity(SMALL);
+            // From here on no insert may push stored bytes over the new cap.
+            let t0 = std::time::Instant::now();
+            let mut samples = 0;
+            while t0.elapsed() < std::time::Duration::from_millis(5) {
+                let used = s.used_bytes();
+                assert!(used <= SMALL, "round {round}: {used} > {SMALL}");
+                samples += 1;
+            }
+            assert!(samples > 0);
+            s.set_capacity(BIG);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().expect("writer");
+        }
+        s.check_invariants();
+    }
+
+    #[test]
     fn chain_is_evicted_tail_first_while_recent_blocks_stay() {
         let s = BlockStore::audited(5_000);
         s.insert(key(0), None, block(0)).expect("0");
@@ -938,6 +1117,9 @@ mod tests {
             ns: u8,
             key: u8,
         },
+        SetCapacity {
+            blocks: u8,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -948,6 +1130,7 @@ mod tests {
             2 => (0..3u8, proptest::collection::vec(0..40u8, 0..6))
                 .prop_map(|(ns, keys)| Op::Lookup { ns, keys }),
             2 => (0..3u8, 0..40u8).prop_map(|(ns, key)| Op::Get { ns, key }),
+            1 => (1..12u8).prop_map(|blocks| Op::SetCapacity { blocks }),
         ]
     }
 
@@ -981,6 +1164,11 @@ mod tests {
                     Op::Get { ns: n, key } => {
                         let k = nkey(ns(n), u32::from(key));
                         prop_assert_eq!(s.get_many(ns(n), &[k.key])[0].is_some(), s.contains(&k));
+                    }
+                    Op::SetCapacity { blocks: b } => {
+                        let before = s.stats(0).blocks;
+                        let evicted = s.set_capacity(u64::from(b) * BlockStore::charge_of(&blocks[3]));
+                        prop_assert_eq!(s.stats(0).blocks, before - evicted);
                     }
                 }
                 s.check_invariants();

@@ -6,8 +6,40 @@ use std::path::PathBuf;
 use clap::Parser;
 use kvshare_core::size::parse_size;
 
+use crate::capacity::{CapacityError, auto_capacity_from_cgroup};
+
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `--capacity`: a size, or `auto`.
+fn capacity_arg(s: &str) -> Result<Capacity, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(Capacity::Auto);
+    }
+    parse_size(s)
+        .map(Capacity::Bytes)
+        .map_err(|e| format!("{e}; or `auto` to derive it from the container's memory limit"))
+}
+
+/// How the store's capacity is set at start (`--capacity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    /// This many bytes.
+    Bytes(u64),
+    /// The container's cgroup memory limit minus `--buffer-budget` minus
+    /// [`RUNTIME_HEADROOM_BYTES`](crate::capacity::RUNTIME_HEADROOM_BYTES)
+    /// (see [`capacity`](crate::capacity)).
+    Auto,
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Capacity::Bytes(b) => write!(f, "{b}"),
+            Capacity::Auto => f.write_str("auto"),
+        }
+    }
 }
 
 /// Format of the node's log lines.
@@ -39,9 +71,12 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
     pub http_addr: SocketAddr,
 
-    /// Hard limit on stored bytes (payloads plus 256 bytes of index per block), e.g. 8GiB.
-    #[arg(long, env = "KVSHARE_CAPACITY", default_value = "1GiB", value_parser = size_arg)]
-    pub capacity: u64,
+    /// Hard limit on stored bytes (payloads plus 256 bytes of index per block), e.g. 8GiB; or
+    /// `auto`: the container's cgroup memory limit minus --buffer-budget minus 256MiB of runtime
+    /// headroom (refuses to start without a memory limit). Changeable at run time with the
+    /// SetCapacity RPC (`kvshare capacity set`).
+    #[arg(long, env = "KVSHARE_CAPACITY", default_value = "1GiB", value_parser = capacity_arg)]
+    pub capacity: Capacity,
 
     /// Largest accepted block, raw (decoded) size, e.g. 64MiB. Larger puts get RESOURCE_EXHAUSTED.
     #[arg(long, env = "KVSHARE_MAX_BLOCK_SIZE", default_value = "64MiB", value_parser = size_arg)]
@@ -186,8 +221,18 @@ impl ServerConfig {
         let mut c = ServerConfig::parse_from(["kvshared"]);
         c.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         c.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        c.capacity = capacity;
+        c.capacity = Capacity::Bytes(capacity);
         c
+    }
+
+    /// The capacity to start with: `--capacity` in bytes, or what `auto` derives from the
+    /// cgroup memory limit (with the limit, for the log).
+    pub fn resolved_capacity(&self) -> Result<(u64, Option<u64>), CapacityError> {
+        match self.capacity {
+            Capacity::Bytes(b) => Ok((b, None)),
+            Capacity::Auto => auto_capacity_from_cgroup(self.buffer_budget)
+                .map(|(capacity, limit)| (capacity, Some(limit))),
+        }
     }
 
     /// The node id: `--node-id`, else the host name, else `kvshare-node`.
@@ -219,9 +264,17 @@ mod tests {
             "4MiB",
         ])
         .expect("parse");
-        assert_eq!(c.capacity, 8 << 30);
+        assert_eq!(c.capacity, Capacity::Bytes(8 << 30));
         assert_eq!(c.max_block_size, 4 << 20);
         assert!(ServerConfig::try_parse_from(["kvshared", "--capacity", "lots"]).is_err());
+        for auto in ["auto", "AUTO"] {
+            let c = ServerConfig::try_parse_from(["kvshared", "--capacity", auto]).expect("auto");
+            assert_eq!(c.capacity, Capacity::Auto);
+        }
+        assert_eq!(
+            ServerConfig::local(1 << 20).resolved_capacity().ok(),
+            Some((1 << 20, None))
+        );
         assert_eq!(c.stats_top_namespaces, 50);
         let c = ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", "7"])
             .expect("parse");

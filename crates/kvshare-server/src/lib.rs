@@ -9,12 +9,14 @@
 //! Modules, each depending only on those listed after it: [`service`] (thin gRPC adapter) →
 //! [`put`] (the upload state machine) and [`get`] (the streamed Get response) → [`routing`]
 //! (fan-out to owners) → [`state`] (the node: store, limits, budget, metrics, cluster) →
-//! [`cluster`] (membership, health) ; [`http`] → [`state`]; leaves: [`budget`], [`conn`],
-//! [`metrics`], [`rejection`], [`request`], [`config`].
+//! [`cluster`] (membership, health) ; [`http`] → [`state`]; [`capacity`] (`--capacity auto`,
+//! run-time changes) → [`state`]; [`config`] → [`capacity`]; leaves: [`budget`], [`conn`],
+//! [`metrics`], [`rejection`], [`request`].
 
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod capacity;
 pub mod cluster;
 pub mod config;
 pub mod conn;
@@ -65,6 +67,9 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// `--capacity auto` found no usable memory limit.
+    #[error(transparent)]
+    Capacity(#[from] capacity::CapacityError),
     /// The gRPC server failed.
     #[error("gRPC server failed")]
     Transport(#[source] tonic::transport::Error),
@@ -188,6 +193,7 @@ fn cluster_config(config: &ServerConfig) -> cluster::ClusterConfig {
 
 fn node_state(
     config: &ServerConfig,
+    capacity: u64,
     node_id: String,
     addrs: Advertised,
     cluster: Arc<cluster::Cluster>,
@@ -196,7 +202,7 @@ fn node_state(
     let stats_top_namespaces = config
         .stats_top_namespaces
         .clamp(1, state::MAX_STATS_TOP_NAMESPACES);
-    let store = Arc::new(BlockStore::new(config.capacity));
+    let store = Arc::new(BlockStore::new(capacity));
     metrics.register_namespaces(store.clone(), stats_top_namespaces as usize);
     NodeState {
         node_id,
@@ -323,8 +329,24 @@ fn spawn_http(
 
 /// Binds listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
-    if config.capacity == 0 {
+    let (capacity, memory_limit) = config.resolved_capacity()?;
+    if capacity == 0 {
         return Err(ServerError::Config("--capacity must be > 0".into()));
+    }
+    if capacity > capacity::MAX_CAPACITY_BYTES {
+        return Err(ServerError::Config(format!(
+            "--capacity {capacity} is above the limit of {} bytes (64 TiB); check the unit",
+            capacity::MAX_CAPACITY_BYTES
+        )));
+    }
+    if let Some(limit) = memory_limit {
+        info!(
+            memory_limit = limit,
+            buffer_budget = config.buffer_budget,
+            headroom = capacity::RUNTIME_HEADROOM_BYTES,
+            capacity,
+            "--capacity auto: capacity = memory limit - buffer budget - runtime headroom"
+        );
     }
     let grpc_listener = bind(config.grpc_addr).await?;
     let http_listener = bind(config.http_addr).await?;
@@ -346,6 +368,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     );
     let state = Arc::new(node_state(
         &config,
+        capacity,
         node_id.clone(),
         addrs,
         cluster.clone(),
@@ -380,7 +403,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
             source,
         })?;
     }
-    info!(%node_id, grpc = %grpc_addr, http = %http_addr, capacity = config.capacity, "kvshare node listening");
+    info!(%node_id, grpc = %grpc_addr, http = %http_addr, capacity, "kvshare node listening");
     Ok(NodeHandle {
         grpc_addr,
         http_addr,

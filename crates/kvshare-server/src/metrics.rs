@@ -25,6 +25,7 @@ pub enum Method {
     delete,
     stats,
     cluster_info,
+    set_capacity,
 }
 
 /// Labels of per-method metrics.

@@ -11,6 +11,7 @@ use kvshare_proto::transport::is_no_forward;
 use kvshare_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::capacity;
 use crate::deadline;
 use crate::get::{self, GetStream};
 use crate::metrics::Method;
@@ -178,6 +179,16 @@ impl KvCacheService {
             configured_replicas: s.cluster.configured_replicas(),
         })
     }
+
+    /// Admin: changes this node's capacity (never forwarded: one call per node).
+    async fn set_capacity(
+        &self,
+        _: bool,
+        request: Request<pb::SetCapacityRequest>,
+    ) -> Result<pb::SetCapacityResponse, Status> {
+        let bytes = capacity::check_capacity(request.get_ref().capacity_bytes)?;
+        capacity::set_capacity(&self.state, bytes).await
+    }
 }
 
 /// The `KvCache` trait: every RPC goes through [`KvCacheService::serve`] (do-not-forward
@@ -204,4 +215,5 @@ kv_cache_rpcs! {
     delete(pb::DeleteRequest) -> pb::DeleteResponse;
     stats(pb::StatsRequest) -> pb::StatsResponse;
     cluster_info(pb::ClusterInfoRequest) -> pb::ClusterInfoResponse;
+    set_capacity(pb::SetCapacityRequest) -> pb::SetCapacityResponse;
 }
