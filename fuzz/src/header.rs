@@ -48,7 +48,7 @@ pub fn exact_block_bytes(l: &pb::KvLayout) -> Option<u128> {
 
 /// Whether the header is valid by the documented rules (32-byte namespace, known codec and
 /// dtype, non-zero dims, raw size at most MAX_LAYOUT_BLOCK_BYTES and equal to raw_len, non-empty
-/// payload).
+/// payload no larger than any codec produces for raw_len).
 fn valid_by_model(p: &pb::BlockHeader) -> bool {
     let Some(l) = p.layout.as_ref() else {
         return false;
@@ -63,6 +63,7 @@ fn valid_by_model(p: &pb::BlockHeader) -> bool {
         && codec_known
         && dims_nonzero
         && p.payload_len > 0
+        && p.payload_len <= kvshare_core::max_encoded_len(p.raw_len)
         && exact_block_bytes(l)
             .is_some_and(|b| b <= u128::from(MAX_LAYOUT_BLOCK_BYTES) && b == u128::from(p.raw_len))
 }
