@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): a build-script binary may be shared by several
+    // checkouts through one target directory, and must compile the proto of the checkout
+    // being built.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let file = proto_root.join("kvshare/v1/kvshare.proto");
     println!("cargo:rerun-if-changed={}", file.display());
 
