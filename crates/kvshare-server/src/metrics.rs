@@ -1,6 +1,7 @@
 //! Prometheus metrics of a node (`/metrics`), following Prometheus naming conventions.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use kvshare_core::BlockStore;
 use kvshare_core::store::NamespaceUsage;
@@ -216,6 +217,14 @@ pub struct Metrics {
     pub failovers: Counter,
     /// 1 when a peer is healthy, 0 when marked down.
     pub peer_up: Family<PeerLabels, Gauge>,
+    /// Blocks loaded from the store snapshot at start.
+    pub snapshot_loaded_blocks: Gauge,
+    /// Payload bytes loaded from the store snapshot at start.
+    pub snapshot_loaded_bytes: Gauge,
+    /// Snapshot records not loaded because they were damaged, invalid or missing.
+    pub snapshot_skipped_records: Gauge,
+    /// Seconds the snapshot load took at start.
+    pub snapshot_load_seconds: Gauge<f64, AtomicU64>,
 }
 
 /// Registers clones of the metric handles (they share their values) as `name` with `help`.
@@ -253,6 +262,10 @@ impl Metrics {
             replica_writes: Family::default(),
             failovers: Counter::default(),
             peer_up: Family::default(),
+            snapshot_loaded_blocks: Gauge::default(),
+            snapshot_loaded_bytes: Gauge::default(),
+            snapshot_skipped_records: Gauge::default(),
+            snapshot_load_seconds: Gauge::default(),
         };
         register!(m.registry, m;
             lookups: "lookups", "Lookup RPCs served";
@@ -278,6 +291,10 @@ impl Metrics {
             replica_writes: "replica_writes", "Block writes to remote replicas, by result";
             failovers: "failovers", "Blocks served by a replica other than the first owner";
             peer_up: "peer_up", "Whether a peer is healthy (1) or marked down (0)";
+            snapshot_loaded_blocks: "snapshot_loaded_blocks", "Blocks loaded from the store snapshot (--data-dir) at start";
+            snapshot_loaded_bytes: "snapshot_loaded_bytes", "Payload bytes loaded from the store snapshot at start";
+            snapshot_skipped_records: "snapshot_skipped_records", "Snapshot records not loaded at start: damaged, invalid or cut off";
+            snapshot_load_seconds: "snapshot_load_seconds", "Time the store snapshot took to load at start";
         );
         m
     }
