@@ -209,12 +209,35 @@ impl ClusterClient {
             .await
     }
 
-    /// Fetches blocks from their owners directly; `None` for keys no owner has.
+    /// Fetches blocks from their owners directly; `None` for keys no owner has. When an owner
+    /// fails (a node restarting, a connection to a restarted node), the membership is
+    /// refreshed and the keys still missing are asked once more.
     pub async fn get_blocks(
         &self,
         namespace: &BlockKey,
         keys: &[BlockKey],
     ) -> Result<Vec<Option<EncodedBlock>>, ClientError> {
+        let (mut out, errors) = self.fetch_from_owners(namespace, keys).await?;
+        if errors > 0 {
+            let _ = self.refresh().await;
+            let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+            if !missing.is_empty() {
+                let sub: Vec<BlockKey> = missing.iter().map(|&i| keys[i]).collect();
+                let (again, _) = self.fetch_from_owners(namespace, &sub).await?;
+                for (i, b) in missing.into_iter().zip(again) {
+                    out[i] = b;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One pass of [`ClusterClient::get_blocks`]: the blocks, and how many owner calls failed.
+    async fn fetch_from_owners(
+        &self,
+        namespace: &BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<(Vec<Option<EncodedBlock>>, usize), ClientError> {
         let r = self.routing().await;
         if r.view.members().is_empty() {
             return Err(ClientError::Protocol("no members".into()));
@@ -239,10 +262,7 @@ impl ClusterClient {
                 }
             })
             .await;
-        if errors.load(Ordering::Relaxed) > 0 {
-            let _ = self.refresh().await;
-        }
-        Ok(out)
+        Ok((out, errors.load(Ordering::Relaxed)))
     }
 
     /// Fetches, decodes and verifies the cached leading blocks of `tokens`.

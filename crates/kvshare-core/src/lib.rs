@@ -6,6 +6,7 @@
 //! - [`store`]: the byte-bounded, chain-aware LRU block store.
 //! - [`placement`]: rendezvous hashing of keys over cluster members.
 //! - [`wire`]: chunking blocks into gRPC messages and reassembling them.
+//! - [`snapshot`]: the store written to a file on shutdown and loaded back on start.
 //! - [`size`]: human byte sizes (`8GiB`).
 //! - [`sample`]: real K/V activations cut into blocks (tests, demo, benchmarks).
 
@@ -22,6 +23,7 @@ pub mod parallel;
 pub mod placement;
 pub mod sample;
 pub mod size;
+pub mod snapshot;
 pub mod store;
 pub mod wire;
 

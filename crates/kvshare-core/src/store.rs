@@ -104,6 +104,17 @@ struct Entry {
     children: u32,
 }
 
+/// A stored block with its identity and live parent link ([`BlockStore::peek`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBlock {
+    /// Namespace and key.
+    pub key: StoreKey,
+    /// Key of the parent block it is linked to, when that parent is stored.
+    pub parent: Option<BlockKey>,
+    /// The block.
+    pub block: Arc<EncodedBlock>,
+}
+
 /// Usage of one namespace.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NamespaceUsage {
@@ -559,13 +570,35 @@ impl BlockStore {
         }
     }
 
-    /// A stored block and the parent key it was stored with, without marking it used (for
-    /// background work such as re-replication, which must not change eviction order).
-    pub fn peek(&self, key: &StoreKey) -> Option<(Arc<EncodedBlock>, Option<BlockKey>)> {
+    /// Every stored key, least recently used first, for snapshots: the lock is held only to
+    /// copy (tick, key) pairs (O(n)); they are sorted after it is released.
+    pub fn keys_oldest_first(&self) -> Vec<StoreKey> {
+        let mut all: Vec<(u64, StoreKey)> = {
+            let g = self.inner.lock();
+            g.map.iter().map(|(k, e)| (e.tick, *k)).collect()
+        };
+        all.sort_unstable_by_key(|(t, _)| *t);
+        all.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// One stored block with the key of its parent (when the parent it was linked to is still
+    /// stored), without marking it used. For snapshots: [`BlockStore::keys_oldest_first`] then
+    /// `peek` per key, so the lock is never held for more than one lookup.
+    pub fn peek(&self, key: &StoreKey) -> Option<StoredBlock> {
         let g = self.inner.lock();
-        g.map
-            .get(key)
-            .map(|e| (e.block.clone(), e.parent.map(|(p, _)| p)))
+        let e = g.map.get(key)?;
+        let parent = e.parent.and_then(|(p, pid)| {
+            let pk = StoreKey {
+                namespace: key.namespace,
+                key: p,
+            };
+            g.map.get(&pk).filter(|pe| pe.id == pid).map(|_| p)
+        });
+        Some(StoredBlock {
+            key: *key,
+            parent,
+            block: e.block.clone(),
+        })
     }
 
     /// Every stored key, least recently used first (for tests and diagnostics; O(n log n)).

@@ -243,6 +243,8 @@ pub struct Cluster {
     data_runtime: Option<tokio::runtime::Handle>,
     /// Peers marked down, counted per peer (`kvshare_peer_markdowns_total`).
     markdowns: Family<PeerLabels, Counter>,
+    /// Turns true once the health loop has completed its first round of checks.
+    first_round: watch::Sender<bool>,
 }
 
 fn lazy_channel(addr: &str, timeout: Duration) -> Option<Channel> {
@@ -306,6 +308,7 @@ impl Cluster {
             wake: Notify::new(),
             data_runtime: tokio::runtime::Handle::try_current().ok(),
             markdowns,
+            first_round: watch::channel(false).0,
         });
         c.rebuild_view();
         c
@@ -837,7 +840,17 @@ impl Cluster {
                 last_dns = Some(Instant::now());
             }
             self.check_round(suspects_only).await;
+            if !suspects_only {
+                self.first_round.send_replace(true);
+            }
         }
+    }
+
+    /// Waits (at most `limit`) until the health loop has checked every peer once, so that a
+    /// node that starts serving knows its cluster instead of believing it is alone.
+    pub async fn first_round_done(&self, limit: Duration) {
+        let mut rx = self.first_round.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|v| *v)).await;
     }
 
     /// Runs [`Cluster::run`] on a current-thread runtime of its own, on a dedicated OS thread

@@ -213,6 +213,12 @@ pub struct ServerConfig {
     /// Seconds to wait for in-flight requests on SIGTERM before exiting anyway.
     #[arg(long, env = "KVSHARE_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
+
+    /// Directory for the store snapshot: on SIGTERM, after draining, the stored blocks are
+    /// written to DIR/store.snapshot; on start, that file is loaded (before /readyz turns
+    /// ready) and deleted. Unset: nothing is kept across restarts.
+    #[arg(long, env = "KVSHARE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -276,6 +282,10 @@ mod tests {
             Some((1 << 20, None))
         );
         assert_eq!(c.stats_top_namespaces, 50);
+        assert_eq!(c.data_dir, None);
+        let c = ServerConfig::try_parse_from(["kvshared", "--data-dir", "/var/lib/kvshare"])
+            .expect("parse");
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/kvshare")));
         let c = ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", "7"])
             .expect("parse");
         assert_eq!(c.stats_top_namespaces, 7);

@@ -37,7 +37,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+
 use kvshare_core::BlockStore;
+use kvshare_core::snapshot;
 use kvshare_proto::transport::{
     CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
 };
@@ -47,7 +50,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::ServerConfig;
 pub use service::KvCacheService;
@@ -79,6 +82,18 @@ pub enum ServerError {
     /// The HTTP server failed.
     #[error("HTTP server failed")]
     Http(#[source] std::io::Error),
+    /// The data directory cannot be created.
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store snapshot could not be written at shutdown.
+    #[error("writing the store snapshot failed")]
+    Snapshot(#[source] kvshare_core::snapshot::SnapshotError),
     /// The port file could not be written.
     #[error("cannot write the port file {path}")]
     PortFile {
@@ -102,10 +117,12 @@ pub struct NodeHandle {
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     http_task: JoinHandle<Result<(), std::io::Error>>,
     ready: Arc<AtomicBool>,
+    data_dir: Option<PathBuf>,
 }
 
 impl NodeHandle {
-    /// Stops accepting requests, lets in-flight ones finish (at most `drain`), and waits.
+    /// Stops accepting requests, lets in-flight ones finish (at most `drain`), then, with
+    /// `--data-dir`, writes the store snapshot, and returns.
     pub async fn shutdown(self, drain: Duration) -> Result<(), ServerError> {
         self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
@@ -114,26 +131,101 @@ impl NodeHandle {
             let h = self.http_task.await;
             (g, h)
         };
-        match tokio::time::timeout(drain, wait).await {
-            Ok((g, h)) => {
-                if let Ok(Err(e)) = g {
-                    return Err(ServerError::Transport(e));
-                }
-                if let Ok(Err(e)) = h {
-                    return Err(ServerError::Http(e));
-                }
-                Ok(())
-            }
+        let served = match tokio::time::timeout(drain, wait).await {
+            Ok((g, h)) => match (g, h) {
+                (Ok(Err(e)), _) => Err(ServerError::Transport(e)),
+                (_, Ok(Err(e))) => Err(ServerError::Http(e)),
+                _ => Ok(()),
+            },
             Err(_) => {
                 tracing::warn!(?drain, "drain timed out; exiting with requests in flight");
                 Ok(())
             }
+        };
+        if let Some(dir) = self.data_dir {
+            save_snapshot(self.state.store.clone(), dir).await?;
         }
+        served
     }
 
     /// gRPC endpoint URL (`http://ip:port`).
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.grpc_addr)
+    }
+}
+
+/// Writes the store snapshot to `dir` (off the async runtime) and logs what it wrote.
+async fn save_snapshot(store: Arc<BlockStore>, dir: PathBuf) -> Result<(), ServerError> {
+    let t0 = Instant::now();
+    let path = snapshot::snapshot_path(&dir);
+    let r = tokio::task::spawn_blocking(move || snapshot::save_to_dir(&store, &dir))
+        .await
+        .map_err(|e| {
+            ServerError::Snapshot(snapshot::SnapshotError::Io(std::io::Error::other(e)))
+        })?;
+    match r {
+        Ok(r) => {
+            let secs = t0.elapsed().as_secs_f64();
+            info!(
+                path = %path.display(),
+                blocks = r.blocks,
+                bytes = r.file_bytes,
+                seconds = secs,
+                mb_per_s = r.file_bytes as f64 / 1e6 / secs.max(1e-9),
+                "store snapshot written"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            error!(path = %path.display(), error = %e, "writing the store snapshot failed");
+            Err(ServerError::Snapshot(e))
+        }
+    }
+}
+
+/// Loads the store snapshot from `dir` if there is one (off the async runtime), deletes it,
+/// and records what it loaded in the logs and metrics. Never fails the start: an unusable
+/// snapshot is logged and the node starts with what it could load.
+async fn load_snapshot(state: &NodeState, dir: PathBuf) {
+    let t0 = Instant::now();
+    let path = snapshot::snapshot_path(&dir);
+    let store = state.store.clone();
+    let limits = snapshot::SnapshotLimits {
+        max_block_size: state.limits.max_block_size,
+    };
+    let r =
+        tokio::task::spawn_blocking(move || snapshot::load_from_dir(&store, &dir, limits)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let m = &state.metrics;
+    m.snapshot_load_seconds.set(secs);
+    match r {
+        Ok(Ok(Some(r))) => {
+            m.snapshot_loaded_blocks.set(r.loaded_blocks as i64);
+            m.snapshot_loaded_bytes.set(r.loaded_bytes as i64);
+            m.snapshot_skipped_records.set(r.skipped_records as i64);
+            if r.skipped_records > 0 {
+                warn!(
+                    path = %path.display(),
+                    skipped = r.skipped_records,
+                    "store snapshot had damaged or missing records; they were skipped"
+                );
+            }
+            info!(
+                path = %path.display(),
+                blocks = r.loaded_blocks,
+                bytes = r.loaded_bytes,
+                skipped = r.skipped_records,
+                over_capacity = r.over_capacity,
+                seconds = secs,
+                mb_per_s = r.loaded_bytes as f64 / 1e6 / secs.max(1e-9),
+                "store snapshot loaded"
+            );
+        }
+        Ok(Ok(None)) => info!(path = %path.display(), "no store snapshot to load"),
+        Ok(Err(e)) => {
+            warn!(path = %path.display(), error = %e, "store snapshot unusable; starting empty")
+        }
+        Err(e) => warn!(error = %e, "loading the store snapshot failed; starting empty"),
     }
 }
 
@@ -375,26 +467,41 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         metrics,
     ));
 
+    if let Some(dir) = &config.data_dir {
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(true));
+    // Not ready until the snapshot is loaded; /healthz answers meanwhile.
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = http::HttpState {
+        node: state.clone(),
+        ready: ready.clone(),
+    };
+    let http_task = spawn_http(http_listener, http_state, shutdown_rx.clone());
+    // The gRPC listener is bound, but requests are served only once the snapshot is loaded:
+    // connections wait in the backlog, and peers see the node down until then.
+    if let Some(dir) = &config.data_dir {
+        load_snapshot(&state, dir.clone()).await;
+    }
+    // Health checks on their own thread and runtime (their connections are made there too): a
+    // saturated data path cannot starve them. One round of discovery and checks completes
+    // before serving: a restarted node's first answers (ClusterInfo to smart clients, forwarded
+    // requests) must not describe a cluster of one, which would make it the owner of every key.
+    cluster.clone().spawn_health_thread(shutdown_rx.clone());
+    let first_round = cluster_config(&config).health_timeout * 2 + Duration::from_secs(1);
+    cluster.first_round_done(first_round).await;
     let grpc_task = spawn_grpc(grpc_listener, state.clone(), &config, shutdown_rx.clone()).await?;
-    // Health checks on their own thread and runtime: a saturated data path cannot starve them.
-    cluster.spawn_health_thread(shutdown_rx.clone());
     let rebalance = rebalance::RebalanceConfig {
         after_down: Duration::from_millis(config.rereplicate_after_ms),
         interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),
         rate: config.rereplicate_rate.max(1),
     };
-    tokio::spawn(rebalance::run(
-        state.clone(),
-        rebalance,
-        shutdown_rx.clone(),
-    ));
-    let http_state = http::HttpState {
-        node: state.clone(),
-        ready: ready.clone(),
-    };
-    let http_task = spawn_http(http_listener, http_state, shutdown_rx);
+    tokio::spawn(rebalance::run(state.clone(), rebalance, shutdown_rx));
+    ready.store(true, Ordering::Release);
 
     if let Some(path) = &config.port_file {
         let body = serde_json::json!({ "grpc": grpc_addr.to_string(), "http": http_addr.to_string(), "node_id": node_id });
@@ -412,5 +519,6 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         grpc_task,
         http_task,
         ready,
+        data_dir: config.data_dir.clone(),
     })
 }

@@ -111,7 +111,7 @@ fn members(view: &View) -> BTreeSet<String> {
 /// One pass over the local store against `view`.
 pub async fn sweep(state: &NodeState, view: &View, rate: u64) -> SweepReport {
     let mut by_ns: HashMap<BlockKey, Vec<BlockKey>> = HashMap::new();
-    for sk in state.store.keys_lru_order() {
+    for sk in state.store.keys_oldest_first() {
         by_ns.entry(sk.namespace).or_default().push(sk.key);
     }
     let mut report = SweepReport::default();
@@ -174,12 +174,13 @@ async fn repair_batch(
             if here {
                 continue;
             }
-            let Some((block, parent)) = state.store.peek(&StoreKey {
+            let Some(stored) = state.store.peek(&StoreKey {
                 namespace: ns,
                 key: *k,
             }) else {
                 continue;
             };
+            let (block, parent) = (stored.block, stored.parent);
             missing_anywhere.insert(*k);
             bytes += block.payload.len() as u64;
             let list = batches.entry(m).or_default();

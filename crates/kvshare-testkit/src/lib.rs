@@ -43,6 +43,28 @@ pub fn wait_for_listener(addr: &str, timeout: Duration, child: &mut Child) -> Re
     }
 }
 
+/// `GET path` over plain HTTP/1.0 on `addr` (`host:port`), blocking: status code and body, or
+/// `None` when the node does not answer within a second.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Value of the Prometheus sample `name` (no labels) in a `/metrics` body.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Waits until `path` holds the JSON `kvshared --port-file` writes once it listens.
 pub fn wait_for_port_file(path: &Path, timeout: Duration) -> Result<serde_json::Value, String> {
     let t0 = Instant::now();
@@ -194,6 +216,48 @@ impl NodeProcess {
     /// gRPC endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) and waits up to `timeout` for the process to exit;
+    /// returns its exit status. After the timeout it is killed with SIGKILL and this fails.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let Some(mut c) = self.child.take() else {
+            return Err("not running".into());
+        };
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .map_err(|e| format!("running kill: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -TERM failed: {sent}"));
+        }
+        let t0 = Instant::now();
+        loop {
+            match c.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if t0.elapsed() > timeout => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return Err(format!("still running {timeout:?} after SIGTERM; killed"));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("cannot check the process: {e}")),
+            }
+        }
+    }
+
+    /// Waits until `/readyz` answers 200 (fails after `timeout`).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        let t0 = Instant::now();
+        loop {
+            if let Some((200, _)) = http_get(&self.http, "/readyz") {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                return Err(format!("{} not ready after {timeout:?}", self.node_id));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the process with SIGKILL (no graceful shutdown) and reaps it.
