@@ -88,14 +88,16 @@ impl Cluster {
         metric(self.ports[i].1, "kvshare_rebalance_sweeps_total").await
     }
 
-    /// Waits until every live node has completed a sweep after `since` (sweep counts).
-    async fn wait_for_sweeps(&self, since: &[u64], limit: Duration) {
+    /// Waits until every node that was live when `since` was taken has completed a sweep
+    /// after it (a node started later sweeps nothing it did not already hold).
+    async fn wait_for_sweeps(&self, since: &[Option<u64>], limit: Duration) {
         let t0 = Instant::now();
         for (i, before) in since.iter().enumerate() {
+            let Some(before) = *before else { continue };
             if self.nodes[i].is_none() {
                 continue;
             }
-            while self.sweeps(i).await <= *before {
+            while self.sweeps(i).await <= before {
                 if t0.elapsed() >= limit {
                     let cluster = http_get(self.ports[i].1, "/api/cluster").await;
                     panic!(
@@ -107,13 +109,12 @@ impl Cluster {
         }
     }
 
-    async fn all_sweeps(&self) -> Vec<u64> {
+    async fn all_sweeps(&self) -> Vec<Option<u64>> {
         let mut v = Vec::new();
         for i in 0..3 {
-            v.push(if self.nodes[i].is_some() {
-                self.sweeps(i).await
-            } else {
-                0
+            v.push(match self.nodes[i] {
+                Some(_) => Some(self.sweeps(i).await),
+                None => None,
             });
         }
         v
