@@ -243,9 +243,10 @@ impl ClusterClient {
             return Err(ClientError::Protocol("no members".into()));
         }
         let errors = AtomicUsize::new(0);
+        let hedge = self.opts.hedge_after;
         let (out, _) = r
             .view
-            .fetch_with_failover(keys, |n, idx| {
+            .fetch_hedged(keys, || tokio::time::sleep(hedge), |n, idx| {
                 let mut c = r.view.members()[n].direct.clone();
                 let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
                 let errors = &errors;

@@ -148,6 +148,9 @@ pub struct ClientOptions {
     pub chunk_size: usize,
     /// Codec used by [`KvClient::put_prefix`].
     pub codec: Codec,
+    /// How long [`ClusterClient`] waits for a key's owner before it also asks the next one (a
+    /// hedged read: a frozen owner costs this, not `timeout`).
+    pub hedge_after: Duration,
 }
 
 impl Default for ClientOptions {
@@ -157,6 +160,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             chunk_size: 1 << 20,
             codec: Codec::BytePlaneZstd,
+            hedge_after: Duration::from_millis(250),
         }
     }
 }

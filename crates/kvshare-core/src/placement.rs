@@ -8,6 +8,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 
+use futures::StreamExt;
+use futures::future::Either;
+use futures::stream::FuturesUnordered;
+
 use crate::keys::BlockKey;
 
 /// Name of this placement algorithm (reported by `ClusterInfo`).
@@ -109,46 +113,104 @@ impl<M: Placed> PlacementView<M> {
         }
         groups
     }
+}
 
-    /// Fetches every key from the first owner that has it: round `r` asks each key's `r`-th
-    /// owner for the keys still missing, all members of a round in parallel. `fetch(member,
-    /// key indices)` answers one entry per index (`None`: not there, or the member failed).
-    /// Returns the results and how many were found on a fallback owner.
-    pub async fn fetch_with_failover<T, F, Fut>(
+impl<M: Placed> PlacementView<M> {
+    /// Fetches every key from its owners in rank order, with hedging: a key whose owner misses
+    /// or fails goes to its next owner at once, and a key whose owner has not answered when
+    /// `delay()` completes is asked of its next owner too (both requests race; the first block
+    /// wins; `delay` is called again for each further round). Returns when every key has a
+    /// block or every owner of it has answered, dropping slower requests; also returns how many
+    /// blocks came from a fallback owner. `fetch(member, key indices)` answers one entry per
+    /// index (`None`: missing there, or the member failed).
+    pub async fn fetch_hedged<T, F, Fut, D, DF>(
         &self,
         keys: &[BlockKey],
-        mut fetch: F,
+        mut delay: D,
+        fetch: F,
     ) -> (Vec<Option<T>>, u64)
     where
         F: FnMut(usize, Vec<usize>) -> Fut,
         Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
+        D: FnMut() -> DF,
+        DF: Future<Output = ()>,
     {
-        let owners = self.owner_lists(keys);
-        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
+        let n = keys.len();
+        let mut h = Hedged {
+            owners: self.owner_lists(keys),
+            next_rank: vec![0; n],
+            pending: vec![0; n],
+            calls: FuturesUnordered::new(),
+            fetch,
+        };
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
         let mut fallbacks = 0;
-        for round in 0..self.replicas {
-            let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-            for (i, o) in owners.iter().enumerate() {
-                if out[i].is_none()
-                    && let Some(&m) = o.get(round)
-                {
-                    groups.entry(m).or_default().push(i);
-                }
-            }
-            if groups.is_empty() {
-                break;
-            }
-            let calls = groups.into_iter().map(|(m, idx)| fetch(m, idx));
-            for (idx, got) in futures::future::join_all(calls).await {
-                for (i, item) in idx.into_iter().zip(got) {
-                    if item.is_some() {
-                        fallbacks += u64::from(round > 0);
-                        out[i] = item;
+        h.ask_next((0..n).collect());
+        let mut timer = Box::pin(delay());
+        while !(0..n).all(|i| out[i].is_some() || h.exhausted(i)) {
+            match futures::future::select(h.calls.next(), &mut timer).await {
+                Either::Left((None, _)) => break,
+                Either::Left((Some((idx, got)), _)) => {
+                    let mut retry = Vec::new();
+                    for (i, item) in idx.into_iter().zip(got) {
+                        h.pending[i] = h.pending[i].saturating_sub(1);
+                        match item {
+                            Some(v) if out[i].is_none() => {
+                                fallbacks += u64::from(h.next_rank[i] > 1);
+                                out[i] = Some(v);
+                            }
+                            None if out[i].is_none() && h.pending[i] == 0 => retry.push(i),
+                            _ => {}
+                        }
                     }
+                    h.ask_next(retry);
+                }
+                Either::Right(((), _)) => {
+                    let slow = (0..n)
+                        .filter(|&i| out[i].is_none() && h.pending[i] > 0)
+                        .collect();
+                    h.ask_next(slow);
+                    timer = Box::pin(delay());
                 }
             }
         }
         (out, fallbacks)
+    }
+}
+
+/// The state of a hedged fetch: which owner rank each key asks next and how many requests for
+/// it are out.
+struct Hedged<F, Fut> {
+    owners: Vec<Vec<usize>>,
+    next_rank: Vec<usize>,
+    pending: Vec<u32>,
+    calls: FuturesUnordered<Fut>,
+    fetch: F,
+}
+
+impl<T, F, Fut> Hedged<F, Fut>
+where
+    F: FnMut(usize, Vec<usize>) -> Fut,
+    Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
+{
+    /// Asks each of `which` keys' next owner (one request per owner).
+    fn ask_next(&mut self, which: Vec<usize>) {
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for i in which {
+            if let Some(&m) = self.owners[i].get(self.next_rank[i]) {
+                self.next_rank[i] += 1;
+                self.pending[i] += 1;
+                groups.entry(m).or_default().push(i);
+            }
+        }
+        for (m, idx) in groups {
+            self.calls.push((self.fetch)(m, idx));
+        }
+    }
+
+    /// Whether every owner of key `i` has been asked and has answered.
+    fn exhausted(&self, i: usize) -> bool {
+        self.pending[i] == 0 && self.next_rank[i] >= self.owners[i].len()
     }
 }
 
@@ -336,18 +398,44 @@ mod tests {
         let v = PlacementView::new(vec![M("a"), M("b"), M("c")], 2);
         let keys: Vec<BlockKey> = (0..40).map(key).collect();
         let first_owner_down = 0; // member "a" answers nothing
-        let (found, fallbacks) =
-            futures::executor::block_on(v.fetch_with_failover(&keys, |m, idx| {
+        let (found, fallbacks) = futures::executor::block_on(v.fetch_hedged(
+            &keys,
+            futures::future::pending,
+            |m, idx| {
                 let got: Vec<Option<usize>> = idx
                     .iter()
                     .map(|&i| (m != first_owner_down).then_some(i))
                     .collect();
                 async move { (idx, got) }
-            }));
+            },
+        ));
         assert!(found.iter().enumerate().all(|(i, f)| *f == Some(i)));
         let led_by_a = keys.iter().filter(|k| v.owners(k)[0] == 0).count() as u64;
         assert_eq!(fallbacks, led_by_a);
         assert!(led_by_a > 0);
+    }
+
+    #[test]
+    fn a_silent_owner_is_hedged_after_the_delay() {
+        let v = PlacementView::new(vec![M("a"), M("b"), M("c")], 2);
+        let keys: Vec<BlockKey> = (0..40).map(key).collect();
+        // Member 0 never answers; the delay completes at once, so its keys go to their next
+        // owner and every key is found without waiting for it.
+        let (found, fallbacks) = futures::executor::block_on(v.fetch_hedged(
+            &keys,
+            || async {},
+            |m, idx| {
+                let got: Vec<Option<usize>> = idx.iter().map(|&i| Some(i)).collect();
+                async move {
+                    if m == 0 {
+                        futures::future::pending::<()>().await;
+                    }
+                    (idx, got)
+                }
+            },
+        ));
+        assert!(found.iter().enumerate().all(|(i, f)| *f == Some(i)));
+        assert!(fallbacks > 0);
     }
 
     #[test]

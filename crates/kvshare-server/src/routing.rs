@@ -3,7 +3,6 @@
 //! node's store only (one hop).
 
 use std::collections::HashMap;
-use std::future::Future;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -262,135 +261,46 @@ pub async fn get(
     let credit = std::sync::Mutex::new(credit);
     let refused = std::sync::Mutex::new(None);
     let hedge = state.cluster.hedge_after();
-    let (found, fallbacks) = fetch_hedged(view, keys, hedge, |m, idx| {
-        let member = &view.members()[m];
-        let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-        let (refused, credit) = (&refused, &credit);
-        async move {
-            let got: Vec<Option<Fetched>> = match &member.target {
-                Target::Local => state
-                    .store
-                    .get_many(ns, &sub)
-                    .into_iter()
-                    .map(|b| {
-                        b.map(|block| Fetched {
-                            block,
-                            charge: Charge::default(),
+    let delay = || tokio::time::sleep(hedge);
+    let (found, fallbacks) = view
+        .fetch_hedged(keys, delay, |m, idx| {
+            let member = &view.members()[m];
+            let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+            let (refused, credit) = (&refused, &credit);
+            async move {
+                let got: Vec<Option<Fetched>> = match &member.target {
+                    Target::Local => state
+                        .store
+                        .get_many(ns, &sub)
+                        .into_iter()
+                        .map(|b| {
+                            b.map(|block| Fetched {
+                                block,
+                                charge: Charge::default(),
+                            })
                         })
-                    })
-                    .collect(),
-                Target::Remote(client) => {
-                    match get_remote(state, member, client, ns, &sub, credit).await {
-                        Ok(Some(v)) => v,
-                        Ok(None) => std::iter::repeat_with(|| None).take(sub.len()).collect(),
-                        Err(r) => {
-                            if let Ok(mut slot) = refused.lock() {
-                                slot.get_or_insert(r);
+                        .collect(),
+                    Target::Remote(client) => {
+                        match get_remote(state, member, client, ns, &sub, credit).await {
+                            Ok(Some(v)) => v,
+                            Ok(None) => std::iter::repeat_with(|| None).take(sub.len()).collect(),
+                            Err(r) => {
+                                if let Ok(mut slot) = refused.lock() {
+                                    slot.get_or_insert(r);
+                                }
+                                std::iter::repeat_with(|| None).take(sub.len()).collect()
                             }
-                            std::iter::repeat_with(|| None).take(sub.len()).collect()
                         }
                     }
-                }
-            };
-            (idx, got)
-        }
-    })
-    .await;
+                };
+                (idx, got)
+            }
+        })
+        .await;
     state.metrics.failovers.inc_by(fallbacks);
     match refused.into_inner() {
         Ok(Some(r)) => Err(r),
         _ => Ok(found),
-    }
-}
-
-/// Fetches every key from its owners in rank order, with hedging: a key whose owner misses
-/// or fails goes to its next owner at once, and a key whose owner has not answered within
-/// `hedge` goes to its next owner too (both requests race; the first block wins). Returns when
-/// every key has a block or every owner of it has answered, leaving slower requests behind;
-/// also returns how many blocks came from a fallback owner.
-pub async fn fetch_hedged<T, F, Fut>(
-    view: &View,
-    keys: &[BlockKey],
-    hedge: std::time::Duration,
-    fetch: F,
-) -> (Vec<Option<T>>, u64)
-where
-    F: FnMut(usize, Vec<usize>) -> Fut,
-    Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
-{
-    let n = keys.len();
-    let mut h = Hedged {
-        owners: view.owner_lists(keys),
-        next_rank: vec![0; n],
-        pending: vec![0; n],
-        calls: FuturesUnordered::new(),
-        fetch,
-    };
-    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
-    let mut fallbacks = 0;
-    h.ask_next((0..n).collect());
-    let mut timer = Box::pin(tokio::time::sleep(hedge));
-    while !(0..n).all(|i| out[i].is_some() || h.exhausted(i)) {
-        tokio::select! {
-            r = h.calls.next() => {
-                let Some((idx, got)) = r else { break };
-                let mut retry = Vec::new();
-                for (i, item) in idx.into_iter().zip(got) {
-                    h.pending[i] = h.pending[i].saturating_sub(1);
-                    match item {
-                        Some(v) if out[i].is_none() => {
-                            fallbacks += u64::from(h.next_rank[i] > 1);
-                            out[i] = Some(v);
-                        }
-                        None if out[i].is_none() && h.pending[i] == 0 => retry.push(i),
-                        _ => {}
-                    }
-                }
-                h.ask_next(retry);
-            }
-            _ = &mut timer => {
-                let slow = (0..n).filter(|&i| out[i].is_none() && h.pending[i] > 0).collect();
-                h.ask_next(slow);
-                timer = Box::pin(tokio::time::sleep(hedge));
-            }
-        }
-    }
-    (out, fallbacks)
-}
-
-/// The state of a hedged fetch: which owner rank each key asks next and how many requests for
-/// it are out.
-struct Hedged<F, Fut> {
-    owners: Vec<Vec<usize>>,
-    next_rank: Vec<usize>,
-    pending: Vec<u32>,
-    calls: FuturesUnordered<Fut>,
-    fetch: F,
-}
-
-impl<T, F, Fut> Hedged<F, Fut>
-where
-    F: FnMut(usize, Vec<usize>) -> Fut,
-    Fut: Future<Output = (Vec<usize>, Vec<Option<T>>)>,
-{
-    /// Asks each of `which` keys' next owner (one request per owner).
-    fn ask_next(&mut self, which: Vec<usize>) {
-        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-        for i in which {
-            if let Some(&m) = self.owners[i].get(self.next_rank[i]) {
-                self.next_rank[i] += 1;
-                self.pending[i] += 1;
-                groups.entry(m).or_default().push(i);
-            }
-        }
-        for (m, idx) in groups {
-            self.calls.push((self.fetch)(m, idx));
-        }
-    }
-
-    /// Whether every owner of key `i` has been asked and has answered.
-    fn exhausted(&self, i: usize) -> bool {
-        self.pending[i] == 0 && self.next_rank[i] >= self.owners[i].len()
     }
 }
 

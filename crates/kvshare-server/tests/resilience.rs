@@ -283,8 +283,17 @@ async fn a_frozen_member_costs_reads_a_hedge_delay_not_a_timeout() {
             .is_ok_and(|s| s.success());
         assert!(ok, "kill {sig} {pid}");
     };
+    let opts = kvshare_client::ClientOptions {
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let endpoints: Vec<String> = (0..3).map(|i| c.endpoint(i)).collect();
+    let smart = kvshare_client::ClusterClient::connect(&endpoints, opts)
+        .await
+        .expect("smart client");
     signal("-STOP");
-    // Clients with a 2 s deadline read through node-0 and node-1 while node-2 is frozen.
+    // Clients with a 2 s deadline read through node-0 and node-1 while node-2 is frozen, and a
+    // smart client reads from the owners directly.
     let mut latencies = Vec::new();
     let mut errors = Vec::new();
     let until = Instant::now() + Duration::from_secs(5);
@@ -323,6 +332,24 @@ async fn a_frozen_member_costs_reads_a_hedge_delay_not_a_timeout() {
             Ok(16) => latencies.push(t0.elapsed()),
             Ok(f) => errors.push(format!("get found {f} of 16")),
             Err(s) => errors.push(format!("get: {s}")),
+        }
+        let smart_keys: Vec<BlockKey> = (0..16)
+            .map(|j| BlockKey::from_slice(&key((n * 16 + j + 7) % 200)).expect("key"))
+            .collect();
+        let t0 = Instant::now();
+        let direct = tokio::time::timeout(
+            Duration::from_secs(2),
+            smart.get_blocks(&BlockKey(NS), &smart_keys),
+        )
+        .await;
+        match direct {
+            Ok(Ok(blocks)) if blocks.iter().all(Option::is_some) => latencies.push(t0.elapsed()),
+            Ok(Ok(blocks)) => errors.push(format!(
+                "smart get found {} of 16",
+                blocks.iter().flatten().count()
+            )),
+            Ok(Err(e)) => errors.push(format!("smart get: {e}")),
+            Err(_) => errors.push("smart get: over its 2 s deadline".into()),
         }
         n += 1;
     }
