@@ -679,7 +679,7 @@ mod tests {
             (r.loaded_blocks, r.skipped_records, r.over_capacity),
             (11, 0, 0)
         );
-        assert_eq!(t.keys_lru_order(), s.keys_lru_order());
+        assert_eq!(t.keys_oldest_first(), s.keys_oldest_first());
         for k in s.keys_oldest_first() {
             assert_eq!(t.peek(&k), s.peek(&k), "{k:?}");
         }
@@ -854,7 +854,7 @@ mod tests {
     #[test]
     fn a_smaller_store_keeps_the_newest_records() {
         let s = sample_store();
-        let order = s.keys_lru_order();
+        let order = s.keys_oldest_first();
         let bytes = snapshot(&s);
         let newest_three: u64 = order[order.len() - 3..]
             .iter()
@@ -866,7 +866,7 @@ mod tests {
             (r.loaded_blocks, r.over_capacity, r.skipped_records),
             (3, 8, 0)
         );
-        assert_eq!(t.keys_lru_order(), order[order.len() - 3..].to_vec());
+        assert_eq!(t.keys_oldest_first(), order[order.len() - 3..].to_vec());
     }
 
     #[test]
@@ -1018,7 +1018,7 @@ mod tests {
             let (t, r) = load(&bytes, s.capacity());
             let r = r.expect("load");
             prop_assert_eq!(r.loaded_blocks, s.keys_oldest_first().len() as u64);
-            prop_assert_eq!(t.keys_lru_order(), s.keys_lru_order());
+            prop_assert_eq!(t.keys_oldest_first(), s.keys_oldest_first());
             for k in s.keys_oldest_first() {
                 prop_assert_eq!(t.peek(&k), s.peek(&k));
             }

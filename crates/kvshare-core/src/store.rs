@@ -600,14 +600,6 @@ impl BlockStore {
             block: e.block.clone(),
         })
     }
-
-    /// Every stored key, least recently used first (for tests and diagnostics; O(n log n)).
-    pub fn keys_lru_order(&self) -> Vec<StoreKey> {
-        let g = self.inner.lock();
-        let mut all: Vec<(u64, StoreKey)> = g.map.iter().map(|(k, e)| (e.tick, *k)).collect();
-        all.sort_unstable_by_key(|(t, _)| *t);
-        all.into_iter().map(|(_, k)| k).collect()
-    }
 }
 
 /// The `top` largest namespaces by bytes together with the `top` with most (non-zero) hits,
@@ -818,7 +810,7 @@ mod tests {
             0,
             "other namespace"
         );
-        let order = s.keys_lru_order();
+        let order = s.keys_oldest_first();
         // 3 was not touched; then tail-first promotion leaves 0 most recent.
         assert_eq!(order.last(), Some(&key(0)));
         assert_eq!(order.first(), Some(&key(3)));

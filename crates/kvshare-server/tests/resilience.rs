@@ -11,10 +11,14 @@ use bytes::Bytes;
 use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout};
 use kvshare_proto::v1 as pb;
 use kvshare_proto::v1::kv_cache_client::KvCacheClient;
-use kvshare_testkit::{NodeProcess, free_port, wait_for_members};
+use kvshare_testkit::{NodeProcess, free_port, http_get, wait_for_members};
 use tonic::transport::Channel;
 
 const NS: [u8; 32] = [0x3c; 32];
+
+/// The tests run one at a time: each restarts nodes on ports it picked earlier, which another
+/// test picking free ports meanwhile could take, and nine nodes on two cores starve each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Cluster {
     ports: Vec<(u16, u16)>,
@@ -84,8 +88,8 @@ impl Cluster {
     }
 
     /// Re-replication sweeps node `i` has completed.
-    async fn sweeps(&self, i: usize) -> u64 {
-        metric(self.ports[i].1, "kvshare_rebalance_sweeps_total").await
+    fn sweeps(&self, i: usize) -> u64 {
+        metric(self.ports[i].1, "kvshare_rebalance_sweeps_total")
     }
 
     /// Waits until every node that was live when `since` was taken has completed a sweep
@@ -97,11 +101,12 @@ impl Cluster {
             if self.nodes[i].is_none() {
                 continue;
             }
-            while self.sweeps(i).await <= before {
+            while self.sweeps(i) <= before {
                 if t0.elapsed() >= limit {
-                    let cluster = http_get(self.ports[i].1, "/api/cluster").await;
+                    let addr = format!("127.0.0.1:{}", self.ports[i].1);
+                    let cluster = http_get(&addr, "/api/cluster").map(|(_, b)| b);
                     panic!(
-                        "node-{i} did not sweep within {limit:?} (sweeps before: {since:?}); its /api/cluster: {cluster}"
+                        "node-{i} did not sweep within {limit:?} (sweeps before: {since:?}); its /api/cluster: {cluster:?}"
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -109,40 +114,19 @@ impl Cluster {
         }
     }
 
-    async fn all_sweeps(&self) -> Vec<Option<u64>> {
-        let mut v = Vec::new();
-        for i in 0..3 {
-            v.push(match self.nodes[i] {
-                Some(_) => Some(self.sweeps(i).await),
-                None => None,
-            });
-        }
-        v
+    /// Sweep counts of the live nodes (`None` for a node that is down).
+    fn all_sweeps(&self) -> Vec<Option<u64>> {
+        (0..3)
+            .map(|i| self.nodes[i].as_ref().map(|_| self.sweeps(i)))
+            .collect()
     }
 }
 
-/// A counter or gauge from a node's /metrics (0 when absent).
-async fn metric(http_port: u16, name: &str) -> u64 {
-    let body = http_get(http_port, "/metrics").await;
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out
+/// A sample of a node's /metrics (0 when absent or unreachable).
+fn metric(http_port: u16, name: &str) -> u64 {
+    http_get(&format!("127.0.0.1:{http_port}"), "/metrics")
+        .and_then(|(_, body)| kvshare_testkit::metric(&body, name))
+        .map_or(0, |v| v as u64)
 }
 
 fn key(i: u32) -> Bytes {
@@ -223,6 +207,7 @@ async fn readable(c: &mut KvCacheClient<Channel>, range: std::ops::Range<u32>) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_written_during_an_outage_are_handed_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&[]).await;
     // node-2 dies; 400 blocks are written through node-1 (on node-1 and node-0 as stand-ins).
     c.kill(2);
@@ -234,7 +219,7 @@ async fn copies_written_during_an_outage_are_handed_back() {
     }
     assert_eq!(acked, 400);
     // node-2 returns empty; the others hand back what it owns.
-    let before = c.all_sweeps().await;
+    let before = c.all_sweeps();
     c.restart(2).await;
     c.wait_all_up().await;
     c.wait_for_sweeps(&before, Duration::from_secs(20)).await;
@@ -251,6 +236,7 @@ async fn copies_written_during_an_outage_are_handed_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_of_a_member_down_past_the_grace_period_survive_a_second_loss() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&["--rereplicate-after-ms", "1500"]).await;
     let mut w = client(c.endpoint(0)).await;
     let mut acked = 0;
@@ -258,7 +244,7 @@ async fn blocks_of_a_member_down_past_the_grace_period_survive_a_second_loss() {
         acked += put_range(&mut w, start..start + 100).await;
     }
     assert_eq!(acked, 600);
-    let before = c.all_sweeps().await;
+    let before = c.all_sweeps();
     c.kill(2);
     // Past the grace period the survivors copy node-2's blocks to their new owners.
     c.wait_for_sweeps(&before, Duration::from_secs(20)).await;
@@ -272,6 +258,7 @@ async fn blocks_of_a_member_down_past_the_grace_period_survive_a_second_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_member_costs_reads_a_hedge_delay_not_a_timeout() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&[]).await;
     let mut w = client(c.endpoint(0)).await;
     assert_eq!(put_range(&mut w, 0..200).await, 200);
