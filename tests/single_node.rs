@@ -110,7 +110,9 @@ async fn get_reports_missing_keys_in_order_and_delete_removes() {
     let found: Vec<bool> = got.iter().map(Option::is_some).collect();
     assert_eq!(found, vec![false, true, false, true]);
     assert_eq!(
-        got[1].as_ref().map(|b| b.decode().expect("decode")),
+        got[1]
+            .as_ref()
+            .map(|b| Vec::from(b.decode().expect("decode"))),
         Some(blocks[0].clone())
     );
     assert_eq!(c.delete_keys(&ns.digest(), &keys).await.expect("delete"), 2);

@@ -25,6 +25,7 @@ pub use cluster::ClusterClient;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvshare_core::keys::pack_keys;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, Codec, CoreError, EncodedBlock, Namespace};
 use kvshare_proto::transport::{kv_client, mark_no_forward, tune_endpoint};
@@ -250,10 +251,6 @@ pub struct KvClient {
     no_forward: bool,
 }
 
-fn keys_bytes(keys: &[BlockKey]) -> Vec<Bytes> {
-    keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
-}
-
 /// The keys of `tokens`' full blocks and how many leading ones `count_hits(namespace digest,
 /// keys)` finds (not asked when the prompt has no full block).
 async fn lookup_prefix(
@@ -365,7 +362,8 @@ impl KvClient {
     ) -> Result<pb::LookupResponse, ClientError> {
         let req = pb::LookupRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys_bytes(keys),
+            keys: Vec::new(),
+            packed_keys: pack_keys(keys),
             per_key,
         };
         Ok(self.rpc.lookup(self.request(req)).await?.into_inner())
@@ -466,10 +464,11 @@ impl KvClient {
         }
         let req = pb::GetRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys_bytes(keys),
+            keys: Vec::new(),
+            packed_keys: pack_keys(keys),
         };
         let mut stream = self.rpc.get(self.request(req)).await?.into_inner();
-        let mut asm = GetAssembler::new(keys);
+        let mut asm = GetAssembler::sharing(keys);
         while let Some(msg) = stream.message().await? {
             asm.push(msg)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -497,7 +496,8 @@ impl KvClient {
     ) -> Result<u32, ClientError> {
         let req = pb::DeleteRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys_bytes(keys),
+            keys: Vec::new(),
+            packed_keys: pack_keys(keys),
         };
         let resp = self.rpc.delete(self.request(req)).await?;
         Ok(resp.into_inner().deleted)
@@ -639,13 +639,13 @@ pub async fn decode_prefix(
                 key: keys[i],
                 source,
             })?;
-        out.push(raw);
+        out.push(Vec::from(raw));
     }
     Ok(out)
 }
 
 /// Decodes a block off the async runtime (decompression is CPU work).
-pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
+pub async fn decode_blocking(b: EncodedBlock) -> Result<Bytes, CoreError> {
     match tokio::task::spawn_blocking(move || b.decode()).await {
         Ok(r) => r,
         Err(e) => Err(CoreError::Corrupt(format!("decode task failed: {e}"))),

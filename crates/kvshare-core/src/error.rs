@@ -27,6 +27,16 @@ pub enum CoreError {
         /// Checksum of the decoded bytes.
         actual: u64,
     },
+    /// The encoded payload does not hash to the header's payload checksum.
+    #[error(
+        "payload checksum mismatch: header says {expected:#018x}, the payload bytes hash to {actual:#018x}"
+    )]
+    PayloadChecksumMismatch {
+        /// Payload checksum in the header.
+        expected: u64,
+        /// Checksum of the payload received.
+        actual: u64,
+    },
     /// A header is malformed.
     #[error("invalid header: {0}")]
     InvalidHeader(String),

@@ -261,6 +261,8 @@ fn decode_fixed(b: &[u8; RECORD_FIXED_LEN], limits: &SnapshotLimits) -> Result<F
         raw_len,
         checksum,
         payload_len,
+        // Set from the payload once it is read and its record checksum holds.
+        payload_checksum: None,
     })
     .map_err(|e| e.to_string())?;
     if raw_len > limits.max_block_size {
@@ -357,11 +359,17 @@ impl<R: Read> SnapshotReader<R> {
         if hasher.digest() != u64::from_le_bytes(sum) {
             return Err(SnapshotError::RecordChecksum { index });
         }
+        // The payload checksum is not stored: it is the hash of bytes the record checksum has
+        // just vouched for, so peers the block is re-replicated to can check it cheaply.
+        let header = BlockHeader {
+            payload_checksum: Some(crate::codec::checksum(&payload)),
+            ..f.header
+        };
         Ok(StoredBlock {
             key: f.key,
             parent: f.parent,
             block: Arc::new(EncodedBlock {
-                header: f.header,
+                header,
                 payload: Bytes::from(payload),
             }),
         })

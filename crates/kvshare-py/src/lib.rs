@@ -626,25 +626,15 @@ fn decode_into_slot(
     if b.header.namespace != *digest || b.header.layout != ns.layout {
         return corrupt("header names another namespace or layout".into());
     }
-    let decoded: Vec<u8>;
-    let raw: &[u8] = if b.header.codec == Codec::None {
-        if let Err(e) = b.verify() {
-            return corrupt(e.to_string());
-        }
-        &b.payload
-    } else {
-        match b.decode() {
-            Ok(v) => {
-                decoded = v;
-                &decoded
-            }
-            Err(e) => return corrupt(e.to_string()),
-        }
+    // Raw payloads are verified in place and not copied (decode shares their buffer).
+    let raw = match b.decode() {
+        Ok(v) => v,
+        Err(e) => return corrupt(e.to_string()),
     };
     if raw.len() != slot.len() {
         return corrupt(format!("{} raw bytes, expected {}", raw.len(), slot.len()));
     }
-    slot.copy_from_slice(raw);
+    slot.copy_from_slice(&raw);
     (GET_OK, None)
 }
 

@@ -9,6 +9,7 @@ use futures::stream::FuturesUnordered;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kvshare_core::keys::pack_keys;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, EncodedBlock};
 use kvshare_proto::transport::mark_no_forward;
@@ -57,10 +58,6 @@ fn peer_request<T>(msg: T, state: &NodeState) -> Request<T> {
     r.set_timeout(deadline::budget(state.cluster.forward_timeout()));
     mark_no_forward(&mut r);
     r
-}
-
-fn keys_bytes(keys: &[BlockKey]) -> Vec<Bytes> {
-    keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
 }
 
 fn count_forward(state: &NodeState, method: Method) {
@@ -143,7 +140,8 @@ pub async fn lookup_remote(
     count_forward(state, Method::lookup);
     let req = pb::LookupRequest {
         namespace: Bytes::copy_from_slice(&ns.0),
-        keys: keys_bytes(keys),
+        keys: Vec::new(),
+        packed_keys: pack_keys(keys),
         per_key: true,
     };
     match client.clone().lookup(peer_request(req, state)).await {
@@ -187,7 +185,8 @@ async fn get_remote(
     count_forward(state, Method::get);
     let req = pb::GetRequest {
         namespace: Bytes::copy_from_slice(&ns.0),
-        keys: keys_bytes(keys),
+        keys: Vec::new(),
+        packed_keys: pack_keys(keys),
     };
     let mut charges: Vec<Charge> = std::iter::repeat_with(Charge::default)
         .take(keys.len())
@@ -317,7 +316,8 @@ pub async fn delete(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockK
                     count_forward(state, Method::delete);
                     let req = pb::DeleteRequest {
                         namespace: Bytes::copy_from_slice(&ns.0),
-                        keys: keys_bytes(&sub),
+                        keys: Vec::new(),
+                        packed_keys: pack_keys(&sub),
                     };
                     match client.clone().delete(peer_request(req, state)).await {
                         Ok(r) => r.into_inner().deleted,

@@ -68,8 +68,10 @@ impl KvCacheService {
         no_forward: bool,
         namespace: &[u8],
         keys: &[bytes::Bytes],
+        packed_keys: &[u8],
     ) -> Result<(BlockKey, Vec<BlockKey>, Scope), Status> {
-        let (ns, keys) = parse_namespaced_keys(namespace, keys, self.state.limits.max_keys)?;
+        let (ns, keys) =
+            parse_namespaced_keys(namespace, keys, packed_keys, self.state.limits.max_keys)?;
         Ok((ns, keys, self.state.scope(no_forward)))
     }
 
@@ -79,7 +81,8 @@ impl KvCacheService {
         request: Request<pb::LookupRequest>,
     ) -> Result<pb::LookupResponse, Status> {
         let (s, req) = (&self.state, request.get_ref());
-        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let (ns, keys, scope) =
+            self.target(no_forward, &req.namespace, &req.keys, &req.packed_keys)?;
         let (present, nodes) = match scope {
             Scope::Local => (s.store.presence(ns, &keys), vec![s.node_id.clone()]),
             Scope::Cluster(view) => {
@@ -113,7 +116,8 @@ impl KvCacheService {
         request: Request<pb::GetRequest>,
     ) -> Result<GetStream, Status> {
         let req = request.get_ref();
-        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let (ns, keys, scope) =
+            self.target(no_forward, &req.namespace, &req.keys, &req.packed_keys)?;
         if no_forward {
             self.state.count_peer_request(Method::get);
         }
@@ -132,7 +136,8 @@ impl KvCacheService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<pb::DeleteResponse, Status> {
         let (s, req) = (&self.state, request.get_ref());
-        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let (ns, keys, scope) =
+            self.target(no_forward, &req.namespace, &req.keys, &req.packed_keys)?;
         let deleted = match scope {
             Scope::Local => s.remove_local(ns, &keys),
             Scope::Cluster(view) => routing::delete(s, &view, ns, &keys).await,

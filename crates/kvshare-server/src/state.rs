@@ -111,7 +111,8 @@ impl NodeState {
             .count() as u32
     }
 
-    /// Verifies a complete block (decode, length, checksum) and stores it here. `Ok(true)`
+    /// Verifies a complete block (length, and the payload checksum, or when the writer sent none
+    /// a decode against the raw checksum) and stores it here. `Ok(true)`
     /// when newly stored, `Ok(false)` when it was already present.
     pub async fn store_verified(
         &self,
@@ -128,7 +129,7 @@ impl NodeState {
             return Ok(false);
         }
         // Decoding a compressed block to check it needs a raw-size buffer.
-        let _decode_buffer = if block.header.codec == kvshare_core::Codec::None {
+        let _decode_buffer = if !block.verification_decodes() {
             Charge::default()
         } else {
             let what = format!("verifying a block of {} raw bytes", block.header.raw_len);
@@ -216,15 +217,13 @@ impl NodeState {
     }
 }
 
-/// Decodes a block and checks its length and checksum; large compressed blocks off the async
-/// runtime.
+/// Checks a block before it is stored ([`EncodedBlock::verify_payload`]); blocks that must be
+/// decoded for it, when large, off the async runtime.
 async fn verify(block: Arc<EncodedBlock>) -> Result<(), CoreError> {
-    if block.header.codec == kvshare_core::Codec::None
-        || block.header.raw_len <= INLINE_VERIFY_BYTES
-    {
-        return block.verify();
+    if !block.verification_decodes() || block.header.raw_len <= INLINE_VERIFY_BYTES {
+        return block.verify_payload();
     }
-    match tokio::task::spawn_blocking(move || block.verify()).await {
+    match tokio::task::spawn_blocking(move || block.verify_payload()).await {
         Ok(r) => r,
         Err(e) => Err(CoreError::Corrupt(format!("verification task failed: {e}"))),
     }
