@@ -94,7 +94,7 @@ struct NetCellArgs {
     redis_url: Option<String>,
     /// Link label written into the cells.
     #[arg(long)]
-    link: String,
+    link_label: String,
     /// Where to write the cells (JSON array).
     #[arg(long)]
     json_out: PathBuf,
@@ -239,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
 /// `net-cell`: the get and put cells of one shaped link, run from the client namespace.
 async fn net_cell(a: NetCellArgs) -> anyhow::Result<()> {
     let cells =
-        throughput::run_link(&a.suite, &a.endpoint, a.redis_url.as_deref(), &a.link).await?;
+        throughput::run_link(&a.suite, &a.endpoint, a.redis_url.as_deref(), &a.link_label).await?;
     std::fs::write(&a.json_out, serde_json::to_vec(&cells)?)
         .with_context(|| format!("writing {}", a.json_out.display()))?;
     Ok(())

@@ -561,7 +561,7 @@ async fn link_cells(
     if let Some(r) = redis {
         a.extend(["--redis-url".into(), r.url.clone()]);
     }
-    a.extend(["--link".into(), link.into()]);
+    a.extend(["--link-label".into(), link.into()]);
     a.extend(["--json-out".into(), json.to_string_lossy().into_owned()]);
     let status = bench_in(CLIENT_NS, &a)?.status().await?;
     let cells = std::fs::read(&json);
