@@ -111,7 +111,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 impl LookupLoadRow {
-    fn new(system: &str, blocks: usize, condition: &str, runs: Vec<LookupRun>) -> Self {
+    /// A row from its runs (medians computed here).
+    pub fn new(system: &str, blocks: usize, condition: &str, runs: Vec<LookupRun>) -> Self {
         let med = |f: fn(&LookupRun) -> f64| median(runs.iter().map(f).collect());
         LookupLoadRow {
             system: system.into(),
