@@ -286,18 +286,26 @@ async fn kvshare_op(
     }
 }
 
-/// Operation `i` of Redis client task `t` of `load`: `SET` of a new key or `GET` of a stored
-/// one. Returns the raw bytes moved.
+/// Keys per task a background Redis load overwrites in turn (its memory stays bounded).
+const BACKGROUND_KEYS: usize = 64;
+
+/// Operation `i` of Redis client task `t` of `load`: `SET` of a new key (`bounded`: one of
+/// [`BACKGROUND_KEYS`] keys of the task, overwritten in turn) or `GET` of a stored one.
+/// Returns the raw bytes moved.
 async fn redis_op(
     con: &mut redis::aio::MultiplexedConnection,
     load: Load,
-    t: usize,
-    i: usize,
+    (t, i): (usize, usize),
     keys: &[String],
+    bounded: bool,
 ) -> anyhow::Result<u64> {
     if load.op.is_put(i) {
         let raw = kv_block(load.size as usize, t * 1000 + i);
-        let key = redis_key("kv", &random_key());
+        let key = if bounded {
+            format!("bg:{t}:{}", i % BACKGROUND_KEYS)
+        } else {
+            redis_key("kv", &random_key())
+        };
         let n = raw.len() as u64;
         let () = redis::cmd("SET")
             .arg(&key)
@@ -377,7 +385,7 @@ async fn redis_cell(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Re
         tasks.push(tokio::spawn(async move {
             let mut raw_total = 0u64;
             for i in 0..load.per_task() {
-                raw_total += redis_op(&mut con, load, t, i, &keys).await?;
+                raw_total += redis_op(&mut con, load, (t, i), &keys, false).await?;
             }
             anyhow::Ok(raw_total)
         }));
@@ -435,10 +443,10 @@ impl Background {
             bg.tasks.push(tokio::spawn(async move {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    raw.fetch_add(
-                        redis_op(&mut con, load, t, i, &keys).await?,
-                        Ordering::Relaxed,
-                    );
+                    // Overwrites its own keys: a Redis that reached maxmemory would evict
+                    // the lookup's keys (its LRU clock ticks once a second).
+                    let n = redis_op(&mut con, load, (t, i), &keys, true).await?;
+                    raw.fetch_add(n, Ordering::Relaxed);
                     i += 1;
                 }
                 Ok(())
