@@ -76,6 +76,8 @@ fn tick_label(v: f64) -> String {
 struct Group<'a> {
     link: &'a str,
     header: String,
+    /// What the link delivers to one TCP stream, GB/s (server→client, client→server).
+    limit_gbps: Option<(f64, f64)>,
     pairs: Vec<(&'a Cell, Option<&'a Cell>)>,
 }
 
@@ -101,6 +103,11 @@ fn groups(r: &Report) -> Vec<Group<'_>> {
             None => out.push(Group {
                 link: &c.link,
                 header: link_header(r, &c.link),
+                limit_gbps: r
+                    .shaped
+                    .as_ref()
+                    .and_then(|s| s.links.iter().find(|l| l.link == c.link))
+                    .map(|l| (l.delivered_down_gbit / 8.0, l.delivered_up_gbit / 8.0)),
                 pairs: vec![(c, redis)],
             }),
         }
@@ -159,6 +166,14 @@ fn lookup_lines(r: &Report) -> Vec<String> {
     lines
 }
 
+/// `Redis 7.0.15` from `redis-server --version`'s line (`Redis server v=7.0.15 sha=...`).
+fn short_baseline(b: &str) -> String {
+    match b.split_whitespace().find_map(|w| w.strip_prefix("v=")) {
+        Some(v) => format!("Redis {v}"),
+        None => b.to_string(),
+    }
+}
+
 /// Renders the report as SVG.
 pub fn render(r: &Report) -> String {
     let groups = groups(r);
@@ -170,7 +185,7 @@ pub fn render(r: &Report) -> String {
         if r.baseline.is_empty() {
             String::new()
         } else {
-            format!("; baseline {}", r.baseline)
+            format!("; baseline {}", short_baseline(&r.baseline))
         }
     );
     let lookups = lookup_lines(r);
@@ -209,11 +224,16 @@ pub fn render(r: &Report) -> String {
     );
     let _ = write!(
         s,
-        r##"<rect x="{LEFT}" y="54" width="10" height="10" fill="{KVSHARE}"/><text x="{}" y="63">kvshare</text><rect x="{}" y="54" width="10" height="10" fill="{REDIS}"/><text x="{}" y="63">Redis</text><text x="{}" y="63" fill="#555">ratio below each cell = kvshare / Redis</text>"##,
+        r##"<rect x="{LEFT}" y="54" width="10" height="10" fill="{KVSHARE}"/><text x="{}" y="63">kvshare</text><rect x="{}" y="54" width="10" height="10" fill="{REDIS}"/><text x="{}" y="63">Redis</text><text x="{}" y="63" fill="#555">ratio below each cell = kvshare / Redis{}</text>"##,
         LEFT + 14.0,
         LEFT + 70.0,
         LEFT + 84.0,
-        LEFT + 140.0
+        LEFT + 140.0,
+        if groups.iter().any(|g| g.limit_gbps.is_some()) {
+            "; dashed line = raw TCP rate of the shaped link"
+        } else {
+            ""
+        }
     );
 
     let max = r.throughput.iter().map(|c| c.raw_gbps).fold(0.0, f64::max);
@@ -264,6 +284,16 @@ pub fn render(r: &Report) -> String {
             PLOT_TOP - 10.0,
             esc(&g.header)
         );
+        if let Some((down, up)) = g.limit_gbps {
+            // One line at the slower direction's rate: what one TCP stream gets through.
+            let v = down.min(up);
+            let y = y_of(v);
+            let _ = write!(
+                s,
+                r##"<line x1="{x}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#333" stroke-dasharray="6 3"><title>link {v:.2} GB/s</title></line>"##,
+                x + g.width() - 4.0
+            );
+        }
         for (i, (k, redis)) in g.pairs.iter().enumerate() {
             cell(&mut s, x + i as f64 * SLOT, k, *redis, &y_of);
         }
@@ -530,6 +560,10 @@ mod tests {
         // Lookup rows, and the machine string escaped.
         assert!(svg.contains("mixed 1 MiB x4"));
         assert!(svg.contains("&lt;test&gt; &amp; co"));
+        assert!(svg.contains("baseline Redis 7.0.15<"));
+        // The shaped group's delivered rate: 1.91 Gbit/s = 0.24 GB/s.
+        assert!(svg.contains("<title>link 0.24 GB/s</title>"));
+        assert!(svg.contains("dashed line = raw TCP rate"));
     }
 
     #[test]
