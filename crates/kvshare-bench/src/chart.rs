@@ -189,11 +189,20 @@ pub fn render(r: &Report) -> String {
         }
     );
     let lookups = lookup_lines(r);
+    let legend = format!(
+        "ratio below each cell = kvshare / Redis{}",
+        if groups.iter().any(|g| g.limit_gbps.is_some()) {
+            "; dashed line = raw TCP rate of the shaped link"
+        } else {
+            ""
+        }
+    );
     let plot_w: f64 = groups.iter().map(Group::width).sum::<f64>()
         + GROUP_GAP * groups.len().saturating_sub(1) as f64;
     let w = (LEFT + plot_w.max(200.0) + RIGHT)
         .max(text_width(title, 16.0) + 20.0)
         .max(text_width(&subtitle, 11.0) + 20.0)
+        .max(LEFT + 140.0 + text_width(&legend, 11.0) + 10.0)
         .max(
             lookups
                 .iter()
@@ -224,16 +233,12 @@ pub fn render(r: &Report) -> String {
     );
     let _ = write!(
         s,
-        r##"<rect x="{LEFT}" y="54" width="10" height="10" fill="{KVSHARE}"/><text x="{}" y="63">kvshare</text><rect x="{}" y="54" width="10" height="10" fill="{REDIS}"/><text x="{}" y="63">Redis</text><text x="{}" y="63" fill="#555">ratio below each cell = kvshare / Redis{}</text>"##,
+        r##"<rect x="{LEFT}" y="54" width="10" height="10" fill="{KVSHARE}"/><text x="{}" y="63">kvshare</text><rect x="{}" y="54" width="10" height="10" fill="{REDIS}"/><text x="{}" y="63">Redis</text><text x="{}" y="63" fill="#555">{}</text>"##,
         LEFT + 14.0,
         LEFT + 70.0,
         LEFT + 84.0,
         LEFT + 140.0,
-        if groups.iter().any(|g| g.limit_gbps.is_some()) {
-            "; dashed line = raw TCP rate of the shaped link"
-        } else {
-            ""
-        }
+        esc(&legend)
     );
 
     let max = r.throughput.iter().map(|c| c.raw_gbps).fold(0.0, f64::max);
