@@ -468,6 +468,7 @@ mod tests {
             shaped: Some(ShapedReport {
                 unshaped_gbit: (22.8, 25.9),
                 links: vec![link("2gbit", 2.0)],
+                ratios: vec![],
                 cells: vec![],
             }),
             ..Default::default()

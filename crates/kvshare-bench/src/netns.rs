@@ -281,6 +281,54 @@ pub struct LinkReport {
     pub tries: Vec<ShapeTry>,
 }
 
+/// kvshare against Redis in one shaped cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkRatio {
+    /// Link label.
+    pub link: String,
+    /// `get` or `put`.
+    pub op: String,
+    /// Raw block size, bytes.
+    pub block_bytes: u64,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// kvshare raw K/V GB/s.
+    pub kvshare_raw_gbps: f64,
+    /// kvshare bytes on the wire, GB/s.
+    pub kvshare_wire_gbps: f64,
+    /// Redis raw K/V GB/s.
+    pub redis_raw_gbps: f64,
+    /// kvshare / Redis, raw K/V.
+    pub ratio: f64,
+}
+
+/// kvshare / Redis for every shaped cell that has both.
+fn ratios(cells: &[Cell]) -> Vec<LinkRatio> {
+    cells
+        .iter()
+        .filter(|c| c.system == "kvshare")
+        .filter_map(|k| {
+            let r = cells.iter().find(|r| {
+                r.system == "redis"
+                    && r.link == k.link
+                    && r.op == k.op
+                    && r.block_bytes == k.block_bytes
+                    && r.concurrency == k.concurrency
+            })?;
+            Some(LinkRatio {
+                link: k.link.clone(),
+                op: k.op.clone(),
+                block_bytes: k.block_bytes,
+                concurrency: k.concurrency,
+                kvshare_raw_gbps: k.raw_gbps,
+                kvshare_wire_gbps: k.wire_gbps,
+                redis_raw_gbps: r.raw_gbps,
+                ratio: k.raw_gbps / r.raw_gbps.max(f64::MIN_POSITIVE),
+            })
+        })
+        .collect()
+}
+
 /// The shaped-link part of the report.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ShapedReport {
@@ -288,6 +336,8 @@ pub struct ShapedReport {
     pub unshaped_gbit: (f64, f64),
     /// Each link.
     pub links: Vec<LinkReport>,
+    /// kvshare / Redis raw K/V GB/s per shaped cell.
+    pub ratios: Vec<LinkRatio>,
     /// Cells (kvshare and Redis, get and put), `link` set to the link's label. Written to
     /// bench.json once, with the loopback cells under `throughput`.
     #[serde(skip)]
@@ -654,9 +704,10 @@ pub async fn run(args: &Args, links: &[LinkRate]) -> anyhow::Result<Option<Shape
             .cells
             .extend(link_cells(args, &rate.label, &node, redis.as_ref()).await?);
         report.links.push(link);
-        // The next link starts from the same state: no blocks left over from this one.
+        // The next link's tuning starts from an unshaped veth.
         net.shape(None)?;
     }
+    report.ratios = ratios(&report.cells);
     drop(sink);
     if let Some(r) = redis {
         r.stop();
@@ -708,6 +759,34 @@ mod tests {
             candidates(&"100mbit".parse().unwrap())[0].burst_bytes,
             64 << 10
         );
+    }
+
+    #[test]
+    fn ratios_pair_cells_of_the_same_link_op_and_size() {
+        let c = |system: &str, link: &str, op: &str, gbps: f64| Cell {
+            system: system.into(),
+            link: link.into(),
+            op: op.into(),
+            block_bytes: 1 << 20,
+            concurrency: 4,
+            ops: 8,
+            seconds: 1.0,
+            raw_gbps: gbps,
+            wire_gbps: gbps / 1.44,
+            ops_per_s: 8.0,
+        };
+        let cells = vec![
+            c("kvshare", "2gbit", "get", 0.344),
+            c("redis", "2gbit", "get", 0.239),
+            c("kvshare", "5gbit", "get", 0.847),
+            c("redis", "5gbit", "get", 0.598),
+            c("kvshare", "5gbit", "put", 0.471),
+        ];
+        let r = ratios(&cells);
+        assert_eq!(r.len(), 2, "a cell without Redis has no ratio");
+        assert_eq!((r[0].link.as_str(), r[0].redis_raw_gbps), ("2gbit", 0.239));
+        assert!((r[0].ratio - 0.344 / 0.239).abs() < 1e-12);
+        assert!((r[1].ratio - 0.847 / 0.598).abs() < 1e-12);
     }
 
     #[test]
