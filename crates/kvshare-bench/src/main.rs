@@ -224,12 +224,17 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            // Ctrl-C drops the running suite: every child process, server and namespace is
-            // removed by its guard before we exit.
+            // Ctrl-C or SIGTERM drops the running suite: every child process, server and
+            // namespace is removed by its guard before we exit.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = suite(cli.suite) => r,
                 _ = tokio::signal::ctrl_c() => {
                     anyhow::bail!("interrupted: stopped the servers and removed the namespaces")
+                }
+                _ = term.recv() => {
+                    anyhow::bail!("terminated: stopped the servers and removed the namespaces")
                 }
             }
         }

@@ -108,13 +108,18 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether this process may create network namespaces (root or CAP_NET_ADMIN, iproute2): tries
-/// one and removes it.
+/// Whether this process may create network namespaces and shape links in them (root or
+/// CAP_NET_ADMIN, iproute2 with `tc`, the tbf qdisc): tries both on a namespace of its own and
+/// removes it.
 pub fn permitted() -> Result<(), String> {
     let probe = format!("kvbench-probe{}", std::process::id());
     ip(&["netns", "add", &probe]).map_err(|e| format!("{e:#}"))?;
+    let shaped = tc(&[
+        "-n", &probe, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1gbit", "burst",
+        "65536", "latency", "10ms",
+    ]);
     let _ = ip(&["netns", "del", &probe]);
-    Ok(())
+    shaped.map_err(|e| format!("{e:#}"))
 }
 
 /// Removes the namespaces and the veth of a run (this one's, or a stale one's): deleting a
