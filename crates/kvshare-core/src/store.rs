@@ -257,6 +257,9 @@ pub struct StoreStats {
     pub namespaces: Vec<(BlockKey, NamespaceUsage)>,
 }
 
+/// Tenant names by id, and ids by name.
+type TenantNames = (Vec<Arc<str>>, HashMap<Arc<str>, TenantId>);
+
 /// The byte-bounded block store. Cheap to share behind an `Arc`.
 pub struct BlockStore {
     /// The cap; written under `inner`'s lock, so an insert (which reads it under the lock) sees
@@ -269,7 +272,7 @@ pub struct BlockStore {
     /// Usage per tenant id (entries are never removed: tenants are few).
     tenants: DashMap<TenantId, TenantUsage>,
     /// Tenant names by id, and ids by name.
-    tenant_names: parking_lot::RwLock<(Vec<Arc<str>>, HashMap<Arc<str>, TenantId>)>,
+    tenant_names: parking_lot::RwLock<TenantNames>,
     used: AtomicU64,
     evictions: AtomicU64,
 }

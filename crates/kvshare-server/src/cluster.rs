@@ -77,7 +77,7 @@ pub enum Target {
     /// This node.
     Local,
     /// A peer, over a shared channel.
-    Remote(transport::KvClient),
+    Remote(Box<transport::KvClient>),
 }
 
 /// A live member in the placement view.
@@ -354,10 +354,10 @@ impl Cluster {
             {
                 members.push(Member {
                     node_id: id.clone(),
-                    target: Target::Remote(transport::kv_client_with_token(
+                    target: Target::Remote(Box::new(transport::kv_client_with_token(
                         p.channel.clone(),
                         self.config.peer_token.clone(),
-                    )),
+                    ))),
                 });
             }
         }
