@@ -335,6 +335,8 @@ async fn kvshare_clients(
                 ClientOptions {
                     codec,
                     timeout: Duration::from_secs(120),
+                    // For nodes that run with --auth-file.
+                    token: std::env::var("KVSHARE_TOKEN").ok(),
                     ..Default::default()
                 },
             )

@@ -38,6 +38,10 @@ struct Cli {
     /// Deadline of each call, seconds.
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    /// Bearer token for nodes that run with --auth-file (prefer the environment variable:
+    /// a flag shows in the process list).
+    #[arg(long, global = true, env = "KVSHARE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let opts = ClientOptions {
         timeout: Duration::from_secs(cli.timeout),
+        token: cli.token.clone(),
         ..ClientOptions::default()
     };
     let connect = |opts: ClientOptions| KvClient::connect(&cli.endpoint, opts);

@@ -28,10 +28,9 @@ use bytes::Bytes;
 use kvshare_core::keys::pack_keys;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, Codec, CoreError, EncodedBlock, Namespace};
-use kvshare_proto::transport::{kv_client, mark_no_forward, tune_endpoint};
+use kvshare_proto::transport::{BearerToken, kv_client_with_token, mark_no_forward, tune_endpoint};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
-use pb::kv_cache_client::KvCacheClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
@@ -40,6 +39,9 @@ pub use kvshare_proto::transport::MAX_MESSAGE_BYTES;
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The token has characters a header cannot carry.
+    #[error("the token must be visible ASCII characters (no spaces or control characters)")]
+    InvalidToken,
     /// The endpoint is not a valid URI.
     #[error("invalid endpoint {endpoint:?}: {}", error_chain(source))]
     InvalidEndpoint {
@@ -152,6 +154,9 @@ pub struct ClientOptions {
     /// How long [`ClusterClient`] waits for a key's owner before it also asks the next one (a
     /// hedged read: a frozen owner costs this, not `timeout`).
     pub hedge_after: Duration,
+    /// Bearer token sent on every request (`authorization: Bearer <token>`), for nodes that run
+    /// with `--auth-file`; `None` sends none.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -162,6 +167,7 @@ impl Default for ClientOptions {
             chunk_size: 1 << 20,
             codec: Codec::BytePlaneZstd,
             hedge_after: Duration::from_millis(250),
+            token: None,
         }
     }
 }
@@ -244,7 +250,7 @@ pub struct PutItem {
 /// A client of one kvshare node.
 #[derive(Clone)]
 pub struct KvClient {
-    rpc: KvCacheClient<Channel>,
+    rpc: kvshare_proto::transport::KvClient,
     health: HealthClient<Channel>,
     opts: ClientOptions,
     endpoint: String,
@@ -300,6 +306,7 @@ impl KvClient {
                 source,
             }
         })?;
+        BearerToken::new(opts.token.as_deref()).map_err(|_| ClientError::InvalidToken)?;
         let ep = tune_endpoint(ep, opts.connect_timeout).timeout(opts.timeout);
         let channel = ep.connect().await.map_err(|source| ClientError::Connect {
             endpoint: endpoint.into(),
@@ -308,10 +315,12 @@ impl KvClient {
         Ok(Self::from_channel(channel, endpoint, opts))
     }
 
-    /// Wraps an existing channel.
+    /// Wraps an existing channel (a token that cannot be sent, see
+    /// [`ClientError::InvalidToken`], is left out: [`KvClient::connect`] refuses it).
     pub fn from_channel(channel: Channel, endpoint: &str, opts: ClientOptions) -> Self {
+        let token = BearerToken::new(opts.token.as_deref()).unwrap_or_default();
         KvClient {
-            rpc: kv_client(channel.clone()),
+            rpc: kv_client_with_token(channel.clone(), token),
             health: HealthClient::new(channel),
             opts,
             endpoint: endpoint.to_string(),

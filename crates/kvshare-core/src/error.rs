@@ -48,6 +48,14 @@ pub enum CoreError {
         /// The limit.
         limit: u64,
     },
+    /// A block is larger than its tenant's whole quota.
+    #[error("block of {size} bytes exceeds the tenant's quota of {quota} bytes")]
+    OverQuota {
+        /// Size of the block (charged bytes).
+        size: u64,
+        /// The tenant's quota.
+        quota: u64,
+    },
     /// Token ids do not fill a block, or other caller misuse.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -33,4 +33,6 @@ pub use error::CoreError;
 pub use keys::{BlockKey, KEY_LEN, KeyScheme, VllmHashParams};
 pub use layout::{DType, KvLayout};
 pub use namespace::Namespace;
-pub use store::{BlockStore, InsertOutcome, StoreKey, StoreStats};
+pub use store::{
+    BlockStore, DEFAULT_TENANT, InsertOutcome, StoreKey, StoreStats, TenantId, TenantUsage,
+};

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod budget;
 pub mod capacity;
 pub mod cluster;
@@ -94,6 +95,9 @@ pub enum ServerError {
     /// The store snapshot could not be written at shutdown.
     #[error("writing the store snapshot failed")]
     Snapshot(#[source] kvshare_core::snapshot::SnapshotError),
+    /// The auth file or the peer token is unusable.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
     /// The port file could not be written.
     #[error("cannot write the port file {path}")]
     PortFile {
@@ -264,8 +268,12 @@ fn advertised(
     }
 }
 
-fn cluster_config(config: &ServerConfig) -> cluster::ClusterConfig {
+fn cluster_config(
+    config: &ServerConfig,
+    peer_token: kvshare_proto::transport::BearerToken,
+) -> cluster::ClusterConfig {
     cluster::ClusterConfig {
+        peer_token,
         peers: config
             .peers
             .iter()
@@ -290,6 +298,7 @@ fn node_state(
     addrs: Advertised,
     cluster: Arc<cluster::Cluster>,
     mut metrics: metrics::Metrics,
+    auth: Arc<auth::Auth>,
 ) -> NodeState {
     let stats_top_namespaces = config
         .stats_top_namespaces
@@ -319,6 +328,7 @@ fn node_state(
             Duration::from_millis(config.budget_wait_ms),
         ),
         cluster,
+        auth,
     }
 }
 
@@ -411,12 +421,31 @@ fn spawn_http(
 ) -> JoinHandle<Result<(), std::io::Error>> {
     let app = http::router(state);
     tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|v| *v).await;
-            })
-            .await
+        // Connect info: the client's address, for protected mode.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+        })
+        .await
     })
+}
+
+/// Logs how clients are admitted (a warning at every start with `--insecure-no-auth`).
+fn log_auth_mode(auth: &auth::Auth, config: &ServerConfig, peer_token: bool) {
+    if auth.enabled() {
+        info!(auth_file = ?config.auth_file, peer_token, "auth on: clients need a bearer token");
+    } else if auth.insecure() {
+        warn!(
+            "--insecure-no-auth: no --auth-file, and clients from any address are served; anyone who can reach this node can read, overwrite and delete every block"
+        );
+    } else if auth.protected() {
+        warn!(
+            "protected mode: no --auth-file and a non-loopback listen address, so only clients on loopback are served; start with --auth-file PATH, or --insecure-no-auth"
+        );
+    }
 }
 
 /// Binds listeners and starts serving.
@@ -440,6 +469,8 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
             "--capacity auto: capacity = memory limit - buffer budget - runtime headroom"
         );
     }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_rx_for_auth = shutdown_rx.clone();
     let grpc_listener = bind(config.grpc_addr).await?;
     let http_listener = bind(config.http_addr).await?;
     let local = |l: &TcpListener, addr| {
@@ -451,11 +482,22 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let node_id = config.resolved_node_id();
     let addrs = advertised(&config, &node_id, grpc_addr, http_addr);
     let metrics = metrics::Metrics::new();
+    let auth = Arc::new(auth::Auth::new(
+        config.auth_file.as_deref(),
+        config.insecure_no_auth,
+        config.metrics_auth,
+        &[grpc_addr, http_addr],
+    )?);
+    let peer_token = auth::peer_token(
+        config.peer_token_file.as_deref(),
+        config.peer_token.as_deref(),
+    )?;
+    log_auth_mode(&auth, &config, peer_token.is_set());
     let cluster = cluster::Cluster::new(
         node_id.clone(),
         addrs.grpc.clone(),
         addrs.http.clone(),
-        cluster_config(&config),
+        cluster_config(&config, peer_token.clone()),
         metrics.peer_markdowns.clone(),
     );
     let state = Arc::new(node_state(
@@ -465,7 +507,19 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         addrs,
         cluster.clone(),
         metrics,
+        auth.clone(),
     ));
+    // Quotas hold from the first block on, snapshot included.
+    auth.apply_quotas(&state.store);
+    {
+        let st = state.clone();
+        let shutdown = shutdown_rx_for_auth.clone();
+        tokio::spawn(async move {
+            let a = st.auth.clone();
+            a.watch(|| _ = st.auth.reload(&st.store, &st.metrics), shutdown)
+                .await
+        });
+    }
 
     if let Some(dir) = &config.data_dir {
         std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
@@ -474,7 +528,6 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         })?;
     }
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Not ready until the snapshot is loaded; /healthz answers meanwhile.
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = http::HttpState {
@@ -492,7 +545,8 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     // before serving: a restarted node's first answers (ClusterInfo to smart clients, forwarded
     // requests) must not describe a cluster of one, which would make it the owner of every key.
     cluster.clone().spawn_health_thread(shutdown_rx.clone());
-    let first_round = cluster_config(&config).health_timeout * 2 + Duration::from_secs(1);
+    let first_round =
+        Duration::from_millis(config.peer_health_timeout_ms.max(10)) * 2 + Duration::from_secs(1);
     cluster.first_round_done(first_round).await;
     let grpc_task = spawn_grpc(grpc_listener, state.clone(), &config, shutdown_rx.clone()).await?;
     let rebalance = rebalance::RebalanceConfig {

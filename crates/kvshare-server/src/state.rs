@@ -9,6 +9,7 @@ use bytes::Bytes;
 use kvshare_core::{BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey};
 use kvshare_proto::v1 as pb;
 
+use crate::auth::{Auth, Tenant};
 use crate::budget::{Charge, MemoryBudget};
 use crate::cluster::{Cluster, View};
 use crate::metrics::{Method, MethodLabels, Metrics, PutLabels, PutOutcome};
@@ -58,6 +59,8 @@ pub struct NodeState {
     pub started: Instant,
     /// Membership and placement.
     pub cluster: Arc<Cluster>,
+    /// Tokens, roles, tenants, protected mode.
+    pub auth: Arc<Auth>,
 }
 
 /// Where a request is answered.
@@ -112,16 +115,18 @@ impl NodeState {
     }
 
     /// Verifies a complete block (length, and the payload checksum, or when the writer sent none
-    /// a decode against the raw checksum) and stores it here. `Ok(true)`
-    /// when newly stored, `Ok(false)` when it was already present.
+    /// a decode against the raw checksum) and stores it here for `tenant` (under
+    /// [`Tenant::space`] of its namespace). `Ok(true)` when newly stored, `Ok(false)` when it
+    /// was already present.
     pub async fn store_verified(
         &self,
+        tenant: &Tenant,
         key: BlockKey,
         parent: Option<BlockKey>,
         block: Arc<EncodedBlock>,
     ) -> Result<bool, Rejection> {
         let sk = StoreKey {
-            namespace: block.header.namespace,
+            namespace: tenant.space(block.header.namespace),
             key,
         };
         if self.store.contains(&sk) {
@@ -142,7 +147,7 @@ impl NodeState {
             }
         };
         let inserted = match verify(block.clone()).await {
-            Ok(()) => self.store.insert(sk, parent, block),
+            Ok(()) => self.store.insert_for(tenant.id, sk, parent, block),
             Err(e) => Err(e),
         };
         match inserted {
@@ -159,6 +164,39 @@ impl NodeState {
                 self.count_put(PutOutcome::rejected);
                 Err(Rejection::from(&e))
             }
+        }
+    }
+
+    /// Stats as a caller limited to `tenant` sees them: the tenant's blocks, bytes, hits,
+    /// evictions and namespaces, its quota as capacity (the node's capacity without one), and
+    /// none of the node-wide counters.
+    pub fn tenant_stats(&self, tenant: &Tenant, top_namespaces: u32) -> pb::StatsResponse {
+        let u = self.store.usage_of(tenant.id);
+        let (total, namespaces) = self
+            .store
+            .tenant_namespaces(tenant.id, self.stats_top(top_namespaces));
+        pb::StatsResponse {
+            node_id: self.node_id.clone(),
+            capacity_bytes: u.quota.unwrap_or_else(|| self.store.capacity()),
+            stored_bytes: u.bytes,
+            stored_blocks: u.blocks,
+            stored_payload_bytes: u
+                .bytes
+                .saturating_sub(u.blocks * kvshare_core::store::ENTRY_OVERHEAD_BYTES),
+            hits: u.hits,
+            evictions: u.evictions,
+            namespaces: namespaces
+                .iter()
+                .map(|(ns, u)| pb::NamespaceStats {
+                    namespace: Bytes::copy_from_slice(&ns.0),
+                    blocks: u.blocks,
+                    bytes: u.bytes,
+                    hits: u.hits,
+                })
+                .collect(),
+            namespaces_total: total,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            ..Default::default()
         }
     }
 

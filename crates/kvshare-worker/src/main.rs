@@ -92,6 +92,9 @@ pub struct ModelArgs {
         value_delimiter = ','
     )]
     pub tier: Vec<String>,
+    /// Bearer token for cache nodes that run with --auth-file (role writer: workers push).
+    #[arg(long, env = "KVSHARE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Element type of the K/V cache and of the shared blocks: f32, f16 or bf16.
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: DType,
@@ -121,6 +124,7 @@ impl ModelArgs {
             } else {
                 let opts = ClientOptions {
                     codec,
+                    token: self.token.clone(),
                     ..ClientOptions::default()
                 };
                 Some(ClusterClient::connect(&tier, opts).await.with_context(|| {
