@@ -2,8 +2,8 @@
 //!
 //! # Why our own store
 //!
-//! We index blocks in a hash map plus an ordered set of evictable blocks behind one mutex rather
-//! than use a cache crate or a sharded map:
+//! We index blocks in a hash map plus an ordered set of evictable blocks behind one mutex, with a
+//! concurrent read index beside it (below), rather than use a cache crate or a sharded map:
 //! - moka's TinyLFU admission refuses freshly pushed blocks once the cache is full (200 of 200
 //!   refused in our check) and its weighted size lags until maintenance runs, so capacity is not
 //!   a hard limit at every instant. Both are wrong for a KV tier: a new prefix must be admitted,
@@ -14,9 +14,20 @@
 //! - A sharded map (dashmap) gives per-shard recency and per-shard budgets, so neither global LRU
 //!   order nor a global hard cap would hold.
 //!
-//! One mutex around O(log n) operations (a few hundred ns per put or lookup, no I/O and no
-//! allocation of payloads under the lock) is far below the cost of moving a block over gRPC, so
-//! it is not the bottleneck; payloads are `Bytes` shared with the network layer, never copied.
+//! Writers (insert, remove, eviction) take one mutex around O(log n) operations (a few hundred
+//! ns, no I/O and no allocation of payloads under the lock); payloads are `Bytes` shared with the
+//! network layer, never copied.
+//!
+//! # Reads do not take the lock
+//!
+//! Lookups and gets read a concurrent index (`dashmap`, key to block) that writers update in the
+//! same critical section as the LRU structures, so a 2,048-key Lookup never waits for inserts
+//! and evictions and never makes them wait. What a read must change, the recency of its hits, is
+//! recorded in a bounded read buffer and applied to the LRU order in batches under the lock
+//! (Caffeine's read-buffer technique): by the next writer, which drains the buffer before it
+//! evicts, or by the reader that fills the buffer, if the lock is free. A read that finds the
+//! buffer full and the lock busy drops its recency record (the buffer is lossy, as Caffeine's
+//! is: memory stays bounded, and the hard cap and tail-first order never depend on it).
 //!
 //! # Eviction rule
 //!
@@ -35,7 +46,8 @@
 //!
 //! Whatever the shape of the chains (one chain of 262,000 blocks, or a star of 100,000 children
 //! of one parent): insert, remove and each evicted block cost O(log n); lookups and gets
-//! O(k log n) for k keys. Nothing walks a chain or a list of children.
+//! O(k log n) for k keys, of which only the k index probes happen on the reader's thread.
+//! Nothing walks a chain or a list of children.
 //!
 //! # Guarantees
 //! - `used_bytes() <= capacity()` at every instant: room is made (by eviction) before a block is
@@ -80,6 +92,9 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
 /// shrinks the store (about a millisecond of work: the evicted payloads are freed after the lock
 /// is released).
 pub const SHRINK_BATCH_BLOCKS: usize = 2048;
+
+/// Most recency records the read buffer holds before a reader applies them (64 bytes each).
+pub const READ_BUFFER_KEYS: usize = 64 * 1024;
 
 /// Name of the tenant every block belongs to when no tenant is given (id [`TenantId::DEFAULT`]).
 pub const DEFAULT_TENANT: &str = "default";
@@ -268,6 +283,10 @@ pub struct BlockStore {
     /// Serialises capacity changes.
     resize: Mutex<()>,
     inner: Mutex<Inner>,
+    /// The read index: every stored block, written under `inner`'s lock, read without it.
+    index: DashMap<StoreKey, Arc<EncodedBlock>>,
+    /// Hits not yet applied to the LRU order, oldest first (at most [`READ_BUFFER_KEYS`]).
+    reads: Mutex<Vec<StoreKey>>,
     namespaces: DashMap<BlockKey, NamespaceUsage>,
     /// Usage per tenant id (entries are never removed: tenants are few).
     tenants: DashMap<TenantId, TenantUsage>,
@@ -296,6 +315,8 @@ impl BlockStore {
                 #[cfg(test)]
                 evicted_parents: 0,
             }),
+            index: DashMap::new(),
+            reads: Mutex::new(Vec::new()),
             namespaces: DashMap::new(),
             tenants: DashMap::new(),
             tenant_names: parking_lot::RwLock::new({
@@ -325,6 +346,7 @@ impl BlockStore {
     pub fn set_capacity(&self, capacity_bytes: u64) -> u64 {
         let _one_at_a_time = self.resize.lock();
         let mut g = self.inner.lock();
+        self.apply_reads(&mut g);
         self.capacity.store(capacity_bytes, Ordering::Release);
         let mut evicted = 0u64;
         let mut freed = Vec::with_capacity(SHRINK_BATCH_BLOCKS.min(g.map.len()));
@@ -408,6 +430,8 @@ impl BlockStore {
         if charge > capacity {
             return Err(too_large(capacity));
         }
+        // Recency of reads so far first, so the victims below are the true LRU leaves.
+        self.apply_reads(&mut g);
         if g.promote(&key) {
             return Ok(InsertOutcome::AlreadyPresent);
         }
@@ -445,6 +469,7 @@ impl BlockStore {
         let raw = block.header.raw_len;
         let tpb = block.header.layout.tokens_per_block;
         let now = g.tick();
+        self.index.insert(key, block.clone());
         g.map.insert(
             key,
             Entry {
@@ -559,6 +584,7 @@ impl BlockStore {
     pub fn set_quota(&self, tenant: TenantId, quota: Option<u64>) -> u64 {
         let mut freed = Vec::new();
         let mut g = self.inner.lock();
+        self.apply_reads(&mut g);
         self.tenants.entry(tenant).or_default().quota = quota;
         let Some(quota) = quota else {
             g.quotas.remove(&tenant);
@@ -639,6 +665,7 @@ impl BlockStore {
     /// Removes a block from the index; returns it if it was stored.
     fn remove_locked(&self, g: &mut Inner, key: &StoreKey) -> Option<Arc<EncodedBlock>> {
         let e = g.map.remove(key)?;
+        self.index.remove(key);
         if e.children == 0 {
             g.leaf_remove(e.tick, e.tenant);
         }
@@ -689,7 +716,44 @@ impl BlockStore {
 
     /// Whether a block is stored (does not change recency).
     pub fn contains(&self, key: &StoreKey) -> bool {
-        self.inner.lock().map.contains_key(key)
+        self.index.contains_key(key)
+    }
+
+    /// Applies the buffered hits to the LRU order, oldest first (under the store's lock).
+    fn apply_reads(&self, g: &mut Inner) {
+        let mut reads = std::mem::take(&mut *self.reads.lock());
+        for k in &reads {
+            // A block removed since it was read is simply not promoted.
+            g.promote(k);
+        }
+        // Hand the allocation back for the next batch, unless readers started a new one.
+        reads.clear();
+        let mut buf = self.reads.lock();
+        if buf.is_empty() {
+            *buf = reads;
+        }
+    }
+
+    /// Records hits (in the order they should become recent: the last one most recent). When
+    /// the buffer would overflow, the reader applies it if the store's lock is free, and
+    /// otherwise drops these records (see the module docs).
+    fn record_reads(&self, hits: impl ExactSizeIterator<Item = StoreKey>) {
+        let n = hits.len();
+        if n == 0 {
+            return;
+        }
+        let mut buf = self.reads.lock();
+        if buf.len() + n <= READ_BUFFER_KEYS {
+            buf.extend(hits);
+            return;
+        }
+        drop(buf);
+        if let Some(mut g) = self.inner.try_lock() {
+            self.apply_reads(&mut g);
+            for k in hits {
+                g.promote(&k);
+            }
+        }
     }
 
     /// Adds hits to a namespace that has stored blocks (never creates an entry).
@@ -709,40 +773,40 @@ impl BlockStore {
     /// Number of leading `keys` stored in `namespace`. The hits are marked used, the head of the
     /// prefix last (most recent).
     pub fn lookup_prefix(&self, namespace: BlockKey, keys: &[BlockKey]) -> usize {
-        let hit = {
-            let mut g = self.inner.lock();
-            let hit = keys
-                .iter()
-                .take_while(|k| {
-                    g.map.contains_key(&StoreKey {
-                        namespace,
-                        key: **k,
-                    })
+        let hit = keys
+            .iter()
+            .take_while(|k| {
+                self.index.contains_key(&StoreKey {
+                    namespace,
+                    key: **k,
                 })
-                .count();
-            for k in keys[..hit].iter().rev() {
-                g.promote(&StoreKey { namespace, key: *k });
-            }
-            hit
-        };
+            })
+            .count();
+        self.record_reads(
+            keys[..hit]
+                .iter()
+                .rev()
+                .map(|k| StoreKey { namespace, key: *k }),
+        );
         self.count_hits(&namespace, hit as u64);
         hit
     }
 
     /// Whether each of `keys` is stored in `namespace`. Hits are marked used, last key first.
     pub fn presence(&self, namespace: BlockKey, keys: &[BlockKey]) -> Vec<bool> {
-        let mut out = vec![false; keys.len()];
-        let mut hits = 0;
-        {
-            let mut g = self.inner.lock();
-            for (i, k) in keys.iter().enumerate().rev() {
-                if g.promote(&StoreKey { namespace, key: *k }) {
-                    out[i] = true;
-                    hits += 1;
-                }
-            }
-        }
-        self.count_hits(&namespace, hits);
+        let out: Vec<bool> = keys
+            .iter()
+            .map(|k| self.index.contains_key(&StoreKey { namespace, key: *k }))
+            .collect();
+        let hits: Vec<StoreKey> = keys
+            .iter()
+            .zip(&out)
+            .rev()
+            .filter(|(_, hit)| **hit)
+            .map(|(k, _)| StoreKey { namespace, key: *k })
+            .collect();
+        self.count_hits(&namespace, hits.len() as u64);
+        self.record_reads(hits.into_iter());
         out
     }
 
@@ -752,21 +816,23 @@ impl BlockStore {
         namespace: BlockKey,
         keys: &[BlockKey],
     ) -> Vec<Option<Arc<EncodedBlock>>> {
-        let mut out = vec![None; keys.len()];
-        let mut hits = 0;
-        {
-            let mut g = self.inner.lock();
-            for (i, k) in keys.iter().enumerate().rev() {
-                let sk = StoreKey { namespace, key: *k };
-                if g.promote(&sk)
-                    && let Some(e) = g.map.get(&sk)
-                {
-                    out[i] = Some(e.block.clone());
-                    hits += 1;
-                }
-            }
-        }
-        self.count_hits(&namespace, hits);
+        let out: Vec<Option<Arc<EncodedBlock>>> = keys
+            .iter()
+            .map(|k| {
+                self.index
+                    .get(&StoreKey { namespace, key: *k })
+                    .map(|b| b.value().clone())
+            })
+            .collect();
+        let hits: Vec<StoreKey> = keys
+            .iter()
+            .zip(&out)
+            .rev()
+            .filter(|(_, b)| b.is_some())
+            .map(|(k, _)| StoreKey { namespace, key: *k })
+            .collect();
+        self.count_hits(&namespace, hits.len() as u64);
+        self.record_reads(hits.into_iter());
         out
     }
 
@@ -779,11 +845,9 @@ impl BlockStore {
 
     /// Fetches one block, marking it used. Does not count a namespace hit.
     pub fn get(&self, key: &StoreKey) -> Option<Arc<EncodedBlock>> {
-        let mut g = self.inner.lock();
-        if !g.promote(key) {
-            return None;
-        }
-        g.map.get(key).map(|e| e.block.clone())
+        let block = self.index.get(key).map(|b| b.value().clone())?;
+        self.record_reads(std::iter::once(*key));
+        Some(block)
     }
 
     /// Namespaces with stored blocks.
@@ -845,7 +909,8 @@ impl BlockStore {
     /// copy (tick, key) pairs (O(n)); they are sorted after it is released.
     pub fn keys_oldest_first(&self) -> Vec<StoreKey> {
         let mut all: Vec<(u64, StoreKey)> = {
-            let g = self.inner.lock();
+            let mut g = self.inner.lock();
+            self.apply_reads(&mut g);
             g.map.iter().map(|(k, e)| (e.tick, *k)).collect()
         };
         all.sort_unstable_by_key(|(t, _)| *t);
@@ -969,6 +1034,13 @@ mod tests {
         /// Checks every internal invariant against a full recount; panics on a violation.
         fn check_invariants(&self) {
             let g = self.inner.lock();
+            // The read index holds exactly the stored blocks; the read buffer stays bounded.
+            assert_eq!(self.index.len(), g.map.len(), "read index size");
+            for (k, e) in &g.map {
+                let indexed = self.index.get(k).map(|b| Arc::ptr_eq(b.value(), &e.block));
+                assert_eq!(indexed, Some(true), "read index entry {k:?}");
+            }
+            assert!(self.reads.lock().len() <= READ_BUFFER_KEYS);
             let used: u64 = g.map.values().map(|e| e.charge).sum();
             assert_eq!(g.used, used, "used bytes");
             assert_eq!(self.used_bytes(), used);
