@@ -23,6 +23,7 @@ pub mod config;
 pub mod conn;
 pub mod deadline;
 pub mod get;
+pub mod get_wire;
 pub mod http;
 pub mod metrics;
 pub mod put;
@@ -364,9 +365,15 @@ async fn spawn_grpc(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(ServerError::Reflection)?;
-    let kv = KvCacheServer::new(KvCacheService::new(state))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let request_timeout = state.limits.stream_idle_timeout;
+    let service = KvCacheService::new(state);
+    let kv = get_wire::ZeroCopyGet::new(
+        KvCacheServer::new(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        service,
+        request_timeout,
+    );
     // Small messages (lookups, headers) must not wait for Nagle's algorithm and delayed ACKs
     // (40 ms stalls): disable it on every accepted connection. (The builder's tcp_nodelay only
     // applies to listeners tonic binds itself.)
