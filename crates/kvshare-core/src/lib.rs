@@ -16,6 +16,7 @@ pub mod block;
 pub mod cbor;
 pub mod codec;
 pub mod error;
+mod huff;
 pub mod keys;
 pub mod layout;
 pub mod namespace;
