@@ -204,35 +204,10 @@ fn split_planes(body: &[u8], width: usize, rotate: bool) -> Vec<Vec<u8>> {
     let mut planes: Vec<Vec<u8>> = vec![vec![0u8; n]; width];
     // Preallocated planes filled by zipped iterators (no per-byte push, no index checks): this
     // loop was a third of the encode time when written with push.
-    match (width, rotate) {
-        (2, _) => {
-            let (p0, p1) = planes.split_at_mut(1);
-            let r = u32::from(rotate);
-            for ((w, a), b) in body
-                .chunks_exact(2)
-                .zip(p0[0].iter_mut())
-                .zip(p1[0].iter_mut())
-            {
-                let x = u16::from_le_bytes([w[0], w[1]]).rotate_left(r);
-                *a = x as u8;
-                *b = (x >> 8) as u8;
-            }
-        }
-        (4, true) => {
-            let [p0, p1, p2, p3] = &mut planes[..] else {
-                return planes;
-            };
-            for ((((w, a), b), c), d) in body
-                .chunks_exact(4)
-                .zip(p0.iter_mut())
-                .zip(p1.iter_mut())
-                .zip(p2.iter_mut())
-                .zip(p3.iter_mut())
-            {
-                let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]).rotate_left(1);
-                [*a, *b, *c, *d] = x.to_le_bytes();
-            }
-        }
+    match (&mut planes[..], rotate) {
+        ([p0, p1], false) => split2::<0>(body, p0, p1),
+        ([p0, p1], true) => split2::<1>(body, p0, p1),
+        ([p0, p1, p2, p3], true) => split4::<1>(body, [p0, p1, p2, p3]),
         _ => {
             for (i, plane) in planes.iter_mut().enumerate() {
                 for (o, w) in plane.iter_mut().zip(body.chunks_exact(width)) {
@@ -242,6 +217,64 @@ fn split_planes(body: &[u8], width: usize, rotate: bool) -> Vec<Vec<u8>> {
         }
     }
     planes
+}
+
+/// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it and as compiled
+/// otherwise. The byte (de)interleaving loops vectorise with AVX2; at the x86-64 baseline LLVM
+/// leaves them scalar, ~8x slower (measured 17-19 us vs 2-4 us per 147,456-byte block: a quarter
+/// of a byteplane-huff decode).
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* fn $name:ident => $body:ident, $avx:ident ($($a:ident : $t:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx<const ROT: u32>($($a: $t),*) {
+            $body::<ROT>($($a),*)
+        }
+
+        $(#[$m])*
+        fn $name<const ROT: u32>($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above), `$avx`'s only requirement.
+                return unsafe { $avx::<ROT>($($a),*) };
+            }
+            $body::<ROT>($($a),*)
+        }
+    };
+}
+
+avx2_dispatch! {
+    /// Splits 2-byte elements, rotated left by `ROT` bits, into two planes.
+    fn split2 => split2_body, split2_avx2(body: &[u8], p0: &mut [u8], p1: &mut [u8])
+}
+
+#[inline(always)]
+fn split2_body<const ROT: u32>(body: &[u8], p0: &mut [u8], p1: &mut [u8]) {
+    for ((w, a), b) in body.chunks_exact(2).zip(p0.iter_mut()).zip(p1.iter_mut()) {
+        let x = u16::from_le_bytes([w[0], w[1]]).rotate_left(ROT);
+        *a = x as u8;
+        *b = (x >> 8) as u8;
+    }
+}
+
+avx2_dispatch! {
+    /// Splits 4-byte elements, rotated left by `ROT` bits, into four planes.
+    fn split4 => split4_body, split4_avx2(body: &[u8], p: [&mut Vec<u8>; 4])
+}
+
+#[inline(always)]
+fn split4_body<const ROT: u32>(body: &[u8], p: [&mut Vec<u8>; 4]) {
+    let [p0, p1, p2, p3] = p;
+    for ((((w, a), b), c), d) in body
+        .chunks_exact(4)
+        .zip(p0.iter_mut())
+        .zip(p1.iter_mut())
+        .zip(p2.iter_mut())
+        .zip(p3.iter_mut())
+    {
+        let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]).rotate_left(ROT);
+        [*a, *b, *c, *d] = x.to_le_bytes();
+    }
 }
 
 fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
@@ -489,26 +522,11 @@ fn decode_planes(
 
 /// Interleaves `planes` (each `out.len() / planes.len()` bytes) into `out`, undoing `transform`.
 fn merge_planes(out: &mut [u8], planes: &[&[u8]], transform: Transform) {
-    let rot = u32::from(transform == Transform::Rotate);
-    match planes {
-        [p0, p1] => {
-            for ((o, &a), &b) in out.chunks_exact_mut(2).zip(p0.iter()).zip(p1.iter()) {
-                let x = u16::from_le_bytes([a, b]).rotate_right(rot);
-                o.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        [p0, p1, p2, p3] => {
-            for ((((o, &a), &b), &c), &d) in out
-                .chunks_exact_mut(4)
-                .zip(p0.iter())
-                .zip(p1.iter())
-                .zip(p2.iter())
-                .zip(p3.iter())
-            {
-                let x = u32::from_le_bytes([a, b, c, d]).rotate_right(rot);
-                o.copy_from_slice(&x.to_le_bytes());
-            }
-        }
+    match (planes, transform) {
+        ([p0, p1], Transform::None) => merge2::<0>(out, p0, p1),
+        ([p0, p1], Transform::Rotate) => merge2::<1>(out, p0, p1),
+        ([p0, p1, p2, p3], Transform::None) => merge4::<0>(out, [p0, p1, p2, p3]),
+        ([p0, p1, p2, p3], Transform::Rotate) => merge4::<1>(out, [p0, p1, p2, p3]),
         _ => {
             let width = planes.len();
             for (i, p) in planes.iter().enumerate() {
@@ -518,6 +536,38 @@ fn merge_planes(out: &mut [u8], planes: &[&[u8]], transform: Transform) {
                 }
             }
         }
+    }
+}
+
+avx2_dispatch! {
+    /// Two planes into 16-bit elements rotated right by `ROT` bits.
+    fn merge2 => merge2_body, merge2_avx2(out: &mut [u8], p0: &[u8], p1: &[u8])
+}
+
+#[inline(always)]
+fn merge2_body<const ROT: u32>(out: &mut [u8], p0: &[u8], p1: &[u8]) {
+    for ((o, &a), &b) in out.chunks_exact_mut(2).zip(p0).zip(p1) {
+        let x = u16::from_le_bytes([a, b]).rotate_right(ROT);
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+avx2_dispatch! {
+    /// Four planes into 32-bit elements rotated right by `ROT` bits.
+    fn merge4 => merge4_body, merge4_avx2(out: &mut [u8], p: [&[u8]; 4])
+}
+
+#[inline(always)]
+fn merge4_body<const ROT: u32>(out: &mut [u8], p: [&[u8]; 4]) {
+    for ((((o, &a), &b), &c), &d) in out
+        .chunks_exact_mut(4)
+        .zip(p[0])
+        .zip(p[1])
+        .zip(p[2])
+        .zip(p[3])
+    {
+        let x = u32::from_le_bytes([a, b, c, d]).rotate_right(ROT);
+        o.copy_from_slice(&x.to_le_bytes());
     }
 }
 

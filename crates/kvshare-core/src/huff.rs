@@ -23,6 +23,8 @@
 /// Longest code, in bits; also the decode table's index width.
 pub const MAX_BITS: u32 = 11;
 const TABLE_SIZE: usize = 1 << MAX_BITS;
+/// Lookups per refill: a refill leaves at least 56 bits.
+const LOOKUPS: usize = 56 / MAX_BITS as usize;
 const STREAMS: usize = 4;
 /// Bytes before the stream data: code lengths, then three stream lengths.
 pub const HEADER_LEN: usize = 128 + 4 * (STREAMS - 1);
@@ -182,67 +184,92 @@ pub fn encode(n: usize, sym: impl Fn(usize) -> u8, lens: &[u8; 256], out: &mut V
     let q = n.div_ceil(STREAMS);
     let bounds: [(usize, usize); STREAMS] =
         std::array::from_fn(|k| ((k * q).min(n), ((k + 1) * q).min(n)));
-    let mut lens_out = [0usize; STREAMS];
-    for (k, &(lo, hi)) in bounds.iter().enumerate() {
-        let start = out.len();
-        encode_stream(lo, hi, &sym, &table, out);
-        lens_out[k] = out.len() - start;
+    // Each stream gets a region of its worst case (MAX_BITS per symbol) plus 8 bytes of slack for
+    // the unaligned u64 stores; the regions are compacted afterwards.
+    let cap = (q * MAX_BITS as usize).div_ceil(8) + 8;
+    let base = out.len();
+    out.resize(base + STREAMS * cap, 0);
+    let buf = &mut out[base..];
+    let mut w: [Writer; STREAMS] = std::array::from_fn(|k| Writer {
+        pos: k * cap,
+        acc: 0,
+        nbits: 0,
+    });
+    // The four streams in lockstep (independent dependency chains) while all have symbols left:
+    // the last stream is the shortest.
+    let common = bounds[STREAMS - 1].1 - bounds[STREAMS - 1].0;
+    let mut i = 0;
+    while i + 4 <= common {
+        for k in 0..STREAMS {
+            // Four symbols (at most 44 bits) on top of at most 7 pending bits fit in 64.
+            for j in 0..4 {
+                w[k].put(table[sym(bounds[k].0 + i + j) as usize]);
+            }
+            w[k].flush(buf);
+        }
+        i += 4;
     }
+    let mut lens_out = [0usize; STREAMS];
+    for k in 0..STREAMS {
+        for idx in bounds[k].0 + i..bounds[k].1 {
+            w[k].put(table[sym(idx) as usize]);
+            w[k].flush(buf);
+        }
+        w[k].finish(buf);
+        lens_out[k] = w[k].pos - k * cap;
+    }
+    let mut end = base;
+    for (k, &len) in lens_out.iter().enumerate() {
+        out.copy_within(base + k * cap..base + k * cap + len, end);
+        end += len;
+    }
+    out.truncate(end);
     for k in 0..STREAMS - 1 {
         out[dir + 4 * k..dir + 4 * k + 4].copy_from_slice(&(lens_out[k] as u32).to_le_bytes());
     }
 }
 
-fn encode_stream(
-    lo: usize,
-    hi: usize,
-    sym: &impl Fn(usize) -> u8,
-    table: &[u32; 256],
-    out: &mut Vec<u8>,
-) {
-    // Worst case MAX_BITS per symbol, plus 8 bytes of slack for the unaligned u64 stores.
-    let start = out.len();
-    let max_bytes = ((hi - lo) * MAX_BITS as usize).div_ceil(8) + 8;
-    out.resize(start + max_bytes, 0);
-    let buf = &mut out[start..];
-    let mut pos = 0usize;
-    let mut acc = 0u64;
-    let mut nbits = 0u32;
-    let mut i = lo;
-    // Four symbols (at most 44 bits) on top of at most 7 pending bits fit in 64.
-    while i + 4 <= hi {
-        for j in 0..4 {
-            let e = table[sym(i + j) as usize];
-            acc |= u64::from(e & 0xffff) << nbits;
-            nbits += e >> 16;
+/// LSB-first bit writer into a region of a shared buffer.
+struct Writer {
+    /// Next byte to write.
+    pos: usize,
+    acc: u64,
+    /// Pending bits in `acc` (at most 7 after a flush).
+    nbits: u32,
+}
+
+impl Writer {
+    /// Adds a `code | len << 16` table entry.
+    #[inline(always)]
+    fn put(&mut self, e: u32) {
+        self.acc |= u64::from(e & 0xffff) << self.nbits;
+        self.nbits += e >> 16;
+    }
+
+    /// Writes the whole pending bytes (an 8-byte store; the region has the slack).
+    #[inline(always)]
+    fn flush(&mut self, buf: &mut [u8]) {
+        buf[self.pos..self.pos + 8].copy_from_slice(&self.acc.to_le_bytes());
+        let bytes = self.nbits >> 3;
+        self.pos += bytes as usize;
+        self.acc >>= bytes * 8;
+        self.nbits &= 7;
+    }
+
+    /// Writes the last partial byte, zero-padded.
+    fn finish(&mut self, buf: &mut [u8]) {
+        self.flush(buf);
+        if self.nbits > 0 {
+            buf[self.pos] = self.acc as u8;
+            self.pos += 1;
+            self.nbits = 0;
         }
-        buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
-        let bytes = nbits >> 3;
-        pos += bytes as usize;
-        acc >>= bytes * 8;
-        nbits &= 7;
-        i += 4;
     }
-    while i < hi {
-        let e = table[sym(i) as usize];
-        acc |= u64::from(e & 0xffff) << nbits;
-        nbits += e >> 16;
-        buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
-        let bytes = nbits >> 3;
-        pos += bytes as usize;
-        acc >>= bytes * 8;
-        nbits &= 7;
-        i += 1;
-    }
-    if nbits > 0 {
-        buf[pos] = acc as u8;
-        pos += 1;
-    }
-    out.truncate(start + pos);
 }
 
 /// Decode table entry: up to two symbols from one `MAX_BITS`-bit lookup.
-/// Bits 0..8 first symbol, 8..16 second symbol, 16..24 bits consumed, 24..32 symbols (1 or 2).
+/// Bits 0..8 bits consumed (so `acc.wrapping_shr(e)` consumes them), 8..16 symbols decoded (1 or
+/// 2), 16..24 first symbol, 24..32 second symbol.
 type Entry = u32;
 
 fn build_table(lens: &[u8; 256]) -> Result<Box<[Entry; TABLE_SIZE]>, HuffError> {
@@ -283,9 +310,9 @@ fn build_table(lens: &[u8; 256]) -> Result<Box<[Entry; TABLE_SIZE]>, HuffError> 
         let l2 = u32::from(e2 >> 8);
         // The second code is known from the MAX_BITS - l1 bits left only if it fits in them.
         *t = if l1 + l2 <= MAX_BITS {
-            u32::from(e1 & 0xff) | u32::from(e2 & 0xff) << 8 | (l1 + l2) << 16 | 2 << 24
+            (l1 + l2) | 2 << 8 | u32::from(e1 & 0xff) << 16 | u32::from(e2 & 0xff) << 24
         } else {
-            u32::from(e1 & 0xff) | l1 << 16 | 1 << 24
+            l1 | 1 << 8 | u32::from(e1 & 0xff) << 16
         };
     }
     Ok(table)
@@ -378,6 +405,13 @@ impl<'a> Reader<'a> {
         self.nbits -= n;
     }
 
+    /// Consumes the bits of a table entry.
+    #[inline(always)]
+    fn consume_entry(&mut self, e: Entry) {
+        self.acc = self.acc.wrapping_shr(e);
+        self.nbits -= e & 0xff;
+    }
+
     /// Bits consumed so far (loaded minus still buffered).
     fn consumed(&self) -> u64 {
         (self.pos as u64) * 8 - u64::from(self.nbits)
@@ -400,22 +434,24 @@ pub fn decode(data: &[u8], out: &mut [u8]) -> Result<(), HuffError> {
     let mut segs: [&mut [u8]; STREAMS] = [s0, s1, s2, s3];
     let mut at = [0usize; STREAMS];
 
-    // Fast loop: all four streams in lockstep, 5 lookups per refill (56 bits >= 5 x 11), each
-    // lookup writing two bytes (so 10 bytes of room in every segment) .
+    // Fast loop: all four streams in lockstep, LOOKUPS lookups per refill, each
+    // lookup writing two bytes (so 2 x LOOKUPS bytes of room in every segment).
     let seg_len: [usize; STREAMS] = std::array::from_fn(|k| segs[k].len());
     loop {
-        if !(readers.iter().all(Reader::fast) && (0..STREAMS).all(|k| at[k] + 10 <= seg_len[k])) {
+        if !(readers.iter().all(Reader::fast)
+            && (0..STREAMS).all(|k| at[k] + 2 * LOOKUPS <= seg_len[k]))
+        {
             break;
         }
         for r in readers.iter_mut() {
             r.refill();
         }
-        for _ in 0..5 {
+        for _ in 0..LOOKUPS {
             for k in 0..STREAMS {
                 let e = table[readers[k].peek()];
-                segs[k][at[k]..at[k] + 2].copy_from_slice(&(e as u16).to_le_bytes());
-                readers[k].consume((e >> 16) & 0xff);
-                at[k] += (e >> 24) as usize;
+                segs[k][at[k]..at[k] + 2].copy_from_slice(&((e >> 16) as u16).to_le_bytes());
+                readers[k].consume_entry(e);
+                at[k] += ((e >> 8) & 0xff) as usize;
             }
         }
     }
@@ -429,15 +465,15 @@ pub fn decode(data: &[u8], out: &mut [u8]) -> Result<(), HuffError> {
                 r.refill();
             }
             let e = table[r.peek()];
-            seg[at[k]] = e as u8;
-            if e >> 24 == 2 && at[k] + 1 < seg.len() {
-                seg[at[k] + 1] = (e >> 8) as u8;
-                r.consume((e >> 16) & 0xff);
+            let first = (e >> 16) as u8;
+            seg[at[k]] = first;
+            if (e >> 8) & 0xff == 2 && at[k] + 1 < seg.len() {
+                seg[at[k] + 1] = (e >> 24) as u8;
+                r.consume_entry(e);
                 at[k] += 2;
             } else {
-                // Only the first symbol: consume its own length (from the single-symbol view).
-                let l1 = u32::from(lens[e as u8 as usize]);
-                r.consume(l1);
+                // Only the first symbol: consume its own length.
+                r.consume(u32::from(lens[usize::from(first)]));
                 at[k] += 1;
             }
         }
