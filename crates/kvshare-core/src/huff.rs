@@ -561,6 +561,28 @@ mod tests {
         }
 
         #[test]
+        fn valid_tables_with_garbage_streams_never_panic(
+            data in proptest::collection::vec(0u8..40, 1..3000),
+            lens in proptest::collection::vec(0u32..600, 3),
+            garbage in proptest::collection::vec(any::<u8>(), 0..1500),
+            n in 0usize..4000,
+        ) {
+            // A real code table, then arbitrary stream lengths and stream bytes, decoded into a
+            // plane of arbitrary size: errors or fills the plane, never panics.
+            let counts = histogram(&data);
+            let code = code_lengths(&counts);
+            let mut enc = Vec::new();
+            encode(data.len(), |i| data[i], &code, &mut enc);
+            enc.truncate(128);
+            for l in &lens {
+                enc.extend_from_slice(&l.to_le_bytes());
+            }
+            enc.extend_from_slice(&garbage);
+            let mut out = vec![0u8; n];
+            let _ = decode(&enc, &mut out);
+        }
+
+        #[test]
         fn truncated_or_extended_streams_fail(data in proptest::collection::vec(0u8..8, 50..2000), cut in 1usize..8) {
             let counts = histogram(&data);
             let lens = code_lengths(&counts);
