@@ -754,6 +754,7 @@ mod tests {
         fn round_trip_arbitrary_bytes(raw in proptest::collection::vec(any::<u8>(), 0..5000), width in 1usize..=8) {
             for c in Codec::ALL {
                 let enc = c.encode(&raw, width);
+                prop_assert!(enc.len() as u64 <= max_encoded_len(raw.len() as u64), "{}", c);
                 let dec = c.decode(&enc, raw.len());
                 prop_assert_eq!(dec, Ok(raw.clone()), "{}", c);
             }
