@@ -27,7 +27,7 @@ pub const WRONG_PAYLOAD_LEN: u8 = 4;
 /// Input of `codec_decode`, a fixed 11-byte preamble then the payload.
 #[derive(Debug, Clone)]
 pub struct DecodeInput<'a> {
-    /// Index into `Codec::ALL` (mod 4).
+    /// Index into `Codec::ALL` (modulo its length).
     pub codec: u8,
     /// Wire dtype value (mod 5: 0 is unset).
     pub dtype: u8,
@@ -81,7 +81,7 @@ pub fn check_codec_decode(data: &[u8]) {
     let Some(inp) = DecodeInput::parse(data) else {
         return;
     };
-    let codec = Codec::ALL[usize::from(inp.codec % 4)];
+    let codec = Codec::ALL[usize::from(inp.codec) % Codec::ALL.len()];
     let layout = pb::KvLayout {
         num_layers: inp.dims[0].into(),
         num_kv_heads: inp.dims[1].into(),

@@ -110,7 +110,7 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Codec kvshare clients use.
-    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    #[arg(long, value_enum, default_value = "byteplane-huff")]
     pub codec: Codec,
     /// Where to write bench.json and bench.svg.
     #[arg(long, default_value = "bench-out")]

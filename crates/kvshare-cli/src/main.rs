@@ -70,7 +70,7 @@ enum Command {
         #[arg(long)]
         kv_file: PathBuf,
         /// Codec of the uploaded blocks.
-        #[arg(long, value_enum, default_value = "byteplane-zstd")]
+        #[arg(long, value_enum, default_value = "byteplane-huff")]
         codec: Codec,
     },
     /// Download the cached leading blocks of a prompt (decoded, verified) to a file.

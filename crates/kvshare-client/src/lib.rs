@@ -165,7 +165,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             chunk_size: 1 << 20,
-            codec: Codec::BytePlaneZstd,
+            codec: Codec::BytePlaneHuff,
             hedge_after: Duration::from_millis(250),
             token: None,
         }

@@ -11,7 +11,7 @@ pub enum CoreError {
     InvalidKey(String),
     /// The codec id is unknown.
     #[error(
-        "unknown codec {0}; known codecs: 1 (none), 2 (lz4), 3 (byteplane-lz4), 4 (byteplane-zstd)"
+        "unknown codec {0}; known codecs: 1 (none), 2 (lz4), 3 (byteplane-lz4), 4 (byteplane-zstd), 5 (byteplane-huff)"
     )]
     UnknownCodec(i32),
     /// An encoded payload is malformed or does not decode to the declared length.

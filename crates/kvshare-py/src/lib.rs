@@ -559,8 +559,8 @@ impl GetResult {
 ///
 /// Args:
 ///     endpoints: "host:port,host:port" or a list of addresses (http:// optional).
-///     codec: compression of uploaded blocks: "byteplane-zstd" (default), "byteplane-lz4",
-///         "lz4" or "none".
+///     codec: compression of uploaded blocks: "byteplane-huff" (default), "byteplane-zstd",
+///         "byteplane-lz4", "lz4" or "none".
 ///     timeout_ms: deadline of each RPC.
 ///     connect_timeout_ms: deadline of connection setup.
 ///
@@ -641,7 +641,7 @@ fn decode_into_slot(
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (endpoints, *, codec = "byteplane-zstd", timeout_ms = 10_000,
+    #[pyo3(signature = (endpoints, *, codec = "byteplane-huff", timeout_ms = 10_000,
         connect_timeout_ms = 2_000))]
     fn new(
         py: Python<'_>,

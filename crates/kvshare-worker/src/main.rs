@@ -103,7 +103,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub tokens_per_block: Option<u32>,
     /// Codec of pushed blocks.
-    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    #[arg(long, value_enum, default_value = "byteplane-huff")]
     pub codec: Codec,
 }
 
