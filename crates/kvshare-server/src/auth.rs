@@ -27,7 +27,10 @@
 //! | SetCapacity | no | no | yes | no |
 //!
 //! "Forwarded only": with the do-not-forward header, as nodes send. A `peer` or `admin` caller
-//! may name the tenant it acts for in [`TENANT_HEADER`]; anyone else's header is ignored.
+//! may name the tenant it acts for in [`TENANT_HEADER`] (its Stats are then that tenant's
+//! only); anyone else's header is ignored. "Own tenant" for Stats: the tenant's blocks, bytes,
+//! hits, evictions and namespaces, with none of the node-wide counters; the HTTP `/api/stats`
+//! and `/api/cluster` follow the same rule (`crate::http`).
 //!
 //! # Tenants
 //!
@@ -527,8 +530,8 @@ impl Auth {
     }
 
     /// Admits a gRPC request: protected mode, token, role. Returns the tenant it acts for (the
-    /// default tenant when auth is off) and whether the caller sees every tenant (admin, peer,
-    /// or auth off).
+    /// default tenant when auth is off) and whether the caller sees every tenant (admin or peer
+    /// naming no tenant in [`TENANT_HEADER`], or auth off).
     pub fn admit<T>(
         &self,
         store: &BlockStore,
@@ -562,13 +565,16 @@ impl Auth {
                     })
             })
             .transpose()?;
+        // A trusted caller that names a tenant acts for that tenant only (a node gathering
+        // `/api/cluster` for a reader asks its peers for that reader's tenant's Stats).
+        let all_tenants = trusted && named.is_none();
         let name: Arc<str> = named.map_or(caller.tenant.clone(), Arc::from);
         Ok((
             Tenant {
                 id: store.tenant_id(&name),
                 name,
             },
-            trusted,
+            all_tenants,
         ))
     }
 
