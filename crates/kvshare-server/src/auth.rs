@@ -874,6 +874,40 @@ sha256 = "{}"
     }
 
     #[test]
+    fn admit_limits_stats_to_a_named_tenant_and_ignores_untrusted_headers() {
+        let auth = Auth::disabled();
+        *auth.table.write() = Some(Arc::new(table()));
+        let store = BlockStore::new(1 << 20);
+        let admit = |token: &str, tenant: Option<&str>| {
+            let mut r = tonic::Request::new(());
+            r.metadata_mut().insert(
+                AUTHORIZATION_HEADER,
+                format!("Bearer {token}").parse().expect("ascii"),
+            );
+            if let Some(t) = tenant {
+                r.metadata_mut()
+                    .insert(TENANT_HEADER, t.parse().expect("ascii"));
+            }
+            auth.admit(&store, Method::stats, false, &r)
+                .map(|(t, all)| (t.name.to_string(), all))
+                .map_err(|s| s.code())
+        };
+        // Admin and peer: every tenant, or only the one they name.
+        assert_eq!(admit("adm", None), Ok((DEFAULT_TENANT.into(), true)));
+        assert_eq!(admit("peer", None), Ok((DEFAULT_TENANT.into(), true)));
+        assert_eq!(admit("peer", Some("team-b")), Ok(("team-b".into(), false)));
+        assert_eq!(admit("adm", Some("team-a")), Ok(("team-a".into(), false)));
+        // Readers and writers: their own tenant, whatever header they send.
+        assert_eq!(admit("rb", None), Ok(("team-b".into(), false)));
+        assert_eq!(admit("rb", Some("team-a")), Ok(("team-b".into(), false)));
+        assert_eq!(admit("wa", Some("team-b")), Ok(("team-a".into(), false)));
+        assert_eq!(
+            admit("peer", Some("no spaces")),
+            Err(tonic::Code::InvalidArgument)
+        );
+    }
+
+    #[test]
     fn protected_mode_refuses_remote_clients_only() {
         let lo: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let any: SocketAddr = "0.0.0.0:1".parse().expect("addr");
