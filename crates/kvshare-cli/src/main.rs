@@ -41,7 +41,7 @@ struct Cli {
     /// Bearer token for nodes that run with --auth-file (prefer the environment variable:
     /// a flag shows in the process list).
     #[arg(long, global = true, env = "KVSHARE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    token: Option<kvshare_client::Secret>,
     #[command(subcommand)]
     command: Command,
 }
@@ -156,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let opts = ClientOptions {
         timeout: Duration::from_secs(cli.timeout),
-        token: cli.token.clone(),
+        token: cli.token.as_ref().map(|t| t.expose().to_string()),
         ..ClientOptions::default()
     };
     let connect = |opts: ClientOptions| KvClient::connect(&cli.endpoint, opts);
@@ -594,4 +594,19 @@ async fn get(c: &mut KvClient, prompt: &PromptArgs, out: &Path) -> anyhow::Resul
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_kept_but_never_printed() {
+        let cli =
+            Cli::try_parse_from(["kvshare", "--token", "cl1-s3cret", "status"]).expect("parse");
+        assert_eq!(cli.token.as_ref().map(|t| t.expose()), Some("cl1-s3cret"));
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("cl1-s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 }

@@ -34,7 +34,7 @@ use pb::block_outcome::Status as OutcomeStatus;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
-pub use kvshare_proto::transport::MAX_MESSAGE_BYTES;
+pub use kvshare_proto::transport::{MAX_MESSAGE_BYTES, Secret};
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +140,8 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-/// Client settings.
-#[derive(Debug, Clone)]
+/// Client settings. `Debug` never shows the token.
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Deadline of every call.
     pub timeout: Duration,
@@ -169,6 +169,29 @@ impl Default for ClientOptions {
             hedge_after: Duration::from_millis(250),
             token: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field must be added here too (and cannot carry a secret
+        // into logs unnoticed).
+        let ClientOptions {
+            timeout,
+            connect_timeout,
+            chunk_size,
+            codec,
+            hedge_after,
+            token,
+        } = self;
+        f.debug_struct("ClientOptions")
+            .field("timeout", timeout)
+            .field("connect_timeout", connect_timeout)
+            .field("chunk_size", chunk_size)
+            .field("codec", codec)
+            .field("hedge_after", hedge_after)
+            .field("token", &token.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
@@ -701,5 +724,24 @@ pub(crate) fn rejection_from_status(status: tonic::Status) -> ClientError {
     match fail_on_rejection(outcomes) {
         Err(e) => e,
         Ok(_) => status.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_options_debug_never_shows_the_token() {
+        let opts = ClientOptions {
+            token: Some("tok-9f2c-secret".into()),
+            ..Default::default()
+        };
+        let shown = format!("{opts:?} {opts:#?}");
+        assert!(!shown.contains("tok-9f2c-secret"), "{shown}");
+        assert!(shown.contains("token: Some(\"<redacted>\")"), "{shown}");
+        assert!(shown.contains("chunk_size: 1048576"), "{shown}");
+        let none = format!("{:?}", ClientOptions::default());
+        assert!(none.contains("token: None"), "{none}");
     }
 }

@@ -142,6 +142,50 @@ pub mod transport {
         }
     }
 
+    /// A secret string (a bearer token) whose `Debug` and `Display` never show it, so a struct
+    /// holding one (command-line arguments, configuration) can derive `Debug` and be logged.
+    /// Parses from any string (`FromStr`), so `clap` takes it as an argument type.
+    #[derive(Clone, Default, PartialEq, Eq)]
+    pub struct Secret(String);
+
+    impl Secret {
+        /// Wraps `value`.
+        pub fn new(value: impl Into<String>) -> Self {
+            Secret(value.into())
+        }
+
+        /// The secret itself, for the one place that sends or hashes it.
+        pub fn expose(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl std::fmt::Debug for Secret {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("<redacted>")
+        }
+    }
+
+    impl std::fmt::Display for Secret {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("<redacted>")
+        }
+    }
+
+    impl std::str::FromStr for Secret {
+        type Err = std::convert::Infallible;
+
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            Ok(Secret(s.to_string()))
+        }
+    }
+
+    impl From<String> for Secret {
+        fn from(value: String) -> Self {
+            Secret(value)
+        }
+    }
+
     /// A `KvCache` client that sends a bearer token (when it has one) on every request.
     pub type KvClient =
         KvCacheClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
@@ -175,6 +219,17 @@ pub mod transport {
             assert!(!format!("{t:?}").contains("s3cret"));
             assert_eq!(BearerToken::new(Some("a b")).err(), Some(InvalidToken));
             assert_eq!(BearerToken::new(Some("é")).err(), Some(InvalidToken));
+        }
+
+        #[test]
+        fn secrets_never_print() {
+            let s: Secret = "s3cret-value".parse().unwrap_or_default();
+            assert_eq!(s.expose(), "s3cret-value");
+            for shown in [format!("{s:?}"), format!("{s}"), format!("{:?}", Some(&s))] {
+                assert!(!shown.contains("s3cret"), "{shown}");
+                assert!(shown.contains("redacted"), "{shown}");
+            }
+            assert_eq!(Secret::from("x".to_string()), Secret::new("x"));
         }
     }
 }

@@ -27,7 +27,10 @@
 //! | SetCapacity | no | no | yes | no |
 //!
 //! "Forwarded only": with the do-not-forward header, as nodes send. A `peer` or `admin` caller
-//! may name the tenant it acts for in [`TENANT_HEADER`]; anyone else's header is ignored.
+//! may name the tenant it acts for in [`TENANT_HEADER`] (its Stats are then that tenant's
+//! only); anyone else's header is ignored. "Own tenant" for Stats: the tenant's blocks, bytes,
+//! hits, evictions and namespaces, with none of the node-wide counters; the HTTP `/api/stats`
+//! and `/api/cluster` follow the same rule (`crate::http`).
 //!
 //! # Tenants
 //!
@@ -527,8 +530,8 @@ impl Auth {
     }
 
     /// Admits a gRPC request: protected mode, token, role. Returns the tenant it acts for (the
-    /// default tenant when auth is off) and whether the caller sees every tenant (admin, peer,
-    /// or auth off).
+    /// default tenant when auth is off) and whether the caller sees every tenant (admin or peer
+    /// naming no tenant in [`TENANT_HEADER`], or auth off).
     pub fn admit<T>(
         &self,
         store: &BlockStore,
@@ -562,13 +565,16 @@ impl Auth {
                     })
             })
             .transpose()?;
+        // A trusted caller that names a tenant acts for that tenant only (a node gathering
+        // `/api/cluster` for a reader asks its peers for that reader's tenant's Stats).
+        let all_tenants = trusted && named.is_none();
         let name: Arc<str> = named.map_or(caller.tenant.clone(), Arc::from);
         Ok((
             Tenant {
                 id: store.tenant_id(&name),
                 name,
             },
-            trusted,
+            all_tenants,
         ))
     }
 
@@ -864,6 +870,40 @@ sha256 = "{}"
                 .map(|c| c.is_none())
                 .ok(),
             Some(true)
+        );
+    }
+
+    #[test]
+    fn admit_limits_stats_to_a_named_tenant_and_ignores_untrusted_headers() {
+        let auth = Auth::disabled();
+        *auth.table.write() = Some(Arc::new(table()));
+        let store = BlockStore::new(1 << 20);
+        let admit = |token: &str, tenant: Option<&str>| {
+            let mut r = tonic::Request::new(());
+            r.metadata_mut().insert(
+                AUTHORIZATION_HEADER,
+                format!("Bearer {token}").parse().expect("ascii"),
+            );
+            if let Some(t) = tenant {
+                r.metadata_mut()
+                    .insert(TENANT_HEADER, t.parse().expect("ascii"));
+            }
+            auth.admit(&store, Method::stats, false, &r)
+                .map(|(t, all)| (t.name.to_string(), all))
+                .map_err(|s| s.code())
+        };
+        // Admin and peer: every tenant, or only the one they name.
+        assert_eq!(admit("adm", None), Ok((DEFAULT_TENANT.into(), true)));
+        assert_eq!(admit("peer", None), Ok((DEFAULT_TENANT.into(), true)));
+        assert_eq!(admit("peer", Some("team-b")), Ok(("team-b".into(), false)));
+        assert_eq!(admit("adm", Some("team-a")), Ok(("team-a".into(), false)));
+        // Readers and writers: their own tenant, whatever header they send.
+        assert_eq!(admit("rb", None), Ok(("team-b".into(), false)));
+        assert_eq!(admit("rb", Some("team-a")), Ok(("team-b".into(), false)));
+        assert_eq!(admit("wa", Some("team-b")), Ok(("team-a".into(), false)));
+        assert_eq!(
+            admit("peer", Some("no spaces")),
+            Err(tonic::Code::InvalidArgument)
         );
     }
 

@@ -238,7 +238,7 @@ pub struct ServerConfig {
         hide = true,
         hide_env_values = true
     )]
-    pub peer_token: Option<String>,
+    pub peer_token: Option<kvshare_proto::transport::Secret>,
 
     /// Without --auth-file, serve clients from any address even when listening on a
     /// non-loopback address (protected mode off). Anyone who can reach the node can then read,
@@ -334,6 +334,18 @@ mod tests {
         assert_eq!(c.auth_file, Some(PathBuf::from("/etc/kvshare/auth.toml")));
         assert_eq!(c.peer_token_file, Some(PathBuf::from("/run/secrets/peer")));
         assert!(c.insecure_no_auth && c.metrics_auth);
+        // The peer token (normally from KVSHARE_PEER_TOKEN) is kept but never printed.
+        let c = ServerConfig::try_parse_from(["kvshared", "--peer-token", "p33r-s3cret"])
+            .expect("parse");
+        assert_eq!(
+            c.peer_token.as_ref().map(|t| t.expose()),
+            Some("p33r-s3cret")
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("p33r-s3cret") && shown.contains("peer_token: Some(<redacted>)"),
+            "{shown}"
+        );
         for bad in ["0", "1001"] {
             assert!(
                 ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", bad]).is_err()

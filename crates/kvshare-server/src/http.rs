@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use serde::Serialize;
 
-use crate::auth::{Caller, Role};
+use crate::auth::{Caller, Role, Tenant};
 use crate::state::NodeState;
 
 /// State shared by the HTTP handlers.
@@ -169,9 +169,15 @@ pub struct NamespaceJson {
 }
 
 impl StatsJson {
-    /// Builds the JSON view of a node's stats.
-    pub fn from_node(node: &NodeState) -> Self {
-        let mut s = Self::from_pb(&node.stats(0));
+    /// Builds the JSON view of a node's stats: the whole node's, or only `tenant`'s (its blocks,
+    /// bytes, hits, evictions and namespaces, without the node-wide counters) for a caller
+    /// limited to one tenant.
+    pub fn from_node(node: &NodeState, tenant: Option<&Tenant>) -> Self {
+        let pb = match tenant {
+            None => node.stats(0),
+            Some(t) => node.tenant_stats(t, 0),
+        };
+        let mut s = Self::from_pb(&pb);
         s.config_warnings = config_warnings(node);
         s
     }
@@ -277,7 +283,7 @@ pub struct ClusterJson {
     #[serde(default)]
     pub tenants: Vec<TenantJson>,
     /// How clients are admitted: `tokens` (--auth-file), `protected` (loopback clients only),
-    /// `insecure` (--insecure-no-auth: anyone), `local` (loopback listener, no auth).
+    /// `insecure-no-auth` (--insecure-no-auth: anyone), `local` (loopback listener, no auth).
     #[serde(default)]
     pub auth_mode: String,
 }
@@ -299,15 +305,23 @@ pub struct TenantJson {
     pub quota_bytes: Option<u64>,
 }
 
-/// The tenants of `node` a caller may see (every tenant for admins, peers and when auth is off).
-fn tenants_json(node: &NodeState, caller: Option<&Caller>) -> Vec<TenantJson> {
-    let only = caller
+/// The tenant a caller is limited to: its token's, for readers and writers; `None` (every
+/// tenant) for admins, peers and when auth is off.
+fn limited_to(node: &NodeState, caller: Option<&Caller>) -> Option<Tenant> {
+    caller
         .filter(|c| !matches!(c.role, Role::Admin | Role::Peer))
-        .map(|c| c.tenant.clone());
+        .map(|c| Tenant {
+            id: node.store.tenant_id(&c.tenant),
+            name: c.tenant.clone(),
+        })
+}
+
+/// The tenants of `node` a caller limited to `only` may see (every tenant for `None`).
+fn tenants_json(node: &NodeState, only: Option<&Tenant>) -> Vec<TenantJson> {
     node.store
         .tenant_usage()
         .into_iter()
-        .filter(|(name, _)| only.as_ref().is_none_or(|o| o == name))
+        .filter(|(name, _)| only.is_none_or(|o| o.name == *name))
         .map(|(name, u)| TenantJson {
             tenant: name.to_string(),
             blocks: u.blocks,
@@ -319,6 +333,7 @@ fn tenants_json(node: &NodeState, caller: Option<&Caller>) -> Vec<TenantJson> {
         .collect()
 }
 
+/// How the node admits clients, as `/api/cluster` reports it in `auth_mode`.
 fn auth_mode(node: &NodeState) -> &'static str {
     let a = &node.auth;
     if a.enabled() {
@@ -326,19 +341,41 @@ fn auth_mode(node: &NodeState) -> &'static str {
     } else if a.protected() {
         "protected"
     } else if a.insecure() {
-        "insecure"
+        "insecure-no-auth"
     } else {
         "local"
     }
 }
 
-/// One peer's entry in `/api/cluster`: its `Stats` RPC (1 s deadline).
+/// One peer's entry in `/api/cluster`: its `Stats` RPC (1 s deadline), for tenant `only`
+/// (named in the tenant header, which the peer honours from this node's peer token) or the
+/// whole peer.
 async fn peer_json(
     info: kvshare_proto::v1::Member,
     mut client: kvshare_proto::transport::KvClient,
+    only: Option<Tenant>,
 ) -> NodeJson {
     let mut req = tonic::Request::new(kvshare_proto::v1::StatsRequest::default());
     req.set_timeout(std::time::Duration::from_secs(1));
+    if let Some(t) = only {
+        match tonic::metadata::MetadataValue::try_from(&*t.name) {
+            Ok(v) => {
+                req.metadata_mut()
+                    .insert(kvshare_proto::transport::TENANT_HEADER, v);
+            }
+            Err(_) => {
+                return NodeJson {
+                    node_id: info.node_id,
+                    grpc_addr: info.grpc_addr,
+                    http_addr: info.http_addr,
+                    healthy: info.healthy,
+                    reachable: false,
+                    error: Some("tenant name cannot be sent in a header".into()),
+                    stats: None,
+                };
+            }
+        }
+    }
     let r = tokio::time::timeout(std::time::Duration::from_millis(1500), client.stats(req)).await;
     let (stats, error) = match r {
         Ok(Ok(s)) => (Some(StatsJson::from_pb(s.get_ref())), None),
@@ -412,12 +449,13 @@ fn aggregate(nodes: &[NodeJson]) -> (UsageJson, Vec<NamespaceJson>, Vec<Namespac
     (totals, by_bytes, by_hits)
 }
 
-/// Gathers `/api/cluster`: this node's stats plus each peer's `Stats` RPC (in parallel).
-pub async fn cluster_json(node: &NodeState) -> ClusterJson {
+/// Gathers `/api/cluster`: this node's stats plus each peer's `Stats` RPC (in parallel); only
+/// tenant `only`'s figures when the caller is limited to one tenant.
+pub async fn cluster_json(node: &NodeState, only: Option<&Tenant>) -> ClusterJson {
     let peers = node.cluster.peer_clients();
     let fetches = peers
         .into_iter()
-        .map(|(info, client)| peer_json(info, client));
+        .map(|(info, client)| peer_json(info, client, only.cloned()));
     let mut nodes = vec![NodeJson {
         node_id: node.node_id.clone(),
         grpc_addr: node.grpc_addr.clone(),
@@ -425,7 +463,7 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
         healthy: true,
         reachable: true,
         error: None,
-        stats: Some(StatsJson::from_node(node)),
+        stats: Some(StatsJson::from_node(node, only)),
     }];
     nodes.extend(futures::future::join_all(fetches).await);
     nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -445,7 +483,7 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
         namespaces_by_hits,
         namespaces_total,
         config_warnings: config_warnings(node),
-        tenants: Vec::new(),
+        tenants: tenants_json(node, only),
         auth_mode: auth_mode(node).into(),
     }
 }
@@ -467,9 +505,8 @@ async fn api_cluster(
     State(st): State<HttpState>,
     caller: Option<axum::Extension<Caller>>,
 ) -> Json<ClusterJson> {
-    let mut c = cluster_json(&st.node).await;
-    c.tenants = tenants_json(&st.node, caller.as_ref().map(|c| &c.0));
-    Json(c)
+    let only = limited_to(&st.node, caller.as_ref().map(|c| &c.0));
+    Json(cluster_json(&st.node, only.as_ref()).await)
 }
 
 /// Gate of `/api/*` (and `/metrics` with `--metrics-auth`): protected mode, then a token of
@@ -588,8 +625,9 @@ async fn api_stats(
     State(st): State<HttpState>,
     caller: Option<axum::Extension<Caller>>,
 ) -> Json<StatsJson> {
-    let mut s = StatsJson::from_node(&st.node);
-    s.tenants = tenants_json(&st.node, caller.as_ref().map(|c| &c.0));
+    let only = limited_to(&st.node, caller.as_ref().map(|c| &c.0));
+    let mut s = StatsJson::from_node(&st.node, only.as_ref());
+    s.tenants = tenants_json(&st.node, only.as_ref());
     Json(s)
 }
 

@@ -497,7 +497,10 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     )?);
     let peer_token = auth::peer_token(
         config.peer_token_file.as_deref(),
-        config.peer_token.as_deref(),
+        config
+            .peer_token
+            .as_ref()
+            .map(kvshare_proto::transport::Secret::expose),
     )?;
     log_auth_mode(&auth, &config, peer_token.is_set());
     let cluster = cluster::Cluster::new(

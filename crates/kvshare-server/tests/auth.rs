@@ -182,10 +182,12 @@ async fn single_node_tokens_roles_tenants_quotas_and_reload() {
         code(ra.delete_keys(&ns.digest(), &keys).await),
         Some(Code::PermissionDenied)
     );
-    assert_eq!(
-        code(wa.set_capacity(1 << 30).await),
-        Some(Code::PermissionDenied)
-    );
+    // SetCapacity needs admin: writers, readers and peers are refused.
+    for c in [&mut wa, &mut ra, &mut peer] {
+        let e = c.set_capacity(1 << 30).await.expect_err("not admin");
+        assert_eq!(e.code(), Some(Code::PermissionDenied));
+        assert!(e.to_string().contains("needs role admin"), "{e}");
+    }
     assert_eq!(
         code(peer.lookup_keys(&ns.digest(), &keys).await),
         Some(Code::PermissionDenied)
@@ -241,7 +243,17 @@ async fn single_node_tokens_roles_tenants_quotas_and_reload() {
     // Stats: a reader sees its tenant only, an admin every tenant.
     let sa = ra.stats().await.expect("stats");
     assert_eq!((sa.stored_blocks, sa.capacity_bytes), (2, 4 * CHARGE));
-    assert_eq!(admin.stats().await.expect("stats").stored_blocks, 4);
+    assert_eq!((sa.namespaces_total, sa.namespaces.len()), (1, 1));
+    assert_eq!(sa.lookups, 0, "no node-wide counters for a tenant's reader");
+    let sb = wb.stats().await.expect("stats");
+    assert_eq!((sb.stored_blocks, sb.namespaces_total), (2, 1));
+    assert_ne!(
+        sa.namespaces[0].namespace, sb.namespaces[0].namespace,
+        "each tenant sees its own namespace"
+    );
+    let all = admin.stats().await.expect("stats");
+    assert_eq!((all.stored_blocks, all.namespaces_total), (4, 2));
+    assert!(all.lookups > 0);
 
     // Quota: a holds at most 4 blocks; 6 more of a evict only a's blocks.
     let (keys2, put2) = items(&ns, &prompt(6, 2), 7);
@@ -281,16 +293,42 @@ async fn single_node_tokens_roles_tenants_quotas_and_reload() {
     assert_eq!(http(&node.http, "/healthz", None).0, 200);
     assert_eq!(http(&node.http, "/api/stats", None).0, 401);
     assert_eq!(http(&node.http, "/api/stats", Some("nope")).0, 401);
-    let (st, body) = http(&node.http, "/api/stats", Some("reader-b"));
-    assert_eq!(st, 200);
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let tenants: Vec<&str> = v["tenants"]
-        .as_array()
-        .expect("tenants")
-        .iter()
-        .filter_map(|t| t["tenant"].as_str())
-        .collect();
-    assert_eq!(tenants, vec!["b"]);
+    let json = |path: &str, token: &str| -> serde_json::Value {
+        let (st, body) = http(&node.http, path, Some(token));
+        assert_eq!(st, 200, "{path} as {token}: {body}");
+        serde_json::from_str(&body).expect("json")
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["tenants"]
+            .as_array()
+            .expect("tenants")
+            .iter()
+            .filter_map(|t| t["tenant"].as_str().map(str::to_string))
+            .collect()
+    };
+    // A reader sees its tenant's usage and namespaces only (a holds 4 blocks, b 2), in
+    // /api/stats and in /api/cluster; an admin sees the node.
+    let v = json("/api/stats", "reader-b");
+    assert_eq!(names(&v), vec!["b"]);
+    assert_eq!(v["stored_blocks"], 2, "{v}");
+    assert_eq!(v["namespaces_total"], 1, "{v}");
+    assert_eq!(v["namespaces"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["lookups"], 0, "{v}");
+    assert_eq!(v["tenants"][0]["blocks"], 2, "{v}");
+    let v = json("/api/cluster", "writer-a");
+    assert_eq!(names(&v), vec!["a"]);
+    assert_eq!(v["auth_mode"], "tokens");
+    assert_eq!(v["totals"]["stored_blocks"], 4, "{v}");
+    assert_eq!(v["tenants"][0]["quota_bytes"], 4 * CHARGE, "{v}");
+    assert_eq!(v["namespaces_by_bytes"].as_array().map(Vec::len), Some(1));
+    let v = json("/api/stats", "admin");
+    assert_eq!(names(&v), vec!["a", "b"]);
+    assert_eq!(
+        (v["stored_blocks"].as_u64(), v["namespaces_total"].as_u64()),
+        (Some(6), Some(2))
+    );
+    let v = json("/api/cluster", "admin");
+    assert_eq!(v["totals"]["stored_blocks"], 6, "{v}");
     let (st, body) = http(&node.http, "/metrics", None);
     assert_eq!(st, 200);
     assert!(
@@ -395,6 +433,23 @@ async fn peers_forward_with_tokens_and_keep_tenants_apart() {
         total += adm.stats().await.expect("stats").stored_blocks;
     }
     assert_eq!(total, 16);
+    // Tenant a stores 2 blocks (4 copies); a reader of b still sees only b's 16 copies through
+    // /api/cluster (peers asked for b's Stats), an admin sees all 20.
+    let (_, put_a) = items(&ns, &prompt(2, 6), 9);
+    let mut wa = client(&nodes[1].endpoint(), Some("writer-a")).await;
+    assert_eq!(wa.put_blocks(put_a).await.expect("a put").stored(), 2);
+    let cluster = |token: &str| -> serde_json::Value {
+        let (st, body) = http(&nodes[0].http, "/api/cluster", Some(token));
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str(&body).expect("json")
+    };
+    let v = cluster("reader-b");
+    let nodes_json = v["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes_json.len(), 3);
+    assert!(nodes_json.iter().all(|n| n["reachable"] == true), "{v}");
+    assert_eq!(v["totals"]["stored_blocks"], 16, "{v}");
+    assert_eq!(v["namespaces_total"], 1, "{v}");
+    assert_eq!(cluster("admin")["totals"]["stored_blocks"], 20);
     // A client's own do-not-forward request cannot name another tenant.
     let mut rb_direct = client(&nodes[0].endpoint(), Some("reader-a"))
         .await

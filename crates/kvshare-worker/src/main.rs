@@ -94,7 +94,7 @@ pub struct ModelArgs {
     pub tier: Vec<String>,
     /// Bearer token for cache nodes that run with --auth-file (role writer: workers push).
     #[arg(long, env = "KVSHARE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<kvshare_client::Secret>,
     /// Element type of the K/V cache and of the shared blocks: f32, f16 or bf16.
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: DType,
@@ -124,7 +124,7 @@ impl ModelArgs {
             } else {
                 let opts = ClientOptions {
                     codec,
-                    token: self.token.clone(),
+                    token: self.token.as_ref().map(|t| t.expose().to_string()),
                     ..ClientOptions::default()
                 };
                 Some(ClusterClient::connect(&tier, opts).await.with_context(|| {
@@ -267,5 +267,23 @@ async fn main() -> anyhow::Result<()> {
             println!("wrote {}/config.json and model.safetensors", out.display());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_kept_but_never_printed() {
+        let cli = Cli::try_parse_from(["kvshare-worker", "stdio", "--token", "wk-s3cret"])
+            .expect("parse");
+        let Cmd::Stdio(args) = &cli.cmd else {
+            panic!("parsed {cli:?}");
+        };
+        assert_eq!(args.token.as_ref().map(|t| t.expose()), Some("wk-s3cret"));
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("wk-s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }
