@@ -400,11 +400,15 @@ async fn redis_cell(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Re
 }
 
 /// A throughput load running in the background until [`Background::finish`] (or drop).
+/// A throughput load beside the measured lookups. It runs on a runtime of its own (its own
+/// threads, connections and tasks), as a neighbouring worker process would: the lookups measure
+/// the node's latency under load, not a queue behind the load's tasks in this process.
 struct Background {
     stop: Arc<AtomicBool>,
     raw: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     t0: Instant,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Background {
@@ -415,11 +419,15 @@ impl Background {
         load: Load,
         keys: Arc<Vec<BlockKey>>,
     ) -> anyhow::Result<Self> {
-        let clients = kvshare_clients(endpoint, codec, load.conc).await?;
-        let mut bg = Background::new();
-        for (t, mut c) in clients.into_iter().enumerate() {
+        let mut bg = Background::new()?;
+        for t in 0..load.conc {
             let (keys, stop, raw) = (keys.clone(), bg.stop.clone(), bg.raw.clone());
-            bg.tasks.push(tokio::spawn(async move {
+            let endpoint = endpoint.to_string();
+            bg.tasks.push(bg.spawn(async move {
+                let mut c = kvshare_clients(&endpoint, codec, 1)
+                    .await?
+                    .pop()
+                    .context("no client")?;
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let (r, _) = kvshare_op(&mut c, codec, load, t, i, &keys).await?;
@@ -435,14 +443,12 @@ impl Background {
     /// `load.conc` Redis connections looping over `load.op` until stopped.
     async fn redis(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
-        let mut cons = Vec::with_capacity(load.conc);
-        for _ in 0..load.conc {
-            cons.push(client.get_multiplexed_async_connection().await?);
-        }
-        let mut bg = Background::new();
-        for (t, mut con) in cons.into_iter().enumerate() {
+        let mut bg = Background::new()?;
+        for t in 0..load.conc {
             let (keys, stop, raw) = (keys.clone(), bg.stop.clone(), bg.raw.clone());
-            bg.tasks.push(tokio::spawn(async move {
+            let client = client.clone();
+            bg.tasks.push(bg.spawn(async move {
+                let mut con = client.get_multiplexed_async_connection().await?;
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     // Overwrites its own keys: a Redis that reached maxmemory would evict
@@ -457,12 +463,30 @@ impl Background {
         Ok(bg)
     }
 
-    fn new() -> Self {
-        Background {
+    fn new() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-load")
+            .enable_all()
+            .build()
+            .context("starting the load's runtime")?;
+        Ok(Background {
             stop: Arc::new(AtomicBool::new(false)),
             raw: Arc::new(AtomicU64::new(0)),
             tasks: Vec::new(),
             t0: Instant::now(),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs a load task on the load's own runtime.
+    fn spawn(
+        &self,
+        task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        match &self.runtime {
+            Some(rt) => rt.spawn(task),
+            None => tokio::spawn(task),
         }
     }
 
@@ -474,6 +498,9 @@ impl Background {
         }
         // Every operation counted has finished by now.
         let secs = self.t0.elapsed().as_secs_f64();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
         Ok(self.raw.load(Ordering::Relaxed) as f64 / secs / 1e9)
     }
 }
@@ -483,6 +510,10 @@ impl Drop for Background {
         self.stop.store(true, Ordering::Relaxed);
         for t in &self.tasks {
             t.abort();
+        }
+        // Dropping a runtime inside async code would panic; let its threads end on their own.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }
