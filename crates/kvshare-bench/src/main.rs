@@ -252,8 +252,6 @@ async fn net_cell(a: NetCellArgs) -> anyhow::Result<()> {
 
 /// Runs the selected parts of the suite and writes bench.json and bench.svg.
 async fn suite(args: Args) -> anyhow::Result<()> {
-    // The clients' side tuned as the node is (both kvshare's and Redis's clients run here).
-    kvshare_server::capacity::tune_allocator();
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let mut report = Report {
