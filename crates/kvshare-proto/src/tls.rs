@@ -191,6 +191,8 @@ pub fn client_config(
 #[derive(Clone)]
 pub struct ClientTls {
     current: Arc<RwLock<Arc<ClientConfig>>>,
+    /// Name the server certificates are verified against instead of the address's host.
+    server_name: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -200,6 +202,7 @@ impl std::fmt::Debug for ClientTls {
                 "client_certificate",
                 &self.current.read().client_auth_cert_resolver.has_certs(),
             )
+            .field("server_name", &self.server_name)
             .finish()
     }
 }
@@ -212,10 +215,7 @@ impl ClientTls {
     }
 
     /// Reads the CA file and, if given, the client certificate and key files (PEM).
-    pub fn from_files(
-        ca: &Path,
-        identity: Option<(&Path, &Path)>,
-    ) -> Result<Self, TlsError> {
+    pub fn from_files(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Self, TlsError> {
         let identity = identity
             .map(|(cert, key)| {
                 Ok::<_, TlsError>(IdentityPem {
@@ -231,7 +231,24 @@ impl ClientTls {
     pub fn from_config(config: ClientConfig) -> Self {
         ClientTls {
             current: Arc::new(RwLock::new(Arc::new(config))),
+            server_name: None,
         }
+    }
+
+    /// Verifies every server's certificate against `name` (a DNS name all of them carry as a
+    /// SAN) instead of the host of the address dialled: for servers reached by IP address,
+    /// such as nodes found through a headless Service. Shares the configuration (and its
+    /// replacements) with `self`.
+    pub fn with_server_name(&self, name: Option<&str>) -> Self {
+        ClientTls {
+            current: self.current.clone(),
+            server_name: name.map(Arc::from),
+        }
+    }
+
+    /// The name server certificates are verified against, when not the address's host.
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
     }
 
     /// Replaces the configuration of every channel made from this value: their next
@@ -303,10 +320,17 @@ fn host_port(uri: &Uri) -> Result<(String, u16), ConnectError> {
     let host = uri
         .host()
         .ok_or_else(|| ConnectError::NoHost(uri.to_string()))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri
         .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     Ok((host, port))
 }
 
@@ -321,11 +345,13 @@ impl tower::Service<Uri> for TlsConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let config = self.tls.config();
+        let server_name = self.tls.server_name.clone();
         Box::pin(async move {
             let (host, port) = host_port(&uri)?;
-            let name = ServerName::try_from(host.clone()).map_err(|source| {
+            let verify_as = server_name.map_or_else(|| host.clone(), |n| n.to_string());
+            let name = ServerName::try_from(verify_as.clone()).map_err(|source| {
                 ConnectError::ServerName {
-                    host: host.clone(),
+                    host: verify_as,
                     source,
                 }
             })?;

@@ -1,0 +1,157 @@
+//! Accept loops of the gRPC and HTTP ports, with or without TLS.
+//!
+//! Each accepted TCP connection is counted against `--max-connections` (gRPC) and gets
+//! `TCP_NODELAY`; with TLS its handshake runs on a task of its own (a slow or silent client
+//! holds up no other connection) and must finish within `--handshake-timeout-ms`, which for gRPC
+//! also covers the HTTP/2 preface that follows (one deadline from accept, see
+//! [`conn::GuardedConn`]). The acceptor is taken from [`NodeTls`] at each handshake, so a
+//! reloaded certificate is used from the next connection on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tracing::{debug, warn};
+
+use crate::conn::{self, GuardedConn, ServerStream};
+use crate::tls::NodeTls;
+
+/// Connections whose handshake is done but that the server has not taken yet.
+const READY_QUEUE: usize = 128;
+
+/// Waits a little after a failed accept (out of file descriptors, say) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The gRPC server's incoming connections: admitted by `limit`, TLS-wrapped with `tls`. The
+/// loop ends when the server drops the stream.
+pub fn grpc_incoming(
+    listener: TcpListener,
+    limit: conn::ConnectionLimit,
+    tls: Option<Arc<NodeTls>>,
+) -> ReceiverStream<std::io::Result<GuardedConn>> {
+    let (tx, rx) = mpsc::channel(READY_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    debug!(error = %e, "accepting a gRPC connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Some(slot) = limit.acquire() else {
+                warn!(
+                    open = limit.open(),
+                    "connection refused: --max-connections reached"
+                );
+                continue;
+            };
+            let info = stream.connect_info();
+            match &tls {
+                None => {
+                    let conn = GuardedConn::new(ServerStream::Plain(stream), info, slot);
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(tls) => {
+                    let acceptor = tls.grpc_acceptor();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let peer = info.remote_addr();
+                        match tokio::time::timeout_at(slot.deadline(), acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => {
+                                let conn =
+                                    GuardedConn::new(ServerStream::Tls(Box::new(s)), info, slot);
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Ok(Err(e)) => {
+                                debug!(?peer, error = %e, "gRPC TLS handshake failed")
+                            }
+                            Err(_) => debug!(?peer, "gRPC TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The HTTP port's listener with TLS, for `axum::serve`: handshakes run on their own tasks
+/// and must finish within `handshake_timeout`.
+pub struct HttpTlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl HttpTlsListener {
+    /// Accepts on `listener`, handshaking with the HTTP acceptor of `tls`.
+    pub fn new(
+        listener: TcpListener,
+        tls: Arc<NodeTls>,
+        handshake_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(READY_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = tx.closed() => return,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        debug!(error = %e, "accepting an HTTP connection failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let acceptor = tls.http_acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => debug!(%peer, error = %e, "HTTP TLS handshake failed"),
+                        Err(_) => debug!(%peer, "HTTP TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(HttpTlsListener { ready: rx, local })
+    }
+}
+
+impl axum::serve::Listener for HttpTlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept loop only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
