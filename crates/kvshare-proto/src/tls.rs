@@ -16,6 +16,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
@@ -289,8 +290,17 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
-    /// The TLS handshake failed (certificate not trusted, wrong host name, no client
-    /// certificate where one is required, ...).
+    /// The server requires a client certificate (mTLS) and this client has none.
+    #[error(
+        "{addr} requires a client certificate (mTLS): give this client one signed by the \
+         server's client CA (--tls-cert and --tls-key, KVSHARE_TLS_CERT/KEY)"
+    )]
+    ClientCertificateRequired {
+        /// The address.
+        addr: String,
+    },
+    /// The TLS handshake failed (certificate not trusted, wrong host name, client
+    /// certificate refused, ...).
     #[error("TLS handshake with {addr} failed: {source}")]
     Handshake {
         /// The address.
@@ -363,12 +373,94 @@ impl tower::Service<Uri> for TlsConnector {
                     source,
                 })?;
             let _ = tcp.set_nodelay(true);
-            let tls = tokio_rustls::TlsConnector::from(config)
+            let has_cert = config.client_auth_cert_resolver.has_certs();
+            let requested = Arc::new(AtomicBool::new(false));
+            let mut config = (*config).clone();
+            config.client_auth_cert_resolver = Arc::new(NoteRequest {
+                inner: config.client_auth_cert_resolver.clone(),
+                requested: requested.clone(),
+            });
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect(name, tcp)
                 .await
-                .map_err(|source| ConnectError::Handshake { addr, source })?;
+                .map_err(|source| ConnectError::Handshake {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            if requested.load(Ordering::Acquire) {
+                if !has_cert {
+                    return Err(ConnectError::ClientCertificateRequired { addr });
+                }
+                // TLS 1.3 ends the client's handshake before the server has checked its
+                // certificate: wait for the server's verdict (its first bytes, or an alert) so
+                // that a refused certificate fails here with its reason.
+                let (io, conn) = tls.get_mut();
+                await_server_verdict(io, conn)
+                    .await
+                    .map_err(|source| ConnectError::Handshake { addr, source })?;
+            }
             Ok(TokioIo::new(tls))
         })
+    }
+}
+
+/// A client-certificate resolver that notes whether the server asked for a certificate.
+#[derive(Debug)]
+struct NoteRequest {
+    inner: Arc<dyn rustls::client::ResolvesClientCert>,
+    requested: Arc<AtomicBool>,
+}
+
+impl rustls::client::ResolvesClientCert for NoteRequest {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.requested.store(true, Ordering::Release);
+        self.inner.resolve(root_hint_subjects, sigschemes)
+    }
+
+    fn has_certs(&self) -> bool {
+        self.inner.has_certs()
+    }
+}
+
+/// `std::io::Read` over a tokio socket's non-blocking reads.
+struct TryRead<'a>(&'a TcpStream);
+
+impl std::io::Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+/// Reads TLS records until the server sends data (it accepted the client certificate; the
+/// data stays buffered in `conn` for the stream's first read) or an alert (refused).
+async fn await_server_verdict(
+    io: &mut TcpStream,
+    conn: &mut rustls::ClientConnection,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    loop {
+        io.readable().await?;
+        match conn.read_tls(&mut TryRead(io)) {
+            Ok(0) => {
+                return Err(Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the server closed the connection after the handshake",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        let state = conn
+            .process_new_packets()
+            .map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
+        if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
+            return Ok(());
+        }
     }
 }
 

@@ -27,6 +27,41 @@ const READY_QUEUE: usize = 128;
 /// Waits a little after a failed accept (out of file descriptors, say) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
+/// How long a connection whose TLS handshake failed is kept to let the client read the alert.
+const ALERT_LINGER: Duration = Duration::from_millis(500);
+
+/// TLS handshake of `stream` within `deadline`. A failed handshake has sent its alert (no
+/// client certificate, unknown CA, ...); the connection is then closed gracefully, reading
+/// what the client still sends for a moment, so the close does not become a TCP reset that
+/// discards the alert before the client reads it (the client would only see "connection
+/// closed").
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    deadline: tokio::time::Instant,
+    what: &'static str,
+) -> Option<TlsStream<TcpStream>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let peer = stream.peer_addr().ok();
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream).into_fallible()).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err((e, mut io))) => {
+            debug!(?peer, error = %e, "{what} TLS handshake failed");
+            let _ = tokio::time::timeout(ALERT_LINGER, async {
+                let _ = io.shutdown().await;
+                let mut sink = [0u8; 4096];
+                while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            None
+        }
+        Err(_) => {
+            debug!(?peer, "{what} TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// The gRPC server's incoming connections: admitted by `limit`, TLS-wrapped with `tls`. The
 /// loop ends when the server drops the stream.
 pub fn grpc_incoming(
@@ -69,19 +104,10 @@ pub fn grpc_incoming(
                     let acceptor = tls.grpc_acceptor();
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        let peer = info.remote_addr();
-                        match tokio::time::timeout_at(slot.deadline(), acceptor.accept(stream))
-                            .await
+                        if let Some(s) = handshake(acceptor, stream, slot.deadline(), "gRPC").await
                         {
-                            Ok(Ok(s)) => {
-                                let conn =
-                                    GuardedConn::new(ServerStream::Tls(Box::new(s)), info, slot);
-                                let _ = tx.send(Ok(conn)).await;
-                            }
-                            Ok(Err(e)) => {
-                                debug!(?peer, error = %e, "gRPC TLS handshake failed")
-                            }
-                            Err(_) => debug!(?peer, "gRPC TLS handshake timed out"),
+                            let conn = GuardedConn::new(ServerStream::Tls(Box::new(s)), info, slot);
+                            let _ = tx.send(Ok(conn)).await;
                         }
                     });
                 }
@@ -125,12 +151,9 @@ impl HttpTlsListener {
                 let acceptor = tls.http_acceptor();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, error = %e, "HTTP TLS handshake failed"),
-                        Err(_) => debug!(%peer, "HTTP TLS handshake timed out"),
+                    let deadline = tokio::time::Instant::now() + handshake_timeout;
+                    if let Some(s) = handshake(acceptor, stream, deadline, "HTTP").await {
+                        let _ = tx.send((s, peer)).await;
                     }
                 });
             }
