@@ -187,7 +187,7 @@ async fn kvshare_cell(
             ClientOptions {
                 codec,
                 timeout: Duration::from_secs(120),
-                ..Default::default()
+                ..crate::procs::client_options()
             },
         )
         .await?;
@@ -318,7 +318,7 @@ async fn populate_kvshare(
         &node.endpoint,
         ClientOptions {
             codec,
-            ..Default::default()
+            ..crate::procs::client_options()
         },
     )
     .await?;
@@ -525,7 +525,7 @@ pub async fn lookups(
 ) -> anyhow::Result<Vec<LookupRow>> {
     let longest = 8192;
     let keys: Vec<BlockKey> = (0..longest).map(|_| random_key()).collect();
-    let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
+    let mut c = KvClient::connect(&node.endpoint, crate::procs::client_options()).await?;
     populate_chain(&mut c, &keys).await?;
     let rkeys: Vec<String> = keys.iter().map(|k| redis_key("lk", k)).collect();
     let mut rcon = match redis {
@@ -583,7 +583,7 @@ pub async fn memory(args: &Args) -> anyhow::Result<MemoryRow> {
         &node.endpoint,
         ClientOptions {
             codec: Codec::None,
-            ..Default::default()
+            ..crate::procs::client_options()
         },
     )
     .await?;
