@@ -178,3 +178,46 @@ impl axum::serve::Listener for HttpTlsListener {
         Ok(self.local)
     }
 }
+
+/// What the HTTP router knows of a TLS connection: the peer's address and whether it presented
+/// a client certificate (verified against `--tls-client-ca` during the handshake).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpPeer {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// Whether the peer presented a verified client certificate.
+    pub client_cert: bool,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpTlsListener>>
+    for HttpPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpTlsListener>) -> Self {
+        HttpPeer {
+            remote: *stream.remote_addr(),
+            client_cert: stream.io().get_ref().1.peer_certificates().is_some(),
+        }
+    }
+}
+
+/// Paths served to TLS connections without a client certificate under mTLS: the probes of
+/// kubelet, which cannot present one. They reveal only whether the node is up and ready.
+pub const PROBE_PATHS: &[&str] = &["/healthz", "/readyz"];
+
+/// Under mTLS, refuses HTTP requests of connections without a client certificate (403), except
+/// for [`PROBE_PATHS`].
+pub async fn require_client_cert(
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<HttpPeer>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if peer.client_cert || PROBE_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    (
+        axum::http::StatusCode::FORBIDDEN,
+        "this node requires a client certificate (mTLS) for everything but /healthz and /readyz\n",
+    )
+        .into_response()
+}

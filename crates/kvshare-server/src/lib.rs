@@ -432,16 +432,23 @@ fn spawn_http(
         }),
         Some((tls, handshake_timeout)) => {
             let addr = listener.local_addr().ok();
-            let listener = accept::HttpTlsListener::new(listener, tls, handshake_timeout).map_err(
-                |source| ServerError::Bind {
-                    addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-                    source,
-                },
-            )?;
+            let listener = accept::HttpTlsListener::new(listener, tls.clone(), handshake_timeout)
+                .map_err(|source| ServerError::Bind {
+                addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
+            let app = if tls.requires_client_cert() {
+                app.layer(axum::middleware::from_fn(accept::require_client_cert))
+            } else {
+                app
+            };
             tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<accept::HttpPeer>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
             })
         }
     })

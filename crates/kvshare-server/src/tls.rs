@@ -83,24 +83,37 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
             what: "TLS protocol versions".into(),
             source,
         })?;
-    let builder = match &files.client_ca {
+    let single_cert =
+        |builder: rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>| {
+            builder
+                .with_single_cert(chain.clone(), key.clone_key())
+                .map_err(|source| TlsError::Config {
+                    what: format!("{cert_what} with {key_what}"),
+                    source,
+                })
+        };
+    let (mut grpc, mut http) = match &files.client_ca {
         Some(ca) => {
-            let roots = roots_from_pem(&read_file(ca)?, &ca.display().to_string())?;
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
-            builder.with_client_cert_verifier(verifier)
+            let roots = Arc::new(roots_from_pem(&read_file(ca)?, &ca.display().to_string())?);
+            let required =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
+            // The HTTP port asks for a certificate but lets the handshake through without one:
+            // kubelet's probes present none. The router then serves /healthz and /readyz only
+            // to such connections (`http::require_client_cert`).
+            let optional = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .allow_unauthenticated()
+                .build()?;
+            (
+                single_cert(builder.clone().with_client_cert_verifier(required))?,
+                single_cert(builder.with_client_cert_verifier(optional))?,
+            )
         }
-        None => builder.with_no_client_auth(),
+        None => {
+            let b = builder.with_no_client_auth();
+            (single_cert(b.clone())?, single_cert(b)?)
+        }
     };
-    let config = builder
-        .with_single_cert(chain, key)
-        .map_err(|source| TlsError::Config {
-            what: format!("{cert_what} with {key_what}"),
-            source,
-        })?;
-    let mut grpc = config.clone();
     grpc.alpn_protocols = vec![ALPN_H2.to_vec()];
-    let mut http = config;
     http.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     let peer_ca = files.peer_ca().map(read_file).transpose()?;
     // Peers present this node's certificate only where clients must have one.

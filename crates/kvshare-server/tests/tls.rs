@@ -185,10 +185,26 @@ async fn mtls_requires_a_client_certificate_from_the_client_ca() {
         .await
         .expect_err("foreign client certificate must fail");
     assert!(e.contains("fatal alert: UnknownCA"), "unclear error: {e}");
-    // The HTTP port requires one too.
+    // HTTP without a client certificate: the probes (kubelet has no certificate) and nothing
+    // else.
     let anon = opts(&ca).tls.expect("tls");
+    let probe = kvshare_testkit::https_get(&node.http, "/readyz", &anon);
+    assert_eq!(probe.map(|(s, _)| s), Some(200));
+    for path in ["/metrics", "/api/stats", "/api/cluster", "/dashboard"] {
+        let (status, body) = kvshare_testkit::https_get(&node.http, path, &anon).expect("answers");
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("client certificate"), "{body}");
+    }
+    let (status, _) = node.http_get("/metrics").expect("metrics");
+    assert_eq!(status, 200, "with a client certificate");
+    // A client certificate from another CA fails the HTTP handshake.
+    let foreign = ClientOptions::default()
+        .with_tls_pem(ca.cert_pem.as_bytes(), Some(&other.identity()))
+        .expect("loads")
+        .tls
+        .expect("tls");
     assert_eq!(
-        kvshare_testkit::https_get(&node.http, "/readyz", &anon),
+        kvshare_testkit::https_get(&node.http, "/readyz", &foreign),
         None
     );
 }
