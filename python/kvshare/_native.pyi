@@ -91,8 +91,8 @@ class Client:
     ``endpoints`` is ``"host:port,host:port"`` or a list. Raises KvshareError when no endpoint
     answers. TLS: ``tls_ca`` (path of the CA certificate(s) that sign the nodes' certificates;
     every connection then uses TLS), ``tls_cert`` and ``tls_key`` (a client certificate and
-    key for nodes that require one, mTLS). Buffers: anything exporting the buffer protocol (bytes, bytearray, numpy arrays,
-    memoryview) or a contiguous CPU torch tensor.
+    key for nodes that require one, mTLS). Buffers: anything exporting the buffer protocol
+    (bytes, bytearray, numpy arrays, memoryview) or a contiguous CPU torch tensor.
     """
 
     def __init__(

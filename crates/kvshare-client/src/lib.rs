@@ -71,7 +71,10 @@ pub enum ClientError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// No member of a cluster answered.
-    #[error("no cluster member reachable through {endpoints}")]
+    #[error(
+        "no cluster member reachable through {endpoints}{}",
+        last.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+    )]
     NoMemberReachable {
         /// The endpoints tried.
         endpoints: String,
