@@ -399,3 +399,61 @@ async fn bad_tls_files_refuse_to_start_and_tls_with_peers_needs_a_ca() {
     ]);
     assert!(err.contains("--tls-ca"), "{err}");
 }
+
+/// A connection that never starts its TLS handshake, and one that completes TLS but never
+/// sends the HTTP/2 preface, are both closed by the handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_timeout_covers_tls_and_the_http2_preface() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("CA");
+    let cert = ca.issue("node", SANS, 1).write(dir.path(), "node");
+    let (g, h) = ports();
+    let node = start(
+        "hs-0",
+        &[],
+        g,
+        h,
+        &tls_args(&cert, &["--handshake-timeout-ms", "300"]),
+    )
+    .with_tls(opts(&ca).tls.expect("tls"));
+    node.wait_ready(Duration::from_secs(20)).expect("ready");
+    let addr: std::net::SocketAddr = node.grpc.parse().expect("addr");
+    // Silent TCP: closed after ~300 ms.
+    let t0 = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let took = t0.elapsed();
+    assert_eq!(n, 0, "server sent bytes to a silent client");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // TLS done, no HTTP/2 preface: closed by the same deadline.
+    let tls = opts(&ca).tls.expect("tls");
+    let mut config = (*tls.config()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        rustls::pki_types::ServerName::from(addr.ip()),
+    )
+    .expect("client");
+    let t0 = Instant::now();
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    // Reading drives the handshake, then waits for data: the server's SETTINGS arrive first
+    // (HTTP/2 servers speak first), then the close.
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let took = t0.elapsed();
+    assert!(!s.conn.is_handshaking(), "TLS handshake did not complete");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
