@@ -10,8 +10,9 @@
 //! [`put`] (the upload state machine) and [`get`] (the streamed Get response) → [`routing`]
 //! (fan-out to owners) → [`state`] (the node: store, limits, budget, metrics, cluster) →
 //! [`cluster`] (membership, health) ; [`http`] → [`state`]; [`capacity`] (`--capacity auto`,
-//! run-time changes) → [`state`]; [`config`] → [`capacity`]; leaves: [`budget`], [`conn`],
-//! [`metrics`], [`rejection`], [`request`].
+//! run-time changes) → [`state`]; [`config`] → [`capacity`]; [`accept`] (accept loops, TLS
+//! handshakes) → [`conn`], [`tls`] (certificates and their reload); leaves: [`budget`],
+//! [`conn`], [`metrics`], [`rejection`], [`request`].
 
 #![warn(missing_docs)]
 

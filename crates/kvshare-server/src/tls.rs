@@ -296,6 +296,7 @@ mod tests {
         );
         assert!(!tls.reload_if_changed().unwrap(), "nothing changed");
         let before = tls.grpc.read().clone();
+        let peer_before = tls.peer_tls().expect("peer tls").config();
         // A new certificate and key: swapped in.
         let (c2, k2, _) = write_cert(dir.path(), "b", "b");
         std::fs::rename(&c2, &cert).unwrap();
@@ -303,6 +304,9 @@ mod tests {
         assert!(tls.reload_if_changed().unwrap());
         let after = tls.grpc.read().clone();
         assert!(!Arc::ptr_eq(&before, &after));
+        // Peer connections present the new certificate from their next handshake.
+        let peer_after = tls.peer_tls().expect("peer tls").config();
+        assert!(!Arc::ptr_eq(&peer_before, &peer_after));
         assert_eq!(*tls.reloads().borrow(), 1);
         // A truncated key: the load fails and the running configuration stays.
         std::fs::write(&key, b"-----BEGIN PRIVATE KEY-----\n").unwrap();
