@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout};
+use kvshare_core::{BlockKey, Codec, CoreError, DType, EncodedBlock, KvLayout};
 use kvshare_proto::v1 as pb;
 use kvshare_proto::v1::kv_cache_client::KvCacheClient;
 use kvshare_tests::{kv_blocks, kv_sample_bytes, minilm_layout, start_node};
@@ -51,6 +51,7 @@ async fn lookup(c: &mut KvCacheClient<Channel>, keys: Vec<Bytes>) -> Result<u32,
         namespace: Bytes::from_static(&NS),
         keys,
         per_key: false,
+        packed_keys: Default::default(),
     })
     .await
     .map(|r| r.into_inner().hit_blocks)
@@ -98,6 +99,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys: vec![Bytes::from(vec![0; 33])],
+            packed_keys: Default::default(),
         })
         .await;
     expect_err(g.map(|_| ()), Code::InvalidArgument, "32 bytes");
@@ -113,6 +115,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
             namespace: Bytes::from_static(b"ns"),
             keys: vec![key(1)],
             per_key: false,
+            packed_keys: Default::default(),
         })
         .await;
     expect_err(
@@ -131,6 +134,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys: vec![],
+            packed_keys: Default::default(),
         })
         .await;
     expect_err(g.map(|_| ()), Code::InvalidArgument, "keys is empty");
@@ -138,6 +142,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
         .delete(pb::DeleteRequest {
             namespace: Bytes::from_static(&NS),
             keys: vec![],
+            packed_keys: Default::default(),
         })
         .await;
     expect_err(d, Code::InvalidArgument, "keys is empty");
@@ -164,13 +169,44 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
     );
     assert_eq!(details.outcomes[0].code, Code::ResourceExhausted as i32);
 
-    // 4. A payload whose checksum does not match.
+    // 4. A payload whose checksum does not match. Without a payload checksum (older clients)
+    // the node decodes the block and checks the raw checksum.
     let mut h = good.header.to_proto();
     h.checksum ^= 0xdead_beef;
+    h.payload_checksum = None;
     expect_err(
         put(&mut c, chunks(key(4), &good, h, 2)).await,
         Code::InvalidArgument,
         "checksum mismatch",
+    );
+    // With one, the node checks the payload's hash instead of decoding.
+    let mut h = good.header.to_proto();
+    h.payload_checksum = h.payload_checksum.map(|c| c ^ 1);
+    expect_err(
+        put(&mut c, chunks(key(18), &good, h, 2)).await,
+        Code::InvalidArgument,
+        "payload checksum mismatch",
+    );
+    // A payload checksum that holds over a payload whose raw checksum does not: the node
+    // stores it (it does not decode), and a reader refuses it as corrupt, never as valid.
+    let mut lying = good.clone();
+    lying.header.checksum ^= 0xdead_beef;
+    put(&mut c, chunks(key(17), &lying, lying.header.to_proto(), 2))
+        .await
+        .expect("stored without decoding");
+    let read_back = kvshare_client::KvClient::connect(&node.endpoint(), Default::default())
+        .await
+        .expect("client")
+        .get_blocks(
+            &BlockKey(NS),
+            &[BlockKey::from_slice(&key(17)).expect("key")],
+        )
+        .await
+        .expect("get");
+    let fetched = read_back[0].as_ref().expect("found");
+    assert!(
+        matches!(fetched.decode(), Err(CoreError::ChecksumMismatch { .. })),
+        "a reader must see the block as corrupt"
     );
 
     // A corrupted payload byte (checksum in the header is the true one).
@@ -225,6 +261,9 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
     let mut h = short.header.to_proto();
     h.layout = Some(minilm_layout(DType::BF16, 4).to_proto());
     h.raw_len = minilm_layout(DType::BF16, 4).block_bytes();
+    // Without a payload checksum the node decodes, and sees the length is wrong (with one it
+    // stores the block and readers refuse it, as for key 17 above).
+    h.payload_checksum = None;
     expect_err(
         put(&mut c, chunks(key(10), &short, h, 1)).await,
         Code::InvalidArgument,
@@ -274,7 +313,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
     // A stream with a good block after a rejected one: the good one is stored, and the
     // details report both outcomes.
     let mut h = good.header.to_proto();
-    h.checksum ^= 1;
+    h.payload_checksum = h.payload_checksum.map(|c| c ^ 1);
     let mut mixed = chunks(key(15), &good, h, 2);
     mixed.extend(chunks(key(16), &good, good.header.to_proto(), 2));
     let s = expect_err(put(&mut c, mixed).await, Code::InvalidArgument, "block 0");
@@ -289,7 +328,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
     );
 
     // Nothing bad became visible; the good blocks are intact; the node still serves.
-    for k in [3u8, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15] {
+    for k in [3u8, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 18] {
         assert_eq!(
             lookup(&mut c, vec![key(k)]).await.expect("lookup"),
             0,
@@ -302,6 +341,7 @@ async fn bad_input_is_refused_with_the_right_status_and_harms_nothing() {
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys: vec![key(1)],
+            packed_keys: Default::default(),
         })
         .await
         .expect("get")

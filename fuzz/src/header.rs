@@ -150,6 +150,7 @@ pub fn structural(u: &mut Unstructured) -> arbitrary::Result<pb::BlockHeader> {
         },
         raw_len,
         checksum: u.arbitrary()?,
+        payload_checksum: u.arbitrary()?,
         payload_len: if u.ratio(7u8, 8)? {
             u.int_in_range(1..=1 << 20)?
         } else {

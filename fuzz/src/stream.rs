@@ -105,7 +105,10 @@ fn valid(u: &mut Unstructured) -> arbitrary::Result<()> {
     for (got, (_, want)) in out.iter().zip(&blocks) {
         assert_eq!(got.as_ref(), want.as_ref().map(|(e, _)| e));
         if let (Some(got), Some((_, raw))) = (got, want) {
-            assert_eq!(&got.decode().expect("a reassembled block decodes"), raw);
+            assert_eq!(
+                &got.decode().expect("a reassembled block decodes")[..],
+                &raw[..]
+            );
         }
     }
     if msgs.is_empty() {

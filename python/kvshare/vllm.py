@@ -8,7 +8,7 @@ Load it with::
                            "kv_connector_extra_config": {"endpoints": "host:port,host:port"}}'
 
 Extra config keys (all optional but ``endpoints``, which falls back to ``KVSHARE_ENDPOINTS``):
-``codec`` (default ``"byteplane-zstd"``), ``timeout_ms`` (default 5000), ``namespace_salt``
+``codec`` (default ``"byteplane-huff"``), ``timeout_ms`` (default 5000), ``namespace_salt``
 (isolates this deployment's blocks from others on the same cluster), ``reconnect_interval_s``
 (default 10), ``max_pending_save_bytes`` (default 1 GiB), ``load_failure_policy``
 (``"recompute"``, the default, or ``"fail"``). TLS: ``tls_ca`` (path of the CA certificate(s)
@@ -358,7 +358,7 @@ class KvshareConnector(KVConnectorBase_V1):
             endpoints = ",".join(endpoints)
         self._client = _LazyClient(
             str(endpoints),
-            codec=str(cfg.get_from_extra_config("codec", "byteplane-zstd")),
+            codec=str(cfg.get_from_extra_config("codec", "byteplane-huff")),
             timeout_ms=int(cfg.get_from_extra_config("timeout_ms", 5000)),
             interval_s=float(cfg.get_from_extra_config("reconnect_interval_s", 10.0)),
             tls=_tls_config(cfg),

@@ -9,6 +9,11 @@
 //! - A prefix-sharing trace: Zipf-popular system prompts and documents from many workers,
 //!   with the cache filling past capacity: hit rate over time and bytes saved.
 //! - Memory: RSS of the node against stored bytes once full of 256 KiB blocks.
+//! - Lookup beside a throughput cell (`--parts lookup-loaded`): 2,048-block lookup latency idle
+//!   and while gets/puts run in the same process, `--repeat` runs, median and each run.
+//! - Shaped links (`--link 2gbit,5gbit`): get and put cells across a tbf-shaped veth pair
+//!   between two network namespaces, after measuring what the link really delivers (see
+//!   [`netns`]).
 //!
 //! Payloads are real K/V (tests/data, tiled to the block size), never random bytes or zeros.
 //!
@@ -16,12 +21,14 @@
 //! `kvshare-worker` process with and without reuse of another worker's blocks (see [`ttft`]).
 
 mod chart;
+mod netns;
 mod procs;
 mod throughput;
 mod trace;
 mod ttft;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -48,6 +55,49 @@ enum Bench {
     /// Time to first token of an inference worker, full prefill vs reuse of another worker's
     /// blocks (two `kvshare-worker stdio` processes, an embedded cache node).
     Ttft(ttft::TtftArgs),
+    /// Internal (shaped links): runs get and put cells against given servers and writes them as
+    /// JSON; the suite runs it inside the client namespace.
+    #[command(hide = true)]
+    NetCell(NetCellArgs),
+    /// Internal (shaped links): answers raw TCP rate tests until killed.
+    #[command(hide = true)]
+    TcpServe {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: String,
+    },
+    /// Internal (shaped links): one raw TCP rate test; prints `{"bytes":..,"seconds":..}`.
+    #[command(hide = true)]
+    TcpRate {
+        /// Address of `tcp-serve`.
+        #[arg(long)]
+        connect: String,
+        /// Which way the bytes flow.
+        #[arg(long, value_enum)]
+        direction: netns::Direction,
+        /// How long to stream, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        millis: u64,
+    },
+}
+
+/// Options of `net-cell`: the suite's sizes, concurrency, bytes and codec, plus the servers.
+#[derive(Debug, Clone, clap::Args)]
+struct NetCellArgs {
+    #[command(flatten)]
+    suite: Args,
+    /// kvshare gRPC endpoint.
+    #[arg(long)]
+    endpoint: String,
+    /// Redis URL (none: no baseline).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Link label written into the cells.
+    #[arg(long)]
+    link_label: String,
+    /// Where to write the cells (JSON array).
+    #[arg(long)]
+    json_out: PathBuf,
 }
 
 /// Options of the suite (throughput, lookup latency, trace, memory).
@@ -60,7 +110,7 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Codec kvshare clients use.
-    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    #[arg(long, value_enum, default_value = "byteplane-huff")]
     pub codec: Codec,
     /// Where to write bench.json and bench.svg.
     #[arg(long, default_value = "bench-out")]
@@ -82,6 +132,17 @@ pub struct Args {
         default_value = "throughput,lookup,trace,memory"
     )]
     pub parts: Vec<Part>,
+    /// Shaped links to also run get/put cells over (comma-separated rates, e.g. 2gbit,5gbit):
+    /// servers and clients in two network namespaces joined by a tbf-shaped veth pair. Needs
+    /// root or CAP_NET_ADMIN; skipped with a message otherwise.
+    #[arg(long, value_delimiter = ',')]
+    pub link: Vec<netns::LinkRate>,
+    /// Runs of the lookup-loaded part (median and each run are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Operations of the throughput cell beside the lookups of the lookup-loaded part.
+    #[arg(long, value_enum, default_value = "mixed")]
+    pub lookup_load: throughput::Op,
     /// Serve and connect over TLS (a CA and node certificate generated into OUT_DIR/tls), to
     /// measure what TLS costs against a plaintext run.
     #[arg(long)]
@@ -104,6 +165,8 @@ pub enum Part {
     Throughput,
     /// Lookup latency of long prompts.
     Lookup,
+    /// Lookup latency of a 2,048-block prompt idle and beside a throughput cell.
+    LookupLoaded,
     /// Prefix-sharing trace.
     Trace,
     /// Node RSS at full capacity.
@@ -123,6 +186,10 @@ pub struct Report {
     pub throughput: Vec<throughput::Cell>,
     /// Lookup latency rows.
     pub lookup: Vec<throughput::LookupRow>,
+    /// Lookup latency idle and beside a throughput cell.
+    pub lookup_loaded: Vec<throughput::LookupLoadRow>,
+    /// Shaped links (their cells are in `throughput`, with `link` set).
+    pub shaped: Option<netns::ShapedReport>,
     /// Prefix-sharing trace.
     pub trace: Option<trace::TraceReport>,
     /// Memory check.
@@ -149,12 +216,48 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
         Some(Bench::Ttft(args)) => ttft::run(args).await,
-        None => suite(cli.suite).await,
+        Some(Bench::NetCell(a)) => net_cell(a).await,
+        Some(Bench::TcpServe { listen }) => netns::tcp_serve(&listen),
+        Some(Bench::TcpRate {
+            connect,
+            direction,
+            millis,
+        }) => {
+            let r = netns::tcp_rate(&connect, direction, Duration::from_millis(millis))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        None => {
+            // Ctrl-C or SIGTERM drops the running suite: every child process, server and
+            // namespace is removed by its guard before we exit.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = suite(cli.suite) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    anyhow::bail!("interrupted: stopped the servers and removed the namespaces")
+                }
+                _ = term.recv() => {
+                    anyhow::bail!("terminated: stopped the servers and removed the namespaces")
+                }
+            }
+        }
     }
+}
+
+/// `net-cell`: the get and put cells of one shaped link, run from the client namespace.
+async fn net_cell(a: NetCellArgs) -> anyhow::Result<()> {
+    let cells =
+        throughput::run_link(&a.suite, &a.endpoint, a.redis_url.as_deref(), &a.link_label).await?;
+    std::fs::write(&a.json_out, serde_json::to_vec(&cells)?)
+        .with_context(|| format!("writing {}", a.json_out.display()))?;
+    Ok(())
 }
 
 /// Runs the selected parts of the suite and writes bench.json and bench.svg.
 async fn suite(args: Args) -> anyhow::Result<()> {
+    // The clients' side tuned as the node is (both kvshare's and Redis's clients run here).
+    kvshare_server::capacity::tune_allocator();
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     if args.tls {
@@ -183,7 +286,7 @@ async fn suite(args: Args) -> anyhow::Result<()> {
         println!("baseline: {}", r.version);
         report.baseline = r.version.clone();
     }
-    if part(Part::Throughput) || part(Part::Lookup) {
+    if part(Part::Throughput) || part(Part::Lookup) || part(Part::LookupLoaded) {
         let node = procs::Node::start("4GiB", &[]).await?;
         if part(Part::Throughput) {
             report.throughput = throughput::run(&args, &node, redis.as_ref()).await?;
@@ -191,7 +294,16 @@ async fn suite(args: Args) -> anyhow::Result<()> {
         if part(Part::Lookup) {
             report.lookup = throughput::lookups(&args, &node, redis.as_ref()).await?;
         }
+        if part(Part::LookupLoaded) {
+            report.lookup_loaded = throughput::lookups_loaded(&args, &node, redis.as_ref()).await?;
+        }
         node.stop();
+    }
+    if !args.link.is_empty()
+        && let Some(shaped) = netns::run(&args, &args.link).await?
+    {
+        report.throughput.extend(shaped.cells.iter().cloned());
+        report.shaped = Some(shaped);
     }
     if part(Part::Memory) {
         report.memory = Some(throughput::memory(&args).await?);

@@ -1,5 +1,7 @@
-//! The processes a bench runs against, each on loopback: `kvshared`, `redis-server` and
-//! `kvshare-worker` (found next to this binary).
+//! The processes a bench runs against: `kvshared`, `redis-server` and `kvshare-worker` (found
+//! next to this binary), on loopback or, for the shaped-link cells, inside a network namespace
+//! ([`Place::Netns`]). Every child is killed and reaped when its handle is dropped, so an error
+//! or Ctrl-C never leaves servers behind.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,13 +20,20 @@ struct BenchTls {
 
 static TLS: OnceLock<BenchTls> = OnceLock::new();
 
+/// The DNS name of the bench nodes' certificate; clients verify every node against it.
+const BENCH_NODE_NAME: &str = "kvshare-bench-node";
+
 /// Turns TLS on for every node this run starts and every client it makes: a CA and a node
-/// certificate for 127.0.0.1 are generated into `dir`.
+/// certificate are generated into `dir`.
 pub fn enable_tls(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = kvshare_testkit::pki::TestCa::new("kvshare-bench CA");
-    let files = ca.issue("bench-node", &["127.0.0.1"], 1).write(dir, "node");
-    let client = ClientTls::from_pem(ca.cert_pem.as_bytes(), None)?;
+    // Nodes may listen on loopback or in a network namespace: one name for every address.
+    let files = ca
+        .issue("bench-node", &[BENCH_NODE_NAME], 1)
+        .write(dir, "node");
+    let client =
+        ClientTls::from_pem(ca.cert_pem.as_bytes(), None)?.with_server_name(Some(BENCH_NODE_NAME));
     let _ = TLS.set(BenchTls {
         cert: files.cert,
         key: files.key,
@@ -88,28 +97,112 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A server child process listening on a loopback port.
+/// Where a server runs: on loopback (a free port), or inside a network namespace on a given
+/// address (started with `ip netns exec`, which execs the server in place: the child's pid is
+/// the server's).
+#[derive(Debug, Clone, Copy)]
+pub enum Place<'a> {
+    /// 127.0.0.1, a port the OS picks.
+    Loopback,
+    /// Inside namespace `ns`, bound to `ip`.
+    Netns {
+        /// Namespace name (as `ip netns` knows it).
+        ns: &'a str,
+        /// Address inside the namespace.
+        ip: &'a str,
+    },
+}
+
+impl Place<'_> {
+    /// The address to bind and a port for it (`fixed` inside a namespace, where every port is
+    /// free).
+    fn addr(&self, fixed: u16) -> anyhow::Result<(String, u16)> {
+        match self {
+            Place::Loopback => Ok(("127.0.0.1".into(), free_port()?)),
+            Place::Netns { ip, .. } => Ok(((*ip).to_string(), fixed)),
+        }
+    }
+
+    /// A command running `program` here.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match self {
+            Place::Loopback => Command::new(program),
+            Place::Netns { ns, .. } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        }
+    }
+}
+
+/// Whether the process `pid` sees a TCP socket listening on `port` in its own network
+/// namespace (`/proc/<pid>/net/tcp`, state `0A`).
+pub fn listens_in_ns(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    let port_hex = format!(":{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let local = f.nth(1).unwrap_or("");
+        let state = f.nth(1).unwrap_or("");
+        local.ends_with(&port_hex) && state == "0A"
+    })
+}
+
+/// Waits until the child listens on `port` inside its namespace; fails when it exits first or
+/// after 20 s.
+fn wait_for_port_in_ns(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if listens_in_ns(child.id(), port) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what}: exited during start-up ({status})");
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{what}: nothing listens on port {port} after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A server child process; killed and reaped on drop.
 struct Server {
     child: Child,
 }
 
 impl Server {
-    /// Spawns `cmd` (stdout discarded) and waits until it listens on `port`.
-    async fn start(mut cmd: Command, port: u16, what: &str) -> anyhow::Result<Self> {
-        let mut child = cmd
+    /// Spawns `cmd` (stdout discarded) and waits until it listens on `port` at `place`.
+    async fn start(
+        mut cmd: Command,
+        place: Place<'_>,
+        port: u16,
+        what: &str,
+    ) -> anyhow::Result<Self> {
+        let child = cmd
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {what}"))?;
-        if let Err(e) = wait_for_port(port, what, &mut child) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
+        // From here on the guard kills the child on every error path.
+        let mut server = Server { child };
+        match place {
+            Place::Loopback => wait_for_port(port, what, &mut server.child)?,
+            Place::Netns { .. } => wait_for_port_in_ns(port, what, &mut server.child)?,
         }
-        Ok(Server { child })
+        Ok(server)
     }
 
     /// Kills the process and reaps it.
-    fn stop(mut self) {
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -123,19 +216,29 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts a node with `capacity` and extra flags.
+    /// Starts a node on loopback with `capacity` and extra flags.
     pub async fn start(capacity: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let (grpc, http) = (free_port()?, free_port()?);
-        let mut cmd = Command::new(sibling_binary(
+        Self::start_at(Place::Loopback, capacity, extra).await
+    }
+
+    /// Starts a node at `place` with `capacity` and extra flags.
+    pub async fn start_at(
+        place: Place<'_>,
+        capacity: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let (host, grpc) = place.addr(50051)?;
+        let (_, http) = place.addr(9090)?;
+        let mut cmd = place.command(sibling_binary(
             "kvshared",
             "KVSHARED_BIN",
             "kvshare-server",
         )?);
         cmd.args([
             "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
+            &format!("{host}:{grpc}"),
             "--http-addr",
-            &format!("127.0.0.1:{http}"),
+            &format!("{host}:{http}"),
         ])
         .args([
             "--capacity",
@@ -155,8 +258,8 @@ impl Node {
         }
         let scheme = if TLS.get().is_some() { "https" } else { "http" };
         Ok(Node {
-            server: Server::start(cmd, grpc, "kvshared").await?,
-            endpoint: format!("{scheme}://127.0.0.1:{grpc}"),
+            server: Server::start(cmd, place, grpc, "kvshared").await?,
+            endpoint: format!("{scheme}://{host}:{grpc}"),
         })
     }
 
@@ -171,7 +274,8 @@ impl Node {
     }
 }
 
-/// A `redis-server` child process: loopback, no persistence.
+/// A `redis-server` child process: no persistence, `maxmemory` as the kvshare node's capacity
+/// (4 GiB, evicting least recently used keys), so both are caches of the same size.
 pub struct Redis {
     server: Server,
     /// Connection URL.
@@ -218,23 +322,29 @@ fn redis_server() -> anyhow::Result<String> {
 }
 
 impl Redis {
-    /// Starts a private redis-server.
+    /// Starts a private redis-server on loopback.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_at(Place::Loopback).await
+    }
+
+    /// Starts a private redis-server at `place`.
+    pub async fn start_at(place: Place<'_>) -> anyhow::Result<Self> {
         let bin = redis_server()?;
         let version = Command::new(&bin)
             .arg("--version")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("kvshare-bench-redis-{port}"));
+        let (host, port) = place.addr(6379)?;
+        let dir =
+            std::env::temp_dir().join(format!("kvshare-bench-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = place.command(&bin);
         cmd.args([
             "--port",
             &port.to_string(),
             "--bind",
-            "127.0.0.1",
+            &host,
             "--save",
             "",
             "--appendonly",
@@ -247,10 +357,11 @@ impl Redis {
             &dir.to_string_lossy(),
             "--io-threads",
             "1",
-        ]);
+        ])
+        .args(["--maxmemory", "4gb", "--maxmemory-policy", "allkeys-lru"]);
         Ok(Redis {
-            server: Server::start(cmd, port, "redis-server").await?,
-            url: format!("redis://127.0.0.1:{port}/"),
+            server: Server::start(cmd, place, port, "redis-server").await?,
+            url: format!("redis://{host}:{port}/"),
             version,
         })
     }

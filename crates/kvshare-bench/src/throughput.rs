@@ -1,6 +1,7 @@
 //! Throughput, lookup-latency and memory measurements.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,11 +16,16 @@ use crate::procs::{Node, Redis, rss_bytes};
 
 static KV_BF16: &[u8] = include_bytes!("../../../tests/data/kv-bf16-256tok.bin");
 
-/// One measured (system, op, block size, concurrency) cell.
-#[derive(Debug, Clone, Serialize)]
+/// The link label of cells measured on loopback.
+pub const LOOPBACK: &str = "loopback";
+
+/// One measured (system, link, op, block size, concurrency) cell.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Cell {
     /// `kvshare` or `redis`.
     pub system: String,
+    /// The link between client and servers: `loopback`, or a shaped link such as `2gbit`.
+    pub link: String,
     /// `put`, `get` or `mixed`.
     pub op: String,
     /// Raw block size, bytes.
@@ -53,6 +59,71 @@ pub struct LookupRow {
     pub p99_us: f64,
     /// 99.9th percentile, microseconds.
     pub p999_us: f64,
+}
+
+/// One repetition of a lookup latency measurement, idle or beside a load.
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupRun {
+    /// Lookups measured.
+    pub samples: usize,
+    /// Median, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// 99.9th percentile, microseconds.
+    pub p999_us: f64,
+    /// Raw K/V GB/s the load beside the lookups moved meanwhile (0 when idle).
+    pub load_raw_gbps: f64,
+}
+
+/// Lookup latency of one system and prompt length, idle or while a throughput cell runs
+/// beside it in the same process, over `--repeat` runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupLoadRow {
+    /// `kvshare` or `redis`.
+    pub system: String,
+    /// Blocks in the prompt.
+    pub blocks: usize,
+    /// `idle`, or the load beside the lookups, e.g. `mixed 1 MiB x4`.
+    pub condition: String,
+    /// Each run, in order.
+    pub runs: Vec<LookupRun>,
+    /// Median over runs of the p50, microseconds.
+    pub median_p50_us: f64,
+    /// Median over runs of the p99, microseconds.
+    pub median_p99_us: f64,
+    /// Median over runs of the load's raw K/V GB/s (0 when idle).
+    pub median_load_raw_gbps: f64,
+}
+
+/// The median of `v` (mean of the middle two for an even count; 0 for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+impl LookupLoadRow {
+    /// A row from its runs (medians computed here).
+    pub fn new(system: &str, blocks: usize, condition: &str, runs: Vec<LookupRun>) -> Self {
+        let med = |f: fn(&LookupRun) -> f64| median(runs.iter().map(f).collect());
+        LookupLoadRow {
+            system: system.into(),
+            blocks,
+            condition: condition.into(),
+            median_p50_us: med(|r| r.p50_us),
+            median_p99_us: med(|r| r.p99_us),
+            median_load_raw_gbps: med(|r| r.load_raw_gbps),
+            runs,
+        }
+    }
 }
 
 /// Node memory at full capacity.
@@ -106,15 +177,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Op {
+/// The operations of a throughput load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    /// Puts of new blocks.
     Put,
+    /// Gets of stored blocks.
     Get,
+    /// Alternating gets and puts.
     Mixed,
 }
 
 impl Op {
-    fn name(self) -> &'static str {
+    /// Name in reports.
+    pub fn name(self) -> &'static str {
         match self {
             Op::Put => "put",
             Op::Get => "get",
@@ -153,9 +229,10 @@ impl Load {
         self.ops.div_ceil(self.conc)
     }
 
-    fn cell(&self, system: &str, secs: f64, t: &Totals) -> Cell {
+    fn cell(&self, system: &str, link: &str, secs: f64, t: &Totals) -> Cell {
         Cell {
             system: system.into(),
+            link: link.into(),
             op: self.op.name().into(),
             block_bytes: self.size,
             concurrency: self.conc,
@@ -173,52 +250,121 @@ fn redis_key(prefix: &str, k: &BlockKey) -> String {
     format!("{prefix}:{}", k.to_hex())
 }
 
+/// Operation `i` of kvshare client task `t` of `load`: a put of fresh real K/V (compressed as
+/// a worker would) or a get of a stored block (decompressed and verified). Returns (raw, wire)
+/// bytes moved.
+async fn kvshare_op(
+    c: &mut KvClient,
+    codec: Codec,
+    load: Load,
+    t: usize,
+    i: usize,
+    keys: &[BlockKey],
+) -> anyhow::Result<(u64, u64)> {
+    if load.op.is_put(i) {
+        // The worker's side of a put: compress real K/V, then send.
+        let raw = kv_block(load.size as usize, t * 1000 + i);
+        let block = EncodedBlock::encode(NS, layout_for(load.size), codec, &raw)?;
+        let wire = block.payload.len() as u64;
+        c.put_blocks(vec![PutItem {
+            key: random_key(),
+            parent: None,
+            block,
+        }])
+        .await?;
+        Ok((raw.len() as u64, wire))
+    } else {
+        let k = keys[(t * 7919 + i) % keys.len()];
+        let got = c.get_blocks(&NS, &[k]).await?;
+        let b = got
+            .into_iter()
+            .next()
+            .flatten()
+            .context("pre-populated block missing")?;
+        // The worker's side of a get: decompress and verify.
+        Ok((b.decode()?.len() as u64, b.payload.len() as u64))
+    }
+}
+
+/// Keys per task a background Redis load overwrites in turn (its memory stays bounded).
+const BACKGROUND_KEYS: usize = 64;
+
+/// Operation `i` of Redis client task `t` of `load`: `SET` of a new key (`bounded`: one of
+/// [`BACKGROUND_KEYS`] keys of the task, overwritten in turn) or `GET` of a stored one.
+/// Returns the raw bytes moved.
+async fn redis_op(
+    con: &mut redis::aio::MultiplexedConnection,
+    load: Load,
+    (t, i): (usize, usize),
+    keys: &[String],
+    bounded: bool,
+) -> anyhow::Result<u64> {
+    if load.op.is_put(i) {
+        let raw = kv_block(load.size as usize, t * 1000 + i);
+        let key = if bounded {
+            format!("bg:{t}:{}", i % BACKGROUND_KEYS)
+        } else {
+            redis_key("kv", &random_key())
+        };
+        let n = raw.len() as u64;
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg(raw)
+            .query_async(con)
+            .await?;
+        Ok(n)
+    } else {
+        let k = &keys[(t * 7919 + i) % keys.len()];
+        let v: Vec<u8> = redis::cmd("GET").arg(k).query_async(con).await?;
+        anyhow::ensure!(!v.is_empty(), "redis lost key {k}");
+        Ok(v.len() as u64)
+    }
+}
+
+/// A kvshare client per task of `load`.
+async fn kvshare_clients(
+    endpoint: &str,
+    codec: Codec,
+    conc: usize,
+) -> anyhow::Result<Vec<KvClient>> {
+    let mut clients = Vec::with_capacity(conc);
+    for _ in 0..conc {
+        clients.push(
+            KvClient::connect(
+                endpoint,
+                ClientOptions {
+                    codec,
+                    timeout: Duration::from_secs(120),
+                    // For nodes that run with --auth-file.
+                    token: std::env::var("KVSHARE_TOKEN").ok(),
+                    ..crate::procs::client_options()
+                },
+            )
+            .await?,
+        );
+    }
+    Ok(clients)
+}
+
 async fn kvshare_cell(
     endpoint: &str,
     codec: Codec,
     load: Load,
     keys: Arc<Vec<BlockKey>>,
 ) -> anyhow::Result<Totals> {
-    let layout = layout_for(load.size);
     let mut tasks = Vec::new();
-    for t in 0..load.conc {
-        let mut c = KvClient::connect(
-            endpoint,
-            ClientOptions {
-                codec,
-                timeout: Duration::from_secs(120),
-                ..crate::procs::client_options()
-            },
-        )
-        .await?;
+    for (t, mut c) in kvshare_clients(endpoint, codec, load.conc)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
         let keys = keys.clone();
         tasks.push(tokio::spawn(async move {
             let (mut raw_total, mut wire_total) = (0u64, 0u64);
             for i in 0..load.per_task() {
-                if load.op.is_put(i) {
-                    // The worker's side of a put: compress real K/V, then send.
-                    let raw = kv_block(load.size as usize, t * 1000 + i);
-                    let block = EncodedBlock::encode(NS, layout, codec, &raw)?;
-                    wire_total += block.payload.len() as u64;
-                    raw_total += raw.len() as u64;
-                    c.put_blocks(vec![PutItem {
-                        key: random_key(),
-                        parent: None,
-                        block,
-                    }])
-                    .await?;
-                } else {
-                    let k = keys[(t * 7919 + i) % keys.len()];
-                    let got = c.get_blocks(&NS, &[k]).await?;
-                    let b = got
-                        .into_iter()
-                        .next()
-                        .flatten()
-                        .context("pre-populated block missing")?;
-                    wire_total += b.payload.len() as u64;
-                    // The worker's side of a get: decompress and verify.
-                    raw_total += b.decode()?.len() as u64;
-                }
+                let (raw, wire) = kvshare_op(&mut c, codec, load, t, i, &keys).await?;
+                raw_total += raw;
+                wire_total += wire;
             }
             anyhow::Ok((raw_total, wire_total))
         }));
@@ -241,21 +387,7 @@ async fn redis_cell(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Re
         tasks.push(tokio::spawn(async move {
             let mut raw_total = 0u64;
             for i in 0..load.per_task() {
-                if load.op.is_put(i) {
-                    let raw = kv_block(load.size as usize, t * 1000 + i);
-                    let key = redis_key("kv", &random_key());
-                    raw_total += raw.len() as u64;
-                    let () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(raw)
-                        .query_async(&mut con)
-                        .await?;
-                } else {
-                    let k = &keys[(t * 7919 + i) % keys.len()];
-                    let v: Vec<u8> = redis::cmd("GET").arg(k).query_async(&mut con).await?;
-                    anyhow::ensure!(!v.is_empty(), "redis lost key {k}");
-                    raw_total += v.len() as u64;
-                }
+                raw_total += redis_op(&mut con, load, (t, i), &keys, false).await?;
             }
             anyhow::Ok(raw_total)
         }));
@@ -265,6 +397,94 @@ async fn redis_cell(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Re
         raw += task.await??;
     }
     Ok(Totals { raw, wire: raw })
+}
+
+/// A throughput load running in the background until [`Background::finish`] (or drop).
+struct Background {
+    stop: Arc<AtomicBool>,
+    raw: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    t0: Instant,
+}
+
+impl Background {
+    /// `load.conc` kvshare clients looping over `load.op` until stopped.
+    async fn kvshare(
+        endpoint: &str,
+        codec: Codec,
+        load: Load,
+        keys: Arc<Vec<BlockKey>>,
+    ) -> anyhow::Result<Self> {
+        let clients = kvshare_clients(endpoint, codec, load.conc).await?;
+        let mut bg = Background::new();
+        for (t, mut c) in clients.into_iter().enumerate() {
+            let (keys, stop, raw) = (keys.clone(), bg.stop.clone(), bg.raw.clone());
+            bg.tasks.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (r, _) = kvshare_op(&mut c, codec, load, t, i, &keys).await?;
+                    raw.fetch_add(r, Ordering::Relaxed);
+                    i += 1;
+                }
+                Ok(())
+            }));
+        }
+        Ok(bg)
+    }
+
+    /// `load.conc` Redis connections looping over `load.op` until stopped.
+    async fn redis(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let mut cons = Vec::with_capacity(load.conc);
+        for _ in 0..load.conc {
+            cons.push(client.get_multiplexed_async_connection().await?);
+        }
+        let mut bg = Background::new();
+        for (t, mut con) in cons.into_iter().enumerate() {
+            let (keys, stop, raw) = (keys.clone(), bg.stop.clone(), bg.raw.clone());
+            bg.tasks.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // Overwrites its own keys: a Redis that reached maxmemory would evict
+                    // the lookup's keys (its LRU clock ticks once a second).
+                    let n = redis_op(&mut con, load, (t, i), &keys, true).await?;
+                    raw.fetch_add(n, Ordering::Relaxed);
+                    i += 1;
+                }
+                Ok(())
+            }));
+        }
+        Ok(bg)
+    }
+
+    fn new() -> Self {
+        Background {
+            stop: Arc::new(AtomicBool::new(false)),
+            raw: Arc::new(AtomicU64::new(0)),
+            tasks: Vec::new(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// Stops the load, waits for its tasks, and returns its raw K/V GB/s while it ran.
+    async fn finish(mut self) -> anyhow::Result<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.tasks) {
+            t.await??;
+        }
+        // Every operation counted has finished by now.
+        let secs = self.t0.elapsed().as_secs_f64();
+        Ok(self.raw.load(Ordering::Relaxed) as f64 / secs / 1e9)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// Block sizes, concurrency levels and bytes per cell of a throughput run.
@@ -308,14 +528,14 @@ impl Plan {
 
 /// Stores `keys` as distinct real K/V blocks of `size` bytes in kvshare, for gets.
 async fn populate_kvshare(
-    node: &Node,
+    endpoint: &str,
     codec: Codec,
     size: u64,
     keys: &[BlockKey],
 ) -> anyhow::Result<()> {
     let layout = layout_for(size);
     let mut c = KvClient::connect(
-        &node.endpoint,
+        endpoint,
         ClientOptions {
             codec,
             ..crate::procs::client_options()
@@ -340,15 +560,15 @@ async fn populate_kvshare(
     Ok(())
 }
 
-/// A multiplexed connection to the baseline.
-async fn redis_connection(r: &Redis) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(r.url.as_str())?;
+/// A multiplexed connection to the baseline at `url`.
+async fn redis_connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
     Ok(client.get_multiplexed_async_connection().await?)
 }
 
 /// Stores `keys` as the same blocks in Redis.
-async fn populate_redis(r: &Redis, size: u64, keys: &[String]) -> anyhow::Result<()> {
-    let mut con = redis_connection(r).await?;
+async fn populate_redis(url: &str, size: u64, keys: &[String]) -> anyhow::Result<()> {
+    let mut con = redis_connection(url).await?;
     for (i, k) in keys.iter().enumerate() {
         let () = redis::cmd("SET")
             .arg(k)
@@ -359,14 +579,44 @@ async fn populate_redis(r: &Redis, size: u64, keys: &[String]) -> anyhow::Result
     Ok(())
 }
 
-/// Put/get/mixed throughput for every size and concurrency.
+/// Put/get/mixed throughput for every size and concurrency, on loopback.
 pub async fn run(args: &Args, node: &Node, redis: Option<&Redis>) -> anyhow::Result<Vec<Cell>> {
-    let plan = Plan::new(args)?;
-    let mut cells = Vec::new();
     println!(
         "\n== throughput: raw K/V GB/s (wire GB/s), {} per cell",
-        format_size(plan.budget)
+        format_size(Plan::new(args)?.budget)
     );
+    measure(
+        args,
+        &node.endpoint,
+        redis.map(|r| r.url.as_str()),
+        &[Op::Get, Op::Put, Op::Mixed],
+        LOOPBACK,
+    )
+    .await
+}
+
+/// Get and put throughput for every size and concurrency against the servers at `endpoint`
+/// and `redis_url`, over the link called `link` (the shaped-link cells; run by the bench
+/// re-executed inside the client namespace).
+pub async fn run_link(
+    args: &Args,
+    endpoint: &str,
+    redis_url: Option<&str>,
+    link: &str,
+) -> anyhow::Result<Vec<Cell>> {
+    measure(args, endpoint, redis_url, &[Op::Get, Op::Put], link).await
+}
+
+/// The cells of `ops` for every size and concurrency of the plan, kvshare then Redis per cell.
+async fn measure(
+    args: &Args,
+    endpoint: &str,
+    redis: Option<&str>,
+    op_kinds: &[Op],
+    link: &str,
+) -> anyhow::Result<Vec<Cell>> {
+    let plan = Plan::new(args)?;
+    let mut cells = Vec::new();
     println!(
         "{:<6} {:>9} {:>5} {:>18} {:>18} {:>8}",
         "op", "block", "conc", "kvshare", "redis", "ratio"
@@ -375,14 +625,14 @@ pub async fn run(args: &Args, node: &Node, redis: Option<&Redis>) -> anyhow::Res
         let ops = (plan.budget / size).max(16) as usize;
         // Pre-populate blocks for gets (distinct real K/V), in both systems.
         let keys: Vec<BlockKey> = (0..ops.min(128)).map(|_| random_key()).collect();
-        populate_kvshare(node, args.codec, size, &keys).await?;
+        populate_kvshare(endpoint, args.codec, size, &keys).await?;
         let rkeys: Vec<String> = keys.iter().map(|k| redis_key("kv", k)).collect();
         if let Some(r) = redis {
             populate_redis(r, size, &rkeys).await?;
         }
         let (keys, rkeys) = (Arc::new(keys), Arc::new(rkeys));
         for &conc in &plan.concs {
-            for op in [Op::Get, Op::Put, Op::Mixed] {
+            for &op in op_kinds {
                 let load = Load {
                     op,
                     size,
@@ -390,13 +640,13 @@ pub async fn run(args: &Args, node: &Node, redis: Option<&Redis>) -> anyhow::Res
                     ops,
                 };
                 let t0 = Instant::now();
-                let kt = kvshare_cell(&node.endpoint, args.codec, load, keys.clone()).await?;
-                let ks = load.cell("kvshare", t0.elapsed().as_secs_f64(), &kt);
+                let kt = kvshare_cell(endpoint, args.codec, load, keys.clone()).await?;
+                let ks = load.cell("kvshare", link, t0.elapsed().as_secs_f64(), &kt);
                 let rs = match redis {
                     Some(r) => {
                         let t0 = Instant::now();
-                        let rt = redis_cell(&r.url, load, rkeys.clone()).await?;
-                        Some(load.cell("redis", t0.elapsed().as_secs_f64(), &rt))
+                        let rt = redis_cell(r, load, rkeys.clone()).await?;
+                        Some(load.cell("redis", link, t0.elapsed().as_secs_f64(), &rt))
                     }
                     None => None,
                 };
@@ -465,7 +715,7 @@ async fn populate_redis_keys(
     r: &Redis,
     keys: &[String],
 ) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let mut con = redis_connection(r).await?;
+    let mut con = redis_connection(&r.url).await?;
     for chunk in keys.chunks(1024) {
         let mut p = redis::pipe();
         for k in chunk {
@@ -552,6 +802,130 @@ pub async fn lookups(
             .await?;
             rows.push(row("redis", n, lat));
         }
+    }
+    Ok(rows)
+}
+
+/// The prompt length of the idle/loaded lookup comparison.
+const LOADED_LOOKUP_BLOCKS: usize = 2048;
+/// Block size and clients of the load beside the lookups (the headline throughput cell).
+const LOAD_BLOCK: u64 = 1 << 20;
+const LOAD_CONC: usize = 4;
+
+fn lookup_run(mut lat: Vec<f64>, load_raw_gbps: f64) -> LookupRun {
+    lat.sort_by(f64::total_cmp);
+    LookupRun {
+        samples: lat.len(),
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        p999_us: percentile(&lat, 0.999),
+        load_raw_gbps,
+    }
+}
+
+/// Lookup latency of a 2,048-block prompt, idle and while a throughput cell (`--lookup-load`
+/// of 1 MiB blocks by 4 clients, against the same system) runs beside it in this process;
+/// `--repeat` runs, alternating kvshare and Redis within each run.
+pub async fn lookups_loaded(
+    args: &Args,
+    node: &Node,
+    redis: Option<&Redis>,
+) -> anyhow::Result<Vec<LookupLoadRow>> {
+    let n = LOADED_LOOKUP_BLOCKS;
+    let samples = lookup_samples(args.quick, n);
+    let keys: Vec<BlockKey> = (0..n).map(|_| random_key()).collect();
+    let mut c = KvClient::connect(&node.endpoint, crate::procs::client_options()).await?;
+    populate_chain(&mut c, &keys).await?;
+    let rkeys: Vec<String> = keys.iter().map(|k| redis_key("ll", k)).collect();
+    let mut rcon = match redis {
+        Some(r) => Some(populate_redis_keys(r, &rkeys).await?),
+        None => None,
+    };
+    // Blocks the load's gets read.
+    let load = Load {
+        op: args.lookup_load,
+        size: LOAD_BLOCK,
+        conc: LOAD_CONC,
+        ops: 0,
+    };
+    let load_keys: Vec<BlockKey> = (0..64).map(|_| random_key()).collect();
+    populate_kvshare(&node.endpoint, args.codec, LOAD_BLOCK, &load_keys).await?;
+    let load_rkeys: Vec<String> = load_keys.iter().map(|k| redis_key("kv", k)).collect();
+    if let Some(r) = redis {
+        populate_redis(&r.url, LOAD_BLOCK, &load_rkeys).await?;
+    }
+    let (load_keys, load_rkeys) = (Arc::new(load_keys), Arc::new(load_rkeys));
+    let condition = format!(
+        "{} {} x{}",
+        load.op.name(),
+        format_size(LOAD_BLOCK),
+        LOAD_CONC
+    );
+    // Time for the load's connections to reach steady state before lookups are timed.
+    let warm = Duration::from_millis(300);
+    let repeat = args.repeat.max(1);
+    let (mut k_idle, mut k_loaded, mut r_idle, mut r_loaded) = (vec![], vec![], vec![], vec![]);
+    println!(
+        "\n== lookup latency of a {n}-block prompt, idle and beside a throughput cell ({condition}), {repeat} run(s)"
+    );
+    for run in 0..repeat {
+        let lat = lookup_latencies("kvshare", n, samples, async || {
+            Ok(c.lookup_keys(&LOOKUP_NS, &keys).await?)
+        })
+        .await?;
+        k_idle.push(lookup_run(lat, 0.0));
+        let bg = Background::kvshare(&node.endpoint, args.codec, load, load_keys.clone()).await?;
+        tokio::time::sleep(warm).await;
+        let lat = lookup_latencies("kvshare", n, samples, async || {
+            Ok(c.lookup_keys(&LOOKUP_NS, &keys).await?)
+        })
+        .await?;
+        let gbps = bg.finish().await?;
+        k_loaded.push(lookup_run(lat, gbps));
+        if let (Some(r), Some(con)) = (redis, rcon.as_mut()) {
+            let lat = lookup_latencies("redis", n, samples, async || {
+                redis_leading_present(con, &rkeys).await
+            })
+            .await?;
+            r_idle.push(lookup_run(lat, 0.0));
+            let bg = Background::redis(&r.url, load, load_rkeys.clone()).await?;
+            tokio::time::sleep(warm).await;
+            let lat = lookup_latencies("redis", n, samples, async || {
+                redis_leading_present(con, &rkeys).await
+            })
+            .await?;
+            let gbps = bg.finish().await?;
+            r_loaded.push(lookup_run(lat, gbps));
+        }
+        println!("run {} of {repeat} done", run + 1);
+    }
+    let mut rows = vec![
+        LookupLoadRow::new("kvshare", n, "idle", k_idle),
+        LookupLoadRow::new("kvshare", n, &condition, k_loaded),
+    ];
+    if redis.is_some() {
+        rows.push(LookupLoadRow::new("redis", n, "idle", r_idle));
+        rows.push(LookupLoadRow::new("redis", n, &condition, r_loaded));
+    }
+    println!(
+        "{:<8} {:<18} {:>12} {:>12} {:>10}  each run p50/p99 us",
+        "system", "condition", "p50 us med", "p99 us med", "load GB/s"
+    );
+    for r in &rows {
+        let each: Vec<String> = r
+            .runs
+            .iter()
+            .map(|x| format!("{:.0}/{:.0}", x.p50_us, x.p99_us))
+            .collect();
+        println!(
+            "{:<8} {:<18} {:>12.0} {:>12.0} {:>10.3}  {}",
+            r.system,
+            r.condition,
+            r.median_p50_us,
+            r.median_p99_us,
+            r.median_load_raw_gbps,
+            each.join(", ")
+        );
     }
     Ok(rows)
 }

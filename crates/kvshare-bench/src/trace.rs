@@ -138,6 +138,8 @@ impl Trace {
             &endpoint,
             ClientOptions {
                 codec: self.codec,
+                // For nodes that run with --auth-file.
+                token: std::env::var("KVSHARE_TOKEN").ok(),
                 ..crate::procs::client_options()
             },
         )

@@ -41,7 +41,7 @@ pub struct TtftArgs {
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DType,
     /// Block codec.
-    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    #[arg(long, value_enum, default_value = "byteplane-huff")]
     codec: Codec,
     /// Positions per block (default by model, as in `kvshare-worker run`).
     #[arg(long)]

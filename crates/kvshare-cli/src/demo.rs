@@ -39,7 +39,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Codec workers compress blocks with.
-    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    #[arg(long, value_enum, default_value = "byteplane-huff")]
     codec: Codec,
     /// K/V dtype of the cache and the blocks: f32, f16, bf16.
     #[arg(long, value_enum, default_value = "bf16")]

@@ -38,6 +38,10 @@ struct Cli {
     /// Deadline of each call, seconds.
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    /// Bearer token for nodes that run with --auth-file (prefer the environment variable:
+    /// a flag shows in the process list).
+    #[arg(long, global = true, env = "KVSHARE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(subcommand)]
@@ -98,7 +102,7 @@ enum Command {
         #[arg(long)]
         kv_file: PathBuf,
         /// Codec of the uploaded blocks.
-        #[arg(long, value_enum, default_value = "byteplane-zstd")]
+        #[arg(long, value_enum, default_value = "byteplane-huff")]
         codec: Codec,
     },
     /// Download the cached leading blocks of a prompt (decoded, verified) to a file.
@@ -184,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let opts = cli.tls.apply(ClientOptions {
         timeout: Duration::from_secs(cli.timeout),
+        token: cli.token.clone(),
         ..ClientOptions::default()
     })?;
     let connect = |opts: ClientOptions| KvClient::connect(&cli.endpoint, opts);

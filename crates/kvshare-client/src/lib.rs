@@ -25,12 +25,14 @@ pub use cluster::ClusterClient;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvshare_core::keys::pack_keys;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, Codec, CoreError, EncodedBlock, Namespace};
-use kvshare_proto::transport::{endpoint_url, kv_client, mark_no_forward, tune_endpoint};
+use kvshare_proto::transport::{
+    BearerToken, endpoint_url, kv_client_with_token, mark_no_forward, tune_endpoint,
+};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
-use pb::kv_cache_client::KvCacheClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
@@ -40,6 +42,9 @@ pub use kvshare_proto::transport::MAX_MESSAGE_BYTES;
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The token has characters a header cannot carry.
+    #[error("the token must be visible ASCII characters (no spaces or control characters)")]
+    InvalidToken,
     /// The endpoint is not a valid URI.
     #[error("invalid endpoint {endpoint:?}: {}", error_chain(source))]
     InvalidEndpoint {
@@ -173,6 +178,9 @@ pub struct ClientOptions {
     /// How long [`ClusterClient`] waits for a key's owner before it also asks the next one (a
     /// hedged read: a frozen owner costs this, not `timeout`).
     pub hedge_after: Duration,
+    /// Bearer token sent on every request (`authorization: Bearer <token>`), for nodes that run
+    /// with `--auth-file`; `None` sends none.
+    pub token: Option<String>,
     /// TLS: the CA that signs the nodes' certificates and, for nodes that require client
     /// certificates (mTLS), this client's certificate and key. Set: every connection uses TLS
     /// (`host:port` and `http://` endpoints become `https://`). See [`ClientOptions::with_tls_files`].
@@ -212,9 +220,10 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             chunk_size: 1 << 20,
-            codec: Codec::BytePlaneZstd,
+            codec: Codec::BytePlaneHuff,
             hedge_after: Duration::from_millis(250),
             tls: None,
+            token: None,
         }
     }
 }
@@ -297,15 +306,11 @@ pub struct PutItem {
 /// A client of one kvshare node.
 #[derive(Clone)]
 pub struct KvClient {
-    rpc: KvCacheClient<Channel>,
+    rpc: kvshare_proto::transport::KvClient,
     health: HealthClient<Channel>,
     opts: ClientOptions,
     endpoint: String,
     no_forward: bool,
-}
-
-fn keys_bytes(keys: &[BlockKey]) -> Vec<Bytes> {
-    keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
 }
 
 /// The keys of `tokens`' full blocks and how many leading ones `count_hits(namespace digest,
@@ -363,6 +368,7 @@ impl KvClient {
                 endpoint: endpoint.into(),
                 source,
             })?;
+        BearerToken::new(opts.token.as_deref()).map_err(|_| ClientError::InvalidToken)?;
         let ep = tune_endpoint(ep, opts.connect_timeout).timeout(opts.timeout);
         let channel = kvshare_proto::transport::connect(&ep, opts.tls.as_ref())
             .await
@@ -373,10 +379,12 @@ impl KvClient {
         Ok(Self::from_channel(channel, &url, opts))
     }
 
-    /// Wraps an existing channel.
+    /// Wraps an existing channel (a token that cannot be sent, see
+    /// [`ClientError::InvalidToken`], is left out: [`KvClient::connect`] refuses it).
     pub fn from_channel(channel: Channel, endpoint: &str, opts: ClientOptions) -> Self {
+        let token = BearerToken::new(opts.token.as_deref()).unwrap_or_default();
         KvClient {
-            rpc: kv_client(channel.clone()),
+            rpc: kv_client_with_token(channel.clone(), token),
             health: HealthClient::new(channel),
             opts,
             endpoint: endpoint.to_string(),
@@ -427,7 +435,8 @@ impl KvClient {
     ) -> Result<pb::LookupResponse, ClientError> {
         let req = pb::LookupRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys_bytes(keys),
+            keys: Vec::new(),
+            packed_keys: pack_keys(keys),
             per_key,
         };
         Ok(self.rpc.lookup(self.request(req)).await?.into_inner())
@@ -528,10 +537,11 @@ impl KvClient {
         }
         let req = pb::GetRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys_bytes(keys),
+            keys: Vec::new(),
+            packed_keys: pack_keys(keys),
         };
         let mut stream = self.rpc.get(self.request(req)).await?.into_inner();
-        let mut asm = GetAssembler::new(keys);
+        let mut asm = GetAssembler::sharing(keys);
         while let Some(msg) = stream.message().await? {
             asm.push(msg)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -559,7 +569,8 @@ impl KvClient {
     ) -> Result<u32, ClientError> {
         let req = pb::DeleteRequest {
             namespace: Bytes::copy_from_slice(&namespace.0),
-            keys: keys_bytes(keys),
+            keys: Vec::new(),
+            packed_keys: pack_keys(keys),
         };
         let resp = self.rpc.delete(self.request(req)).await?;
         Ok(resp.into_inner().deleted)
@@ -701,13 +712,13 @@ pub async fn decode_prefix(
                 key: keys[i],
                 source,
             })?;
-        out.push(raw);
+        out.push(Vec::from(raw));
     }
     Ok(out)
 }
 
 /// Decodes a block off the async runtime (decompression is CPU work).
-pub async fn decode_blocking(b: EncodedBlock) -> Result<Vec<u8>, CoreError> {
+pub async fn decode_blocking(b: EncodedBlock) -> Result<Bytes, CoreError> {
     match tokio::task::spawn_blocking(move || b.decode()).await {
         Ok(r) => r,
         Err(e) => Err(CoreError::Corrupt(format!("decode task failed: {e}"))),

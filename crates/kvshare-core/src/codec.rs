@@ -10,14 +10,54 @@
 //! ```text
 //! u8 width (1..=8) | u8 tail_len | width x (u8 mode, u32 len) | plane data ... | tail bytes
 //! ```
-//! `mode` is 0 for a raw plane, 1 for an LZ4-compressed one, 2 for a zstd-compressed one.
-//! Each plane holds `raw_len / width` bytes once decoded; the last `raw_len % width` bytes of the block travel raw as the tail.
+//! `mode` is 0 for a raw plane, 1 for an LZ4-compressed one, 2 for a zstd-compressed one, 3 for a
+//! Huffman-coded one (`huff.rs`). Each plane holds `raw_len / width` bytes once decoded; the last
+//! `raw_len % width` bytes of the block travel raw as the tail. A byteplane-huff payload is one
+//! transform byte (0: none; 1: each 2- or 4-byte element rotated left by one bit before the
+//! split) followed by this layout.
+//!
+//! # byteplane-huff: why an entropy coder, and why hand-rolled
+//!
+//! The exponent plane needs an entropy coder, not a match finder (ZipNN's and DFloat11's
+//! approach): zstd's `ZSTD_compressBlock_fast` was most of byteplane-zstd's encode time. Order-0
+//! entropy on the shared kv-sample (2,048 tokens, 128 blocks of 147,456 bytes): bf16 high byte
+//! 2.859 bits (sign + 7 exponent bits), 2.784 bits once rotated (the 8-bit exponent; sign and
+//! mantissa in the low byte), low byte 7.972 bits; fp16 high byte 5.73 bits, low byte 8.00 bits.
+//! Coding the low plane as well would gain at most 0.3 %, so it stays raw (its sampled entropy is
+//! above `RAW_ENTROPY_BITS`, so it is not even histogrammed). Bounds with the low plane raw:
+//! bf16 1.484x rotated (1.473x not), fp16 1.165x.
+//!
+//! Crates checked (crates.io, 2026-11): `fse` 0.1.0 and `huff0` 0.1.0 are empty placeholders;
+//! ruzstd 0.9.1 has huff0/FSE coders but its Huffman encoder and bit I/O are crate-private; `tans`
+//! 0.1.0's licence forbids commercial use; constriction 0.5.0 (rANS, `SmallAnsCoder` with a
+//! 12-bit `ContiguousLookupDecoderModel`) reaches 1.472x on bf16 but codes the exponent plane at
+//! 0.42 GB/s and decodes it at 0.41 GB/s (raw bytes per second), far below the 1 GB/s encode /
+//! 2 GB/s decode targets. The hand-rolled coder (`huff.rs`: length-limited canonical Huffman, 11
+//! bits, 4 interleaved streams, two-symbol decode table) does the same plane at 1.8-2.2 GB/s
+//! encode and 2.9-3.8 GB/s decode (fp16-bf16), at 1.4751x on bf16. A 12-bit table gained 0.04 %
+//! of ratio and lost 15 % of bf16 decode speed.
+//!
+//! Whole codec, one thread, all 128 blocks (`KVSHARE_KV_SAMPLE=.../kv-sample cargo bench -p
+//! kvshare-core --bench codec`), GB/s of raw bytes, byteplane-zstd measured in the same run:
+//!
+//! | codec | bf16 ratio | encode | decode | fp16 ratio | encode | decode |
+//! |---|---|---|---|---|---|---|
+//! | byteplane-zstd | 1.4364 | 0.73 | 2.65 | 1.1609 | 2.22 | 3.78 |
+//! | byteplane-huff | 1.4750 | 1.49 | 3.08 | 1.1606 | 1.39 | 2.33 |
+//!
+//! On fp16 zstd is faster at the same ratio (its high plane is 5.7 bits per byte, so zstd finds
+//! no matches and runs its own tuned Huffman literal coder, and fewer of our lookups decode two
+//! symbols); on bf16, the dtype of most LLM K/V caches, byteplane-huff is smaller and 2x / 1.16x
+//! faster, hence the clients' default. The split and merge of 2- and 4-byte elements run
+//! AVX2-compiled when the CPU has it (`avx2_dispatch!`): at the x86-64 baseline LLVM leaves those
+//! byte shuffles scalar, 8x slower.
 
 use std::fmt;
 
 use kvshare_proto::v1 as pb;
 
 use crate::error::CoreError;
+use crate::huff;
 
 /// zstd level used by [`Codec::BytePlaneZstd`]: level 1 is within 1 % of level 3's ratio on K/V
 /// planes at several times the speed.
@@ -39,15 +79,21 @@ pub enum Codec {
     /// Byte planes, each zstd-compressed or raw.
     #[cfg_attr(feature = "clap", value(name = "byteplane-zstd"))]
     BytePlaneZstd,
+    /// 16- and 32-bit elements rotated left by one bit (sign next to the mantissa, so the top
+    /// byte is the exponent), split into byte planes, each Huffman-coded or raw: about
+    /// byteplane-zstd's ratio at several times its speed.
+    #[cfg_attr(feature = "clap", value(name = "byteplane-huff"))]
+    BytePlaneHuff,
 }
 
 impl Codec {
     /// All codecs, in wire order.
-    pub const ALL: [Codec; 4] = [
+    pub const ALL: [Codec; 5] = [
         Codec::None,
         Codec::Lz4,
         Codec::BytePlaneLz4,
         Codec::BytePlaneZstd,
+        Codec::BytePlaneHuff,
     ];
 
     /// Converts from the wire enum value.
@@ -57,6 +103,7 @@ impl Codec {
             Ok(pb::Codec::Lz4) => Ok(Codec::Lz4),
             Ok(pb::Codec::ByteplaneLz4) => Ok(Codec::BytePlaneLz4),
             Ok(pb::Codec::ByteplaneZstd) => Ok(Codec::BytePlaneZstd),
+            Ok(pb::Codec::ByteplaneHuff) => Ok(Codec::BytePlaneHuff),
             Ok(pb::Codec::Unspecified) | Err(_) => Err(CoreError::UnknownCodec(v)),
         }
     }
@@ -68,16 +115,19 @@ impl Codec {
             Codec::Lz4 => pb::Codec::Lz4,
             Codec::BytePlaneLz4 => pb::Codec::ByteplaneLz4,
             Codec::BytePlaneZstd => pb::Codec::ByteplaneZstd,
+            Codec::BytePlaneHuff => pb::Codec::ByteplaneHuff,
         }
     }
 
-    /// Name used on the command line (`none`, `lz4`, `byteplane-lz4`, `byteplane-zstd`).
+    /// Name used on the command line (`none`, `lz4`, `byteplane-lz4`, `byteplane-zstd`,
+    /// `byteplane-huff`).
     pub fn name(self) -> &'static str {
         match self {
             Codec::None => "none",
             Codec::Lz4 => "lz4",
             Codec::BytePlaneLz4 => "byteplane-lz4",
             Codec::BytePlaneZstd => "byteplane-zstd",
+            Codec::BytePlaneHuff => "byteplane-huff",
         }
     }
 
@@ -88,7 +138,7 @@ impl Codec {
             .find(|c| c.name() == s)
             .ok_or_else(|| {
                 CoreError::InvalidInput(format!(
-                    "unknown codec {s:?}; expected none, lz4, byteplane-lz4 or byteplane-zstd"
+                    "unknown codec {s:?}; expected none, lz4, byteplane-lz4, byteplane-zstd or byteplane-huff"
                 ))
             })
     }
@@ -100,6 +150,7 @@ impl Codec {
             Codec::Lz4 => lz4_flex::block::compress(raw),
             Codec::BytePlaneLz4 => encode_planes(raw, width, PlaneCoder::Lz4),
             Codec::BytePlaneZstd => encode_planes(raw, width, PlaneCoder::Zstd),
+            Codec::BytePlaneHuff => encode_planes(raw, width, PlaneCoder::Huff),
         }
     }
 
@@ -121,7 +172,24 @@ impl Codec {
                 decode_lz4_exact(payload, &mut out)?;
                 Ok(out)
             }
-            Codec::BytePlaneLz4 | Codec::BytePlaneZstd => decode_planes(payload, raw_len),
+            Codec::BytePlaneLz4 | Codec::BytePlaneZstd => {
+                decode_planes(payload, raw_len, Transform::None)
+            }
+            Codec::BytePlaneHuff => {
+                let (&t, rest) = payload
+                    .split_first()
+                    .ok_or_else(|| CoreError::Corrupt("byteplane-huff payload is empty".into()))?;
+                let transform = match t {
+                    TRANSFORM_NONE => Transform::None,
+                    TRANSFORM_ROTATE => Transform::Rotate,
+                    t => {
+                        return Err(CoreError::Corrupt(format!(
+                            "byteplane-huff payload: unknown element transform {t}"
+                        )));
+                    }
+                };
+                decode_planes(rest, raw_len, transform)
+            }
         }
     }
 }
@@ -143,68 +211,184 @@ pub fn checksum(raw: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(raw)
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum PlaneCoder {
     Lz4,
     Zstd,
+    Huff,
 }
 
 const MODE_RAW: u8 = 0;
 const MODE_LZ4: u8 = 1;
 const MODE_ZSTD: u8 = 2;
+const MODE_HUFF: u8 = 3;
+
+/// First byte of a byteplane-huff payload: elements split as they are.
+const TRANSFORM_NONE: u8 = 0;
+/// First byte of a byteplane-huff payload: 2- or 4-byte elements rotated left by one bit before
+/// the split (bf16: the top byte becomes the 8-bit exponent, the sign joins the mantissa byte).
+const TRANSFORM_ROTATE: u8 = 1;
+
+/// What was done to each element before the split (undone after the merge).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transform {
+    None,
+    Rotate,
+}
+
+/// Splits the whole elements of `body` into `width` planes of `n` bytes each, rotating 2- and
+/// 4-byte elements left by one bit first when `rotate`.
+fn split_planes(body: &[u8], width: usize, rotate: bool) -> Vec<Vec<u8>> {
+    let n = body.len() / width;
+    let mut planes: Vec<Vec<u8>> = vec![vec![0u8; n]; width];
+    // Preallocated planes filled by zipped iterators (no per-byte push, no index checks): this
+    // loop was a third of the encode time when written with push.
+    match (&mut planes[..], rotate) {
+        ([p0, p1], false) => split2::<0>(body, p0, p1),
+        ([p0, p1], true) => split2::<1>(body, p0, p1),
+        ([p0, p1, p2, p3], true) => split4::<1>(body, [p0, p1, p2, p3]),
+        _ => {
+            for (i, plane) in planes.iter_mut().enumerate() {
+                for (o, w) in plane.iter_mut().zip(body.chunks_exact(width)) {
+                    *o = w[i];
+                }
+            }
+        }
+    }
+    planes
+}
+
+/// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it and as compiled
+/// otherwise. The byte (de)interleaving loops vectorise with AVX2; at the x86-64 baseline LLVM
+/// leaves them scalar, ~8x slower (measured 17-19 us vs 2-4 us per 147,456-byte block: a quarter
+/// of a byteplane-huff decode).
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* fn $name:ident => $body:ident, $avx:ident ($($a:ident : $t:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx<const ROT: u32>($($a: $t),*) {
+            $body::<ROT>($($a),*)
+        }
+
+        $(#[$m])*
+        fn $name<const ROT: u32>($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above), `$avx`'s only requirement.
+                return unsafe { $avx::<ROT>($($a),*) };
+            }
+            $body::<ROT>($($a),*)
+        }
+    };
+}
+
+avx2_dispatch! {
+    /// Splits 2-byte elements, rotated left by `ROT` bits, into two planes.
+    fn split2 => split2_body, split2_avx2(body: &[u8], p0: &mut [u8], p1: &mut [u8])
+}
+
+#[inline(always)]
+fn split2_body<const ROT: u32>(body: &[u8], p0: &mut [u8], p1: &mut [u8]) {
+    for ((w, a), b) in body.chunks_exact(2).zip(p0.iter_mut()).zip(p1.iter_mut()) {
+        let x = u16::from_le_bytes([w[0], w[1]]).rotate_left(ROT);
+        *a = x as u8;
+        *b = (x >> 8) as u8;
+    }
+}
+
+avx2_dispatch! {
+    /// Splits 4-byte elements, rotated left by `ROT` bits, into four planes.
+    fn split4 => split4_body, split4_avx2(body: &[u8], p: [&mut Vec<u8>; 4])
+}
+
+#[inline(always)]
+fn split4_body<const ROT: u32>(body: &[u8], p: [&mut Vec<u8>; 4]) {
+    let [p0, p1, p2, p3] = p;
+    for ((((w, a), b), c), d) in body
+        .chunks_exact(4)
+        .zip(p0.iter_mut())
+        .zip(p1.iter_mut())
+        .zip(p2.iter_mut())
+        .zip(p3.iter_mut())
+    {
+        let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]).rotate_left(ROT);
+        [*a, *b, *c, *d] = x.to_le_bytes();
+    }
+}
 
 fn encode_planes(raw: &[u8], width: usize, coder: PlaneCoder) -> Vec<u8> {
     let width = width.clamp(1, 8);
     let n = raw.len() / width;
     let tail = &raw[n * width..];
-    // Fill preallocated planes with zipped iterators (no per-byte push): this loop is a third of
-    // the encode time when written with push.
-    let body = &raw[..n * width];
-    let mut planes: Vec<Vec<u8>> = vec![vec![0u8; n]; width];
-    if width == 2 {
-        let (p0, p1) = planes.split_at_mut(1);
-        for ((w, a), b) in body
-            .chunks_exact(2)
-            .zip(p0[0].iter_mut())
-            .zip(p1[0].iter_mut())
-        {
-            *a = w[0];
-            *b = w[1];
-        }
-    } else {
-        for (i, plane) in planes.iter_mut().enumerate() {
-            for (o, w) in plane.iter_mut().zip(body.chunks_exact(width)) {
-                *o = w[i];
-            }
-        }
+    let rotate = coder == PlaneCoder::Huff && matches!(width, 2 | 4);
+    let planes = split_planes(&raw[..n * width], width, rotate);
+    let mut out = Vec::with_capacity(raw.len() + 3 + 5 * width);
+    if coder == PlaneCoder::Huff {
+        out.push(if rotate {
+            TRANSFORM_ROTATE
+        } else {
+            TRANSFORM_NONE
+        });
     }
-    let mut out = Vec::with_capacity(raw.len() + 2 + 5 * width);
     out.push(width as u8);
     out.push(tail.len() as u8);
     let dir_at = out.len();
     out.resize(dir_at + 5 * width, 0);
     for (i, plane) in planes.iter().enumerate() {
+        let start = out.len();
         // A near-random plane (16-bit mantissa bytes) cannot shrink enough to pay for the
         // compressor's time: store it raw without trying.
-        let compressed = if entropy_bits_per_byte(plane) > RAW_ENTROPY_BITS {
-            None
+        let mode = if entropy_bits_per_byte(plane) > RAW_ENTROPY_BITS {
+            MODE_RAW
         } else {
             match coder {
-                PlaneCoder::Lz4 => Some((MODE_LZ4, lz4_flex::block::compress(plane))),
-                PlaneCoder::Zstd => zstd_compress(plane).map(|c| (MODE_ZSTD, c)),
+                PlaneCoder::Lz4 => {
+                    append_if_smaller(&mut out, plane, MODE_LZ4, lz4_flex::block::compress(plane))
+                }
+                PlaneCoder::Zstd => match zstd_compress(plane) {
+                    Some(c) => append_if_smaller(&mut out, plane, MODE_ZSTD, c),
+                    None => MODE_RAW,
+                },
+                PlaneCoder::Huff => huff_append(&mut out, plane),
             }
         };
-        let (mode, data): (u8, &[u8]) = match &compressed {
-            Some((m, c)) if c.len() < plane.len() => (*m, c),
-            _ => (MODE_RAW, plane),
-        };
+        if mode == MODE_RAW {
+            out.truncate(start);
+            out.extend_from_slice(plane);
+        }
         let d = dir_at + 5 * i;
         out[d] = mode;
-        out[d + 1..d + 5].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        out.extend_from_slice(data);
+        let len = (out.len() - start) as u32;
+        out[d + 1..d + 5].copy_from_slice(&len.to_le_bytes());
     }
     out.extend_from_slice(tail);
     out
+}
+
+/// Appends `coded` and returns `mode` if it is smaller than `plane`, else returns `MODE_RAW`.
+fn append_if_smaller(out: &mut Vec<u8>, plane: &[u8], mode: u8, coded: Vec<u8>) -> u8 {
+    if coded.len() < plane.len() {
+        out.extend_from_slice(&coded);
+        mode
+    } else {
+        MODE_RAW
+    }
+}
+
+/// Huffman-codes `plane` onto `out` if that is smaller than the plane (the size is known from
+/// the histogram before coding); returns the mode used (the caller appends a raw plane).
+fn huff_append(out: &mut Vec<u8>, plane: &[u8]) -> u8 {
+    let counts = huff::histogram(plane);
+    let lens = huff::code_lengths(&counts);
+    if huff::encoded_len(&counts, &lens) >= plane.len() {
+        return MODE_RAW;
+    }
+    let start = out.len();
+    huff::encode(plane.len(), |i| plane[i], &lens, out);
+    if out.len() - start >= plane.len() {
+        return MODE_RAW;
+    }
+    MODE_HUFF
 }
 
 /// Planes whose order-0 entropy exceeds this (bits per byte) are stored raw: the best any
@@ -276,7 +460,11 @@ fn decode_lz4_exact(input: &[u8], out: &mut [u8]) -> Result<(), CoreError> {
     Ok(())
 }
 
-fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
+fn decode_planes(
+    payload: &[u8],
+    raw_len: usize,
+    transform: Transform,
+) -> Result<Vec<u8>, CoreError> {
     let corrupt = |m: String| CoreError::Corrupt(format!("byte-plane payload: {m}"));
     if payload.len() < 2 {
         return Err(corrupt("shorter than its 2-byte preamble".into()));
@@ -285,6 +473,9 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
     let tail_len = payload[1] as usize;
     if !(1..=8).contains(&width) {
         return Err(corrupt(format!("plane width {width} is not in 1..=8")));
+    }
+    if transform == Transform::Rotate && !matches!(width, 2 | 4) {
+        return Err(corrupt(format!("rotated elements of width {width}")));
     }
     if raw_len % width != tail_len {
         return Err(corrupt(format!(
@@ -296,10 +487,10 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
     if payload.len() < dir_end + tail_len {
         return Err(corrupt("truncated plane directory".into()));
     }
-    let mut out = vec![0u8; raw_len];
-    let mut plane = vec![0u8; n];
+    // Plane extents first: every length is checked before anything is allocated.
+    let mut extents = [(0u8, 0usize, 0usize); 8];
     let mut pos = dir_end;
-    for i in 0..width {
+    for (i, e) in extents.iter_mut().enumerate().take(width) {
         let d = 2 + 5 * i;
         let mode = payload[d];
         let len = u32::from_le_bytes([
@@ -312,32 +503,16 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
             .checked_add(len)
             .filter(|&e| e <= payload.len() - tail_len)
             .ok_or_else(|| corrupt(format!("plane {i} of {len} bytes runs past the payload")))?;
-        let data = &payload[pos..end];
         match mode {
-            MODE_RAW => {
-                if len != n {
-                    return Err(corrupt(format!(
-                        "raw plane {i} has {len} bytes, expected {n}"
-                    )));
-                }
+            MODE_RAW if len != n => {
+                return Err(corrupt(format!(
+                    "raw plane {i} has {len} bytes, expected {n}"
+                )));
             }
-            MODE_LZ4 => decode_lz4_exact(data, &mut plane)?,
-            MODE_ZSTD => {
-                let got = zstd_decompress_into(data, &mut plane[..])
-                    .map_err(|e| corrupt(format!("zstd plane {i}: {e}")))?;
-                if got != n {
-                    return Err(corrupt(format!(
-                        "zstd plane {i} decodes to {got} bytes, expected {n}"
-                    )));
-                }
-            }
+            MODE_RAW | MODE_LZ4 | MODE_ZSTD | MODE_HUFF => {}
             m => return Err(corrupt(format!("plane {i} has unknown mode {m}"))),
         }
-        let src: &[u8] = if mode == MODE_RAW { data } else { &plane };
-        // `skip` (not `out[i..]`): a block shorter than one element has no plane bytes at all.
-        for (o, b) in out[..n * width].iter_mut().skip(i).step_by(width).zip(src) {
-            *o = *b;
-        }
+        *e = (mode, pos, end);
         pos = end;
     }
     if pos + tail_len != payload.len() {
@@ -346,8 +521,93 @@ fn decode_planes(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, CoreError> {
             payload.len() as isize - (pos + tail_len) as isize
         )));
     }
+    let coded = extents[..width].iter().filter(|e| e.0 != MODE_RAW).count();
+    // Decoded planes (at most raw_len bytes): with `out`, a decode holds at most 2 x raw_len.
+    let mut scratch = vec![0u8; n * coded];
+    let mut chunks = scratch.chunks_exact_mut(n.max(1));
+    let mut planes: [&[u8]; 8] = [&[]; 8];
+    for (i, &(mode, start, end)) in extents[..width].iter().enumerate() {
+        let data = &payload[start..end];
+        if mode == MODE_RAW {
+            planes[i] = data;
+            continue;
+        }
+        let plane: &mut [u8] = match chunks.next() {
+            Some(c) => c,
+            // n == 0: nothing to decode into, but the coded data must still be valid.
+            None => &mut [],
+        };
+        match mode {
+            MODE_LZ4 => decode_lz4_exact(data, plane)?,
+            MODE_ZSTD => {
+                let got = zstd_decompress_into(data, plane)
+                    .map_err(|e| corrupt(format!("zstd plane {i}: {e}")))?;
+                if got != n {
+                    return Err(corrupt(format!(
+                        "zstd plane {i} decodes to {got} bytes, expected {n}"
+                    )));
+                }
+            }
+            _ => huff::decode(data, plane)
+                .map_err(|e| corrupt(format!("huffman plane {i}: {}", e.0)))?,
+        }
+        planes[i] = plane;
+    }
+    let mut out = vec![0u8; raw_len];
+    merge_planes(&mut out[..n * width], &planes[..width], transform);
     out[n * width..].copy_from_slice(&payload[pos..]);
     Ok(out)
+}
+
+/// Interleaves `planes` (each `out.len() / planes.len()` bytes) into `out`, undoing `transform`.
+fn merge_planes(out: &mut [u8], planes: &[&[u8]], transform: Transform) {
+    match (planes, transform) {
+        ([p0, p1], Transform::None) => merge2::<0>(out, p0, p1),
+        ([p0, p1], Transform::Rotate) => merge2::<1>(out, p0, p1),
+        ([p0, p1, p2, p3], Transform::None) => merge4::<0>(out, [p0, p1, p2, p3]),
+        ([p0, p1, p2, p3], Transform::Rotate) => merge4::<1>(out, [p0, p1, p2, p3]),
+        _ => {
+            let width = planes.len();
+            for (i, p) in planes.iter().enumerate() {
+                // `skip` (not `out[i..]`): a block shorter than one element has no plane bytes.
+                for (o, b) in out.iter_mut().skip(i).step_by(width).zip(p.iter()) {
+                    *o = *b;
+                }
+            }
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// Two planes into 16-bit elements rotated right by `ROT` bits.
+    fn merge2 => merge2_body, merge2_avx2(out: &mut [u8], p0: &[u8], p1: &[u8])
+}
+
+#[inline(always)]
+fn merge2_body<const ROT: u32>(out: &mut [u8], p0: &[u8], p1: &[u8]) {
+    for ((o, &a), &b) in out.chunks_exact_mut(2).zip(p0).zip(p1) {
+        let x = u16::from_le_bytes([a, b]).rotate_right(ROT);
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+avx2_dispatch! {
+    /// Four planes into 32-bit elements rotated right by `ROT` bits.
+    fn merge4 => merge4_body, merge4_avx2(out: &mut [u8], p: [&[u8]; 4])
+}
+
+#[inline(always)]
+fn merge4_body<const ROT: u32>(out: &mut [u8], p: [&[u8]; 4]) {
+    for ((((o, &a), &b), &c), &d) in out
+        .chunks_exact_mut(4)
+        .zip(p[0])
+        .zip(p[1])
+        .zip(p[2])
+        .zip(p[3])
+    {
+        let x = u32::from_le_bytes([a, b, c, d]).rotate_right(ROT);
+        o.copy_from_slice(&x.to_le_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -383,6 +643,70 @@ mod tests {
         assert!(ratio > 1.3, "ratio {ratio}");
         let lz4 = Codec::Lz4.encode(&data, 2);
         assert!(enc.len() < lz4.len());
+    }
+
+    fn f16_sample() -> Vec<u8> {
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/data/kv-f16-256tok.bin"
+        ))
+        .expect("tests/data/kv-f16-256tok.bin")
+    }
+
+    fn ratio(c: Codec, blocks: &[u8]) -> f64 {
+        let enc: usize = blocks.chunks(147_456).map(|b| c.encode(b, 2).len()).sum();
+        blocks.len() as f64 / enc as f64
+    }
+
+    #[test]
+    fn byteplane_huff_meets_the_ratio_targets_on_real_kv() {
+        // Issue targets: >= 1.40x on bf16, >= 1.12x on fp16 (order-0 limits 1.49x / 1.17x).
+        let bf16 = ratio(Codec::BytePlaneHuff, &kv_sample());
+        assert!(bf16 >= 1.40, "bf16 ratio {bf16}");
+        assert!(
+            bf16 > ratio(Codec::BytePlaneZstd, &kv_sample()),
+            "bf16 {bf16}"
+        );
+        let f16 = ratio(Codec::BytePlaneHuff, &f16_sample());
+        assert!(f16 >= 1.12, "f16 ratio {f16}");
+    }
+
+    #[test]
+    fn byteplane_huff_rotates_16_and_32_bit_elements_only() {
+        let data = kv_sample();
+        let block = &data[..4099];
+        for (width, transform) in [(1, 0u8), (2, 1), (3, 0), (4, 1), (8, 0)] {
+            let enc = Codec::BytePlaneHuff.encode(block, width);
+            assert_eq!(enc[0], transform, "width {width}");
+            assert_eq!(enc[1] as usize, width);
+            assert_eq!(
+                Codec::BytePlaneHuff.decode(&enc, block.len()).as_deref(),
+                Ok(block)
+            );
+            // Another transform byte: unknown, or rotation at a width that has none, or the
+            // wrong one (the bytes then differ).
+            for t in [0u8, 1, 2, 255] {
+                if t == transform {
+                    continue;
+                }
+                let mut bad = enc.clone();
+                bad[0] = t;
+                match Codec::BytePlaneHuff.decode(&bad, block.len()) {
+                    Ok(d) => assert!(t <= 1 && matches!(width, 2 | 4) && d != block),
+                    Err(e) => assert!(matches!(e, CoreError::Corrupt(_))),
+                }
+            }
+        }
+        assert!(Codec::BytePlaneHuff.decode(&[], 0).is_err());
+    }
+
+    #[test]
+    fn byteplane_huff_codes_the_exponent_plane_and_stores_the_mantissa_raw() {
+        let data = kv_sample();
+        let enc = Codec::BytePlaneHuff.encode(&data[..147_456], 2);
+        // transform, width, tail, then (mode, len) of the low and high planes.
+        assert_eq!(enc[3], MODE_RAW, "mantissa plane");
+        assert_eq!(enc[8], MODE_HUFF, "exponent plane");
     }
 
     #[test]
@@ -430,6 +754,7 @@ mod tests {
         fn round_trip_arbitrary_bytes(raw in proptest::collection::vec(any::<u8>(), 0..5000), width in 1usize..=8) {
             for c in Codec::ALL {
                 let enc = c.encode(&raw, width);
+                prop_assert!(enc.len() as u64 <= max_encoded_len(raw.len() as u64), "{}", c);
                 let dec = c.decode(&enc, raw.len());
                 prop_assert_eq!(dec, Ok(raw.clone()), "{}", c);
             }

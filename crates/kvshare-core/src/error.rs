@@ -11,7 +11,7 @@ pub enum CoreError {
     InvalidKey(String),
     /// The codec id is unknown.
     #[error(
-        "unknown codec {0}; known codecs: 1 (none), 2 (lz4), 3 (byteplane-lz4), 4 (byteplane-zstd)"
+        "unknown codec {0}; known codecs: 1 (none), 2 (lz4), 3 (byteplane-lz4), 4 (byteplane-zstd), 5 (byteplane-huff)"
     )]
     UnknownCodec(i32),
     /// An encoded payload is malformed or does not decode to the declared length.
@@ -27,6 +27,16 @@ pub enum CoreError {
         /// Checksum of the decoded bytes.
         actual: u64,
     },
+    /// The encoded payload does not hash to the header's payload checksum.
+    #[error(
+        "payload checksum mismatch: header says {expected:#018x}, the payload bytes hash to {actual:#018x}"
+    )]
+    PayloadChecksumMismatch {
+        /// Payload checksum in the header.
+        expected: u64,
+        /// Checksum of the payload received.
+        actual: u64,
+    },
     /// A header is malformed.
     #[error("invalid header: {0}")]
     InvalidHeader(String),
@@ -37,6 +47,14 @@ pub enum CoreError {
         size: u64,
         /// The limit.
         limit: u64,
+    },
+    /// A block is larger than its tenant's whole quota.
+    #[error("block of {size} bytes exceeds the tenant's quota of {quota} bytes")]
+    OverQuota {
+        /// Size of the block (charged bytes).
+        size: u64,
+        /// The tenant's quota.
+        quota: u64,
     },
     /// Token ids do not fill a block, or other caller misuse.
     #[error("invalid input: {0}")]

@@ -58,6 +58,33 @@ impl BlockKey {
     }
 }
 
+/// Keys packed end to end, as the `packed_keys` request fields carry them.
+pub fn pack_keys(keys: &[BlockKey]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(keys.len() * KEY_LEN);
+    for k in keys {
+        out.extend_from_slice(&k.0);
+    }
+    bytes::Bytes::from(out)
+}
+
+/// Splits a `packed_keys` field into keys; `None` when its length is not a multiple of
+/// [`KEY_LEN`].
+pub fn unpack_keys(packed: &[u8]) -> Option<Vec<BlockKey>> {
+    if !packed.len().is_multiple_of(KEY_LEN) {
+        return None;
+    }
+    Some(
+        packed
+            .chunks_exact(KEY_LEN)
+            .map(|c| {
+                let mut k = [0u8; KEY_LEN];
+                k.copy_from_slice(c);
+                BlockKey(k)
+            })
+            .collect(),
+    )
+}
+
 impl fmt::Debug for BlockKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "BlockKey({})", &self.to_hex()[..16])

@@ -2,7 +2,7 @@
 //!
 //! - [`namespace`] and [`keys`]: namespaces and 32-byte chained prefix keys (kvshare's own
 //!   SHA-256 scheme and vLLM's `sha256_cbor`).
-//! - [`codec`] and [`block`]: block encodings (LZ4, byte-plane LZ4/zstd), checksums, headers.
+//! - [`codec`] and [`block`]: block encodings (LZ4, byte-plane LZ4/zstd/Huffman), checksums, headers.
 //! - [`store`]: the byte-bounded, chain-aware LRU block store.
 //! - [`placement`]: rendezvous hashing of keys over cluster members.
 //! - [`wire`]: chunking blocks into gRPC messages and reassembling them.
@@ -16,6 +16,7 @@ pub mod block;
 pub mod cbor;
 pub mod codec;
 pub mod error;
+mod huff;
 pub mod keys;
 pub mod layout;
 pub mod namespace;
@@ -33,4 +34,6 @@ pub use error::CoreError;
 pub use keys::{BlockKey, KEY_LEN, KeyScheme, VllmHashParams};
 pub use layout::{DType, KvLayout};
 pub use namespace::Namespace;
-pub use store::{BlockStore, InsertOutcome, StoreKey, StoreStats};
+pub use store::{
+    BlockStore, DEFAULT_TENANT, InsertOutcome, StoreKey, StoreStats, TenantId, TenantUsage,
+};

@@ -1,7 +1,7 @@
 //! Store snapshots: the blocks of a [`BlockStore`] written to one file on graceful shutdown and
 //! loaded back on start, so a restarted node keeps its cache.
 //!
-//! # Format (version 1, little-endian)
+//! # Format (version 2, little-endian)
 //!
 //! ```text
 //! file header (32 bytes): magic "KVSHSNAP" | u32 version | u32 flags (0) | u64 record count
@@ -10,9 +10,13 @@
 //!                         | u32 layers | u32 kv heads | u32 head dim | u32 tokens per block
 //!                         | u8 dtype | u8 codec (wire enum values)
 //!                         | u64 raw_len | u64 checksum of the raw bytes | u64 payload_len
+//!                         | u8 tenant name length | tenant name [length] (UTF-8; version 2)
 //!                         | payload [payload_len]
 //!                         | u64 xxh3-64 of every byte of the record before it
 //! ```
+//!
+//! Version 1 files (written before tenants existed) have no tenant name; they are still read,
+//! and their blocks load as the default tenant ([`DEFAULT_TENANT`](crate::store::DEFAULT_TENANT)).
 //!
 //! Records come least recently used first, so replaying them in file order restores recency.
 //!
@@ -43,12 +47,16 @@ use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 
 use crate::block::{BlockHeader, EncodedBlock};
 use crate::keys::{BlockKey, KEY_LEN};
-use crate::store::{BlockStore, StoreKey, StoredBlock};
+use crate::store::{BlockStore, DEFAULT_TENANT, StoreKey, StoredBlock};
 
 /// First bytes of a snapshot file.
 pub const MAGIC: [u8; 8] = *b"KVSHSNAP";
-/// The format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes (it reads this one and [`FORMAT_VERSION_V1`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The format version without tenant names, still read (blocks load as the default tenant).
+pub const FORMAT_VERSION_V1: u32 = 1;
+/// Longest tenant name a record can carry.
+pub const MAX_TENANT_NAME_LEN: usize = 255;
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 32;
 /// Size of a record's fixed part (everything before the payload).
@@ -152,10 +160,17 @@ impl<W: Write> SnapshotWriter<W> {
             });
         }
         let fixed = encode_fixed(rec);
+        let name = rec.tenant.as_bytes();
+        let name = &name[..name.len().min(MAX_TENANT_NAME_LEN)];
+        let name_len = [name.len() as u8];
         let mut hasher = Xxh3Default::new();
         hasher.update(&fixed);
+        hasher.update(&name_len);
+        hasher.update(name);
         hasher.update(&rec.block.payload);
         self.w.write_all(&fixed)?;
+        self.w.write_all(&name_len)?;
+        self.w.write_all(name)?;
         self.w.write_all(&rec.block.payload)?;
         self.w.write_all(&hasher.digest().to_le_bytes())?;
         self.written += 1;
@@ -261,6 +276,8 @@ fn decode_fixed(b: &[u8; RECORD_FIXED_LEN], limits: &SnapshotLimits) -> Result<F
         raw_len,
         checksum,
         payload_len,
+        // Set from the payload once it is read and its record checksum holds.
+        payload_checksum: None,
     })
     .map_err(|e| e.to_string())?;
     if raw_len > limits.max_block_size {
@@ -288,6 +305,8 @@ pub struct SnapshotReader<R: Read> {
     declared: u64,
     index: u64,
     done: bool,
+    /// The file's format version ([`FORMAT_VERSION`] or [`FORMAT_VERSION_V1`]).
+    version: u32,
 }
 
 impl<R: Read> SnapshotReader<R> {
@@ -303,7 +322,7 @@ impl<R: Read> SnapshotReader<R> {
             return Err(SnapshotError::BadMagic);
         }
         let version = f.u32();
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_V1 {
             return Err(SnapshotError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -320,6 +339,7 @@ impl<R: Read> SnapshotReader<R> {
             declared,
             index: 0,
             done: false,
+            version,
         })
     }
 
@@ -346,6 +366,13 @@ impl<R: Read> SnapshotReader<R> {
         self.read_exact(&mut fixed)?;
         let f = decode_fixed(&fixed, &self.limits)
             .map_err(|reason| SnapshotError::InvalidRecord { index, reason })?;
+        let mut name_len = [0u8; 1];
+        let mut name = Vec::new();
+        if self.version >= FORMAT_VERSION {
+            self.read_exact(&mut name_len)?;
+            name = vec![0u8; usize::from(name_len[0])];
+            self.read_exact(&mut name)?;
+        }
         // Sizes are checked above (layout limits, max block size, codec bound) before this.
         let mut payload = vec![0u8; f.payload_len];
         self.read_exact(&mut payload)?;
@@ -353,17 +380,36 @@ impl<R: Read> SnapshotReader<R> {
         self.read_exact(&mut sum)?;
         let mut hasher = Xxh3Default::new();
         hasher.update(&fixed);
+        if self.version >= FORMAT_VERSION {
+            hasher.update(&name_len);
+            hasher.update(&name);
+        }
         hasher.update(&payload);
         if hasher.digest() != u64::from_le_bytes(sum) {
             return Err(SnapshotError::RecordChecksum { index });
         }
+        let tenant: Arc<str> = if self.version >= FORMAT_VERSION {
+            match String::from_utf8(name) {
+                Ok(n) if !n.is_empty() => Arc::from(n),
+                _ => return Err(SnapshotError::RecordChecksum { index }),
+            }
+        } else {
+            Arc::from(DEFAULT_TENANT)
+        };
+        // The payload checksum is not stored: it is the hash of bytes the record checksum has
+        // just vouched for, so peers the block is re-replicated to can check it cheaply.
+        let header = BlockHeader {
+            payload_checksum: Some(crate::codec::checksum(&payload)),
+            ..f.header
+        };
         Ok(StoredBlock {
             key: f.key,
             parent: f.parent,
             block: Arc::new(EncodedBlock {
-                header: f.header,
+                header,
                 payload: Bytes::from(payload),
             }),
+            tenant,
         })
     }
 }
@@ -416,7 +462,8 @@ pub fn write_store<W: Write>(store: &BlockStore, w: W) -> Result<(W, SaveReport)
         sw.write_record(b)?;
         let len = b.block.payload.len() as u64;
         report.payload_bytes += len;
-        report.file_bytes += RECORD_FIXED_LEN as u64 + len + 8;
+        let name = b.tenant.len().min(MAX_TENANT_NAME_LEN) as u64;
+        report.file_bytes += RECORD_FIXED_LEN as u64 + 1 + name + len + 8;
     }
     Ok((sw.finish()?, report))
 }
@@ -512,7 +559,7 @@ pub fn load_into<R: Read>(
             state[j] = PLACED;
             let r = &kept[j];
             if let Ok(crate::store::InsertOutcome::Stored { .. }) =
-                store.insert(r.key, r.parent, r.block.clone())
+                store.insert_for(store.tenant_id(&r.tenant), r.key, r.parent, r.block.clone())
             {
                 stored[j] = true;
                 report.loaded_blocks += 1;
@@ -627,9 +674,15 @@ mod tests {
             s.insert(skey(a, i), parent, block(a, i, 40, Codec::Lz4))
                 .expect("chain");
         }
+        let team_b = s.tenant_id("team-b");
         for i in 10..13 {
-            s.insert(skey(ns(2), i), None, block(ns(2), i, 8, Codec::None))
-                .expect("other");
+            s.insert_for(
+                team_b,
+                skey(ns(2), i),
+                None,
+                block(ns(2), i, 8, Codec::None),
+            )
+            .expect("other");
         }
         s.insert(skey(a, 20), None, block(a, 20, 16, Codec::None))
             .expect("star");
@@ -727,7 +780,8 @@ mod tests {
     fn every_flipped_byte_is_caught() {
         let s = sample_store();
         let bytes = snapshot(&s);
-        let first_payload = FILE_HEADER_LEN + RECORD_FIXED_LEN;
+        let name_at = FILE_HEADER_LEN + RECORD_FIXED_LEN;
+        let first_payload = name_at + 1 + usize::from(bytes[name_at]);
         for at in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[at] ^= 0x40;
@@ -756,15 +810,68 @@ mod tests {
         b
     }
 
+    /// The same snapshot in format version 1 (no tenant names).
+    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+        let mut out = with_header(&v2[..FILE_HEADER_LEN], FORMAT_VERSION_V1, 0);
+        out[16..24].copy_from_slice(&v2[16..24]);
+        let sum = xxh3_64(&out[..24]);
+        out[24..32].copy_from_slice(&sum.to_le_bytes());
+        let mut at = FILE_HEADER_LEN;
+        while at < v2.len() {
+            let fixed = &v2[at..at + RECORD_FIXED_LEN];
+            let payload_len =
+                u64::from_le_bytes(fixed[RECORD_FIXED_LEN - 8..].try_into().expect("8"));
+            let name_len = usize::from(v2[at + RECORD_FIXED_LEN]);
+            let p0 = at + RECORD_FIXED_LEN + 1 + name_len;
+            let payload = &v2[p0..p0 + payload_len as usize];
+            let mut h = Xxh3Default::new();
+            h.update(fixed);
+            h.update(payload);
+            out.extend_from_slice(fixed);
+            out.extend_from_slice(payload);
+            out.extend_from_slice(&h.digest().to_le_bytes());
+            at = p0 + payload_len as usize + 8;
+        }
+        out
+    }
+
+    #[test]
+    fn version_1_files_load_as_the_default_tenant() {
+        let s = sample_store();
+        let v1 = as_version_1(&snapshot(&s));
+        let (t, r) = load(&v1, 1 << 20);
+        assert_eq!(r.expect("load").loaded_blocks, 11);
+        assert_eq!(t.keys_oldest_first(), s.keys_oldest_first());
+        for k in s.keys_oldest_first() {
+            let (got, want) = (t.peek(&k).expect("loaded"), s.peek(&k).expect("saved"));
+            assert_eq!(&*got.tenant, DEFAULT_TENANT);
+            assert_eq!((got.parent, &got.block), (want.parent, &want.block));
+        }
+        let default = t.usage_of(crate::store::TenantId::DEFAULT);
+        assert_eq!((default.blocks, default.bytes), (11, s.used_bytes()));
+    }
+
+    #[test]
+    fn tenants_survive_a_round_trip() {
+        let s = sample_store();
+        let (t, _) = load(&snapshot(&s), 1 << 20);
+        let b = t.usage_of(t.tenant_id("team-b"));
+        assert_eq!(b.blocks, 3);
+        assert_eq!(
+            t.usage_of(crate::store::TenantId::DEFAULT).blocks + b.blocks,
+            11
+        );
+    }
+
     #[test]
     fn other_versions_and_foreign_files_are_refused() {
         let bytes = snapshot(&sample_store());
-        let (t, r) = load(&with_header(&bytes, 2, 11), 1 << 20);
+        let (t, r) = load(&with_header(&bytes, 3, 11), 1 << 20);
         assert!(matches!(
             r,
             Err(SnapshotError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         ));
         assert_eq!(t.used_bytes(), 0);
@@ -779,7 +886,7 @@ mod tests {
             Err(SnapshotError::HeaderChecksum)
         ));
         // A header announcing more records than follow: the missing ones are skipped.
-        let r = load(&with_header(&bytes, 1, u64::MAX), 1 << 20)
+        let r = load(&with_header(&bytes, 2, u64::MAX), 1 << 20)
             .1
             .expect("load");
         assert_eq!((r.loaded_blocks, r.skipped_records), (11, u64::MAX - 11));

@@ -2,8 +2,8 @@
 //!
 //! # Why our own store
 //!
-//! We index blocks in a hash map plus an ordered set of evictable blocks behind one mutex rather
-//! than use a cache crate or a sharded map:
+//! We index blocks in a hash map plus an ordered set of evictable blocks behind one mutex, with a
+//! concurrent read index beside it (below), rather than use a cache crate or a sharded map:
 //! - moka's TinyLFU admission refuses freshly pushed blocks once the cache is full (200 of 200
 //!   refused in our check) and its weighted size lags until maintenance runs, so capacity is not
 //!   a hard limit at every instant. Both are wrong for a KV tier: a new prefix must be admitted,
@@ -14,9 +14,20 @@
 //! - A sharded map (dashmap) gives per-shard recency and per-shard budgets, so neither global LRU
 //!   order nor a global hard cap would hold.
 //!
-//! One mutex around O(log n) operations (a few hundred ns per put or lookup, no I/O and no
-//! allocation of payloads under the lock) is far below the cost of moving a block over gRPC, so
-//! it is not the bottleneck; payloads are `Bytes` shared with the network layer, never copied.
+//! Writers (insert, remove, eviction) take one mutex around O(log n) operations (a few hundred
+//! ns, no I/O and no allocation of payloads under the lock); payloads are `Bytes` shared with the
+//! network layer, never copied.
+//!
+//! # Reads do not take the lock
+//!
+//! Lookups and gets read a concurrent index (`dashmap`, key to block) that writers update in the
+//! same critical section as the LRU structures, so a 2,048-key Lookup never waits for inserts
+//! and evictions and never makes them wait. What a read must change, the recency of its hits, is
+//! recorded in a bounded read buffer and applied to the LRU order in batches under the lock
+//! (Caffeine's read-buffer technique): by the next writer, which drains the buffer before it
+//! evicts, or by the reader that fills the buffer, if the lock is free. A read that finds the
+//! buffer full and the lock busy drops its recency record (the buffer is lossy, as Caffeine's
+//! is: memory stays bounded, and the hard cap and tail-first order never depend on it).
 //!
 //! # Eviction rule
 //!
@@ -35,7 +46,8 @@
 //!
 //! Whatever the shape of the chains (one chain of 262,000 blocks, or a star of 100,000 children
 //! of one parent): insert, remove and each evicted block cost O(log n); lookups and gets
-//! O(k log n) for k keys. Nothing walks a chain or a list of children.
+//! O(k log n) for k keys, of which only the k index probes happen on the reader's thread.
+//! Nothing walks a chain or a list of children.
 //!
 //! # Guarantees
 //! - `used_bytes() <= capacity()` at every instant: room is made (by eviction) before a block is
@@ -50,6 +62,17 @@
 //! - Per-namespace usage lives in a concurrent map updated inside the same critical section as
 //!   the index, so [`BlockStore::stats`] reads it without holding the store's lock; a namespace's
 //!   entry (and its hit count) is dropped as soon as it has no stored block.
+//!
+//! # Tenants and quotas
+//!
+//! Every block belongs to a tenant ([`TenantId`], a small id the store hands out per tenant
+//! name, [`BlockStore::tenant_id`]; id 0 is [`DEFAULT_TENANT`]). Per-tenant usage (blocks,
+//! bytes, hits, evictions) is kept like per-namespace usage. A tenant may have a quota
+//! ([`BlockStore::set_quota`]): then the store also keeps that tenant's leaves in their own
+//! ordered set, and an insert that would take the tenant over its quota first evicts the
+//! tenant's own least recently used leaves (tails first, as for the global cap), never another
+//! tenant's; a block larger than the quota is refused ([`CoreError::OverQuota`]). Tenants
+//! without a quota pay nothing for this (no second leaf set).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -69,6 +92,36 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
 /// shrinks the store (about a millisecond of work: the evicted payloads are freed after the lock
 /// is released).
 pub const SHRINK_BATCH_BLOCKS: usize = 2048;
+
+/// Most recency records the read buffer holds before a reader applies them (64 bytes each).
+pub const READ_BUFFER_KEYS: usize = 64 * 1024;
+
+/// Name of the tenant every block belongs to when no tenant is given (id [`TenantId::DEFAULT`]).
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A tenant's small id in one store (see [`BlockStore::tenant_id`]); 0 is [`DEFAULT_TENANT`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(pub u32);
+
+impl TenantId {
+    /// The default tenant ([`DEFAULT_TENANT`]).
+    pub const DEFAULT: TenantId = TenantId(0);
+}
+
+/// Usage of one tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// Blocks stored.
+    pub blocks: u64,
+    /// Charged bytes stored.
+    pub bytes: u64,
+    /// Hits (blocks found by lookups and gets) since start.
+    pub hits: u64,
+    /// Blocks of this tenant evicted since start (by the capacity or by its quota).
+    pub evictions: u64,
+    /// The tenant's quota in charged bytes, if it has one.
+    pub quota: Option<u64>,
+}
 
 /// A block's identity in the store: namespace digest plus block key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +155,8 @@ struct Entry {
     parent: Option<(BlockKey, u64)>,
     /// Stored blocks whose `parent` points at this block (key and id).
     children: u32,
+    /// The tenant the block belongs to.
+    tenant: TenantId,
 }
 
 /// A stored block with its identity and live parent link ([`BlockStore::peek`]).
@@ -113,6 +168,8 @@ pub struct StoredBlock {
     pub parent: Option<BlockKey>,
     /// The block.
     pub block: Arc<EncodedBlock>,
+    /// Name of the tenant it belongs to.
+    pub tenant: Arc<str>,
 }
 
 /// Usage of one namespace.
@@ -126,12 +183,19 @@ pub struct NamespaceUsage {
     pub hits: u64,
     /// Tokens per block of the namespace's layout (from its stored blocks; 0 if unknown).
     pub tokens_per_block: u32,
+    /// The tenant whose blocks these are (a namespace never holds two tenants' blocks when the
+    /// caller maps namespaces per tenant, as the server does).
+    pub tenant: TenantId,
 }
 
 struct Inner {
     map: HashMap<StoreKey, Entry>,
     /// Evictable blocks (no stored children), by tick.
     leaves: BTreeMap<u64, StoreKey>,
+    /// Evictable blocks of each tenant that has a quota, by tick (a subset of `leaves`).
+    quota_leaves: HashMap<TenantId, BTreeMap<u64, StoreKey>>,
+    /// Quotas (charged bytes) of the tenants that have one.
+    quotas: HashMap<TenantId, u64>,
     /// Source of ticks and insertion ids.
     clock: u64,
     used: u64,
@@ -158,10 +222,31 @@ impl Inner {
         };
         let old = std::mem::replace(&mut e.tick, now);
         if e.children == 0 {
-            self.leaves.remove(&old);
-            self.leaves.insert(now, *key);
+            let tenant = e.tenant;
+            self.leaf_remove(old, tenant);
+            self.leaf_insert(now, *key, tenant);
         }
         true
+    }
+
+    /// Adds an evictable block (to the tenant's own set too, when it has a quota).
+    fn leaf_insert(&mut self, tick: u64, key: StoreKey, tenant: TenantId) {
+        self.leaves.insert(tick, key);
+        if !self.quota_leaves.is_empty()
+            && let Some(l) = self.quota_leaves.get_mut(&tenant)
+        {
+            l.insert(tick, key);
+        }
+    }
+
+    /// Removes an evictable block (from the tenant's own set too).
+    fn leaf_remove(&mut self, tick: u64, tenant: TenantId) {
+        self.leaves.remove(&tick);
+        if !self.quota_leaves.is_empty()
+            && let Some(l) = self.quota_leaves.get_mut(&tenant)
+        {
+            l.remove(&tick);
+        }
     }
 }
 
@@ -187,6 +272,9 @@ pub struct StoreStats {
     pub namespaces: Vec<(BlockKey, NamespaceUsage)>,
 }
 
+/// Tenant names by id, and ids by name.
+type TenantNames = (Vec<Arc<str>>, HashMap<Arc<str>, TenantId>);
+
 /// The byte-bounded block store. Cheap to share behind an `Arc`.
 pub struct BlockStore {
     /// The cap; written under `inner`'s lock, so an insert (which reads it under the lock) sees
@@ -195,7 +283,15 @@ pub struct BlockStore {
     /// Serialises capacity changes.
     resize: Mutex<()>,
     inner: Mutex<Inner>,
+    /// The read index: every stored block, written under `inner`'s lock, read without it.
+    index: DashMap<StoreKey, Arc<EncodedBlock>>,
+    /// Hits not yet applied to the LRU order, oldest first (at most [`READ_BUFFER_KEYS`]).
+    reads: Mutex<Vec<StoreKey>>,
     namespaces: DashMap<BlockKey, NamespaceUsage>,
+    /// Usage per tenant id (entries are never removed: tenants are few).
+    tenants: DashMap<TenantId, TenantUsage>,
+    /// Tenant names by id, and ids by name.
+    tenant_names: parking_lot::RwLock<TenantNames>,
     used: AtomicU64,
     evictions: AtomicU64,
 }
@@ -209,6 +305,8 @@ impl BlockStore {
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
                 leaves: BTreeMap::new(),
+                quota_leaves: HashMap::new(),
+                quotas: HashMap::new(),
                 clock: 0,
                 used: 0,
                 raw_bytes: 0,
@@ -217,7 +315,14 @@ impl BlockStore {
                 #[cfg(test)]
                 evicted_parents: 0,
             }),
+            index: DashMap::new(),
+            reads: Mutex::new(Vec::new()),
             namespaces: DashMap::new(),
+            tenants: DashMap::new(),
+            tenant_names: parking_lot::RwLock::new({
+                let d: Arc<str> = Arc::from(DEFAULT_TENANT);
+                (vec![d.clone()], HashMap::from([(d, TenantId::DEFAULT)]))
+            }),
             used: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
@@ -241,6 +346,7 @@ impl BlockStore {
     pub fn set_capacity(&self, capacity_bytes: u64) -> u64 {
         let _one_at_a_time = self.resize.lock();
         let mut g = self.inner.lock();
+        self.apply_reads(&mut g);
         self.capacity.store(capacity_bytes, Ordering::Release);
         let mut evicted = 0u64;
         let mut freed = Vec::with_capacity(SHRINK_BATCH_BLOCKS.min(g.map.len()));
@@ -294,6 +400,19 @@ impl BlockStore {
         parent: Option<BlockKey>,
         block: Arc<EncodedBlock>,
     ) -> Result<InsertOutcome, CoreError> {
+        self.insert_for(TenantId::DEFAULT, key, parent, block)
+    }
+
+    /// [`BlockStore::insert`] for a block of `tenant`: when the tenant has a quota, its own least
+    /// recently used leaves are evicted first to keep it within the quota, and a block larger
+    /// than the quota is refused with [`CoreError::OverQuota`].
+    pub fn insert_for(
+        &self,
+        tenant: TenantId,
+        key: StoreKey,
+        parent: Option<BlockKey>,
+        block: Arc<EncodedBlock>,
+    ) -> Result<InsertOutcome, CoreError> {
         let charge = Self::charge_of(&block);
         let too_large = |limit| CoreError::TooLarge {
             size: charge,
@@ -311,13 +430,15 @@ impl BlockStore {
         if charge > capacity {
             return Err(too_large(capacity));
         }
+        // Recency of reads so far first, so the victims below are the true LRU leaves.
+        self.apply_reads(&mut g);
         if g.promote(&key) {
             return Ok(InsertOutcome::AlreadyPresent);
         }
+        let mut evicted = self.make_quota_room(&mut g, tenant, charge, &mut freed)?;
         // While `set_capacity` is shrinking the store, `used` may exceed the new cap: then this
         // insert only keeps `used` from growing and leaves the rest to the shrink.
         let limit = capacity.max(g.used);
-        let mut evicted = 0;
         while g.used + charge > limit {
             match self.evict_one(&mut g) {
                 Some(victim) => freed.push(victim),
@@ -337,16 +458,18 @@ impl BlockStore {
             };
             if let Some(pe) = g.map.get_mut(&pk) {
                 pe.children = pe.children.saturating_add(1);
-                let (pid, ptick, now_parent) = (pe.id, pe.tick, pe.children == 1);
+                let (pid, ptick, now_parent, ptenant) =
+                    (pe.id, pe.tick, pe.children == 1, pe.tenant);
                 parent_link = Some((p, pid));
                 if now_parent {
-                    g.leaves.remove(&ptick);
+                    g.leaf_remove(ptick, ptenant);
                 }
             }
         }
         let raw = block.header.raw_len;
         let tpb = block.header.layout.tokens_per_block;
         let now = g.tick();
+        self.index.insert(key, block.clone());
         g.map.insert(
             key,
             Entry {
@@ -356,9 +479,10 @@ impl BlockStore {
                 tick: now,
                 parent: parent_link,
                 children: 0,
+                tenant,
             },
         );
-        g.leaves.insert(now, key);
+        g.leaf_insert(now, key, tenant);
         g.used += charge;
         g.raw_bytes += raw;
         {
@@ -366,6 +490,12 @@ impl BlockStore {
             ns.blocks += 1;
             ns.bytes += charge;
             ns.tokens_per_block = tpb;
+            ns.tenant = tenant;
+        }
+        {
+            let mut t = self.tenants.entry(tenant).or_default();
+            t.blocks += 1;
+            t.bytes += charge;
         }
         self.used.store(g.used, Ordering::Release);
         Ok(InsertOutcome::Stored { evicted })
@@ -389,16 +519,155 @@ impl BlockStore {
                 g.evicted_parents += 1;
             }
         }
+        let tenant = g.map.get(&victim).map(|e| e.tenant);
         let block = self.remove_locked(g, &victim);
         self.evictions.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut t) = tenant.and_then(|t| self.tenants.get_mut(&t)) {
+            t.evictions += 1;
+        }
         block
+    }
+
+    /// Evicts `tenant`'s least recently used leaf (it must have a quota, hence its own leaf
+    /// set). `None` when it has no evictable block.
+    fn evict_one_of(&self, g: &mut Inner, tenant: TenantId) -> Option<Arc<EncodedBlock>> {
+        let (_, victim) = g.quota_leaves.get_mut(&tenant)?.pop_first()?;
+        let block = self.remove_locked(g, &victim);
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut t) = self.tenants.get_mut(&tenant) {
+            t.evictions += 1;
+        }
+        block
+    }
+
+    /// Charged bytes `tenant` holds now.
+    fn tenant_bytes(&self, tenant: TenantId) -> u64 {
+        self.tenants.get(&tenant).map_or(0, |u| u.bytes)
+    }
+
+    /// Before storing `charge` more bytes of `tenant`: refuses a block over its quota and
+    /// evicts its own least recently used leaves until the block fits under it. Returns the
+    /// number of blocks evicted (their payloads go to `freed`, dropped after the lock).
+    fn make_quota_room(
+        &self,
+        g: &mut Inner,
+        tenant: TenantId,
+        charge: u64,
+        freed: &mut Vec<Arc<EncodedBlock>>,
+    ) -> Result<u64, CoreError> {
+        if g.quotas.is_empty() {
+            return Ok(0);
+        }
+        let Some(&quota) = g.quotas.get(&tenant) else {
+            return Ok(0);
+        };
+        if charge > quota {
+            return Err(CoreError::OverQuota {
+                size: charge,
+                quota,
+            });
+        }
+        let mut evicted = 0;
+        while self.tenant_bytes(tenant) + charge > quota {
+            match self.evict_one_of(g, tenant) {
+                Some(b) => freed.push(b),
+                None => break,
+            }
+            evicted += 1;
+        }
+        Ok(evicted)
+    }
+
+    /// Sets (`Some`) or clears (`None`) the quota of `tenant`, in charged bytes; returns how
+    /// many of the tenant's blocks were evicted to fit under a new, lower quota (its least
+    /// recently used leaves first).
+    pub fn set_quota(&self, tenant: TenantId, quota: Option<u64>) -> u64 {
+        let mut freed = Vec::new();
+        let mut g = self.inner.lock();
+        self.apply_reads(&mut g);
+        self.tenants.entry(tenant).or_default().quota = quota;
+        let Some(quota) = quota else {
+            g.quotas.remove(&tenant);
+            g.quota_leaves.remove(&tenant);
+            return 0;
+        };
+        g.quotas.insert(tenant, quota);
+        if !g.quota_leaves.contains_key(&tenant) {
+            // O(n) once, when a tenant gets a quota: collect its current leaves.
+            let own: BTreeMap<u64, StoreKey> = g
+                .leaves
+                .iter()
+                .filter(|(_, k)| g.map.get(k).is_some_and(|e| e.tenant == tenant))
+                .map(|(t, k)| (*t, *k))
+                .collect();
+            g.quota_leaves.insert(tenant, own);
+        }
+        let mut evicted = 0;
+        while self.tenant_bytes(tenant) > quota {
+            match self.evict_one_of(&mut g, tenant) {
+                Some(b) => freed.push(b),
+                None => break,
+            }
+            evicted += 1;
+        }
+        drop(g);
+        drop(freed);
+        evicted
+    }
+
+    /// The id of tenant `name`, registering it on first use (ids are never reused).
+    pub fn tenant_id(&self, name: &str) -> TenantId {
+        if let Some(id) = self.tenant_names.read().1.get(name) {
+            return *id;
+        }
+        let mut w = self.tenant_names.write();
+        if let Some(id) = w.1.get(name) {
+            return *id;
+        }
+        let id = TenantId(u32::try_from(w.0.len()).unwrap_or(u32::MAX));
+        let name: Arc<str> = Arc::from(name);
+        w.0.push(name.clone());
+        w.1.insert(name, id);
+        id
+    }
+
+    /// The name of tenant `id` ([`DEFAULT_TENANT`] for an id this store never handed out).
+    pub fn tenant_name(&self, id: TenantId) -> Arc<str> {
+        let r = self.tenant_names.read();
+        r.0.get(id.0 as usize)
+            .cloned()
+            .unwrap_or_else(|| r.0[0].clone())
+    }
+
+    /// Usage of every tenant that has stored blocks, a quota or counted hits, by name.
+    pub fn tenant_usage(&self) -> Vec<(Arc<str>, TenantUsage)> {
+        let mut all: Vec<(TenantId, TenantUsage)> = self
+            .tenants
+            .iter()
+            .map(|r| (*r.key(), *r.value()))
+            .collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all.into_iter()
+            .map(|(id, u)| (self.tenant_name(id), u))
+            .collect()
+    }
+
+    /// Usage of one tenant (zeros when it never stored anything).
+    pub fn usage_of(&self, tenant: TenantId) -> TenantUsage {
+        self.tenants.get(&tenant).map(|u| *u).unwrap_or_default()
+    }
+
+    /// The tenant a namespace's stored blocks belong to (`None` when it has none).
+    pub fn namespace_tenant(&self, namespace: &BlockKey) -> Option<TenantId> {
+        self.namespaces.get(namespace).map(|u| u.tenant)
     }
 
     /// Removes a block from the index; returns it if it was stored.
     fn remove_locked(&self, g: &mut Inner, key: &StoreKey) -> Option<Arc<EncodedBlock>> {
         let e = g.map.remove(key)?;
+        self.index.remove(key);
         if e.children == 0 {
-            g.leaves.remove(&e.tick);
+            g.leaf_remove(e.tick, e.tenant);
         }
         // Children of a deleted parent stay stored as orphans: their `parent` ids match no
         // stored block any more, so they never touch a block later stored under this key.
@@ -413,9 +682,9 @@ impl BlockStore {
                 && pe.id == pid
             {
                 pe.children = pe.children.saturating_sub(1);
-                let (ptick, leaf) = (pe.tick, pe.children == 0);
+                let (ptick, leaf, ptenant) = (pe.tick, pe.children == 0, pe.tenant);
                 if leaf {
-                    g.leaves.insert(ptick, pk);
+                    g.leaf_insert(ptick, pk, ptenant);
                 }
             }
         }
@@ -431,6 +700,10 @@ impl BlockStore {
             self.namespaces
                 .remove_if(&key.namespace, |_, ns| ns.blocks == 0);
         }
+        if let Some(mut t) = self.tenants.get_mut(&e.tenant) {
+            t.blocks = t.blocks.saturating_sub(1);
+            t.bytes = t.bytes.saturating_sub(e.charge);
+        }
         self.used.store(g.used, Ordering::Release);
         Some(e.block)
     }
@@ -443,7 +716,44 @@ impl BlockStore {
 
     /// Whether a block is stored (does not change recency).
     pub fn contains(&self, key: &StoreKey) -> bool {
-        self.inner.lock().map.contains_key(key)
+        self.index.contains_key(key)
+    }
+
+    /// Applies the buffered hits to the LRU order, oldest first (under the store's lock).
+    fn apply_reads(&self, g: &mut Inner) {
+        let mut reads = std::mem::take(&mut *self.reads.lock());
+        for k in &reads {
+            // A block removed since it was read is simply not promoted.
+            g.promote(k);
+        }
+        // Hand the allocation back for the next batch, unless readers started a new one.
+        reads.clear();
+        let mut buf = self.reads.lock();
+        if buf.is_empty() {
+            *buf = reads;
+        }
+    }
+
+    /// Records hits (in the order they should become recent: the last one most recent). When
+    /// the buffer would overflow, the reader applies it if the store's lock is free, and
+    /// otherwise drops these records (see the module docs).
+    fn record_reads(&self, hits: impl ExactSizeIterator<Item = StoreKey>) {
+        let n = hits.len();
+        if n == 0 {
+            return;
+        }
+        let mut buf = self.reads.lock();
+        if buf.len() + n <= READ_BUFFER_KEYS {
+            buf.extend(hits);
+            return;
+        }
+        drop(buf);
+        if let Some(mut g) = self.inner.try_lock() {
+            self.apply_reads(&mut g);
+            for k in hits {
+                g.promote(&k);
+            }
+        }
     }
 
     /// Adds hits to a namespace that has stored blocks (never creates an entry).
@@ -452,46 +762,51 @@ impl BlockStore {
             && let Some(mut ns) = self.namespaces.get_mut(namespace)
         {
             ns.hits += hits;
+            let tenant = ns.tenant;
+            drop(ns);
+            if let Some(mut t) = self.tenants.get_mut(&tenant) {
+                t.hits += hits;
+            }
         }
     }
 
     /// Number of leading `keys` stored in `namespace`. The hits are marked used, the head of the
     /// prefix last (most recent).
     pub fn lookup_prefix(&self, namespace: BlockKey, keys: &[BlockKey]) -> usize {
-        let hit = {
-            let mut g = self.inner.lock();
-            let hit = keys
-                .iter()
-                .take_while(|k| {
-                    g.map.contains_key(&StoreKey {
-                        namespace,
-                        key: **k,
-                    })
+        let hit = keys
+            .iter()
+            .take_while(|k| {
+                self.index.contains_key(&StoreKey {
+                    namespace,
+                    key: **k,
                 })
-                .count();
-            for k in keys[..hit].iter().rev() {
-                g.promote(&StoreKey { namespace, key: *k });
-            }
-            hit
-        };
+            })
+            .count();
+        self.record_reads(
+            keys[..hit]
+                .iter()
+                .rev()
+                .map(|k| StoreKey { namespace, key: *k }),
+        );
         self.count_hits(&namespace, hit as u64);
         hit
     }
 
     /// Whether each of `keys` is stored in `namespace`. Hits are marked used, last key first.
     pub fn presence(&self, namespace: BlockKey, keys: &[BlockKey]) -> Vec<bool> {
-        let mut out = vec![false; keys.len()];
-        let mut hits = 0;
-        {
-            let mut g = self.inner.lock();
-            for (i, k) in keys.iter().enumerate().rev() {
-                if g.promote(&StoreKey { namespace, key: *k }) {
-                    out[i] = true;
-                    hits += 1;
-                }
-            }
-        }
-        self.count_hits(&namespace, hits);
+        let out: Vec<bool> = keys
+            .iter()
+            .map(|k| self.index.contains_key(&StoreKey { namespace, key: *k }))
+            .collect();
+        let hits: Vec<StoreKey> = keys
+            .iter()
+            .zip(&out)
+            .rev()
+            .filter(|(_, hit)| **hit)
+            .map(|(k, _)| StoreKey { namespace, key: *k })
+            .collect();
+        self.count_hits(&namespace, hits.len() as u64);
+        self.record_reads(hits.into_iter());
         out
     }
 
@@ -501,21 +816,23 @@ impl BlockStore {
         namespace: BlockKey,
         keys: &[BlockKey],
     ) -> Vec<Option<Arc<EncodedBlock>>> {
-        let mut out = vec![None; keys.len()];
-        let mut hits = 0;
-        {
-            let mut g = self.inner.lock();
-            for (i, k) in keys.iter().enumerate().rev() {
-                let sk = StoreKey { namespace, key: *k };
-                if g.promote(&sk)
-                    && let Some(e) = g.map.get(&sk)
-                {
-                    out[i] = Some(e.block.clone());
-                    hits += 1;
-                }
-            }
-        }
-        self.count_hits(&namespace, hits);
+        let out: Vec<Option<Arc<EncodedBlock>>> = keys
+            .iter()
+            .map(|k| {
+                self.index
+                    .get(&StoreKey { namespace, key: *k })
+                    .map(|b| b.value().clone())
+            })
+            .collect();
+        let hits: Vec<StoreKey> = keys
+            .iter()
+            .zip(&out)
+            .rev()
+            .filter(|(_, b)| b.is_some())
+            .map(|(k, _)| StoreKey { namespace, key: *k })
+            .collect();
+        self.count_hits(&namespace, hits.len() as u64);
+        self.record_reads(hits.into_iter());
         out
     }
 
@@ -528,11 +845,9 @@ impl BlockStore {
 
     /// Fetches one block, marking it used. Does not count a namespace hit.
     pub fn get(&self, key: &StoreKey) -> Option<Arc<EncodedBlock>> {
-        let mut g = self.inner.lock();
-        if !g.promote(key) {
-            return None;
-        }
-        g.map.get(key).map(|e| e.block.clone())
+        let block = self.index.get(key).map(|b| b.value().clone())?;
+        self.record_reads(std::iter::once(*key));
+        Some(block)
     }
 
     /// Namespaces with stored blocks.
@@ -570,11 +885,32 @@ impl BlockStore {
         }
     }
 
+    /// The top namespaces of one tenant, as [`BlockStore::stats`] selects them, with the
+    /// number of namespaces the tenant has (O(n) over all namespaces).
+    pub fn tenant_namespaces(
+        &self,
+        tenant: TenantId,
+        top: usize,
+    ) -> (u64, Vec<(BlockKey, NamespaceUsage)>) {
+        let all: Vec<(BlockKey, NamespaceUsage)> = self
+            .namespaces
+            .iter()
+            .filter(|r| r.value().tenant == tenant)
+            .map(|r| (*r.key(), *r.value()))
+            .collect();
+        let total = all.len() as u64;
+        if top == 0 {
+            return (total, Vec::new());
+        }
+        (total, top_namespaces(all, top))
+    }
+
     /// Every stored key, least recently used first, for snapshots: the lock is held only to
     /// copy (tick, key) pairs (O(n)); they are sorted after it is released.
     pub fn keys_oldest_first(&self) -> Vec<StoreKey> {
         let mut all: Vec<(u64, StoreKey)> = {
-            let g = self.inner.lock();
+            let mut g = self.inner.lock();
+            self.apply_reads(&mut g);
             g.map.iter().map(|(k, e)| (e.tick, *k)).collect()
         };
         all.sort_unstable_by_key(|(t, _)| *t);
@@ -594,10 +930,14 @@ impl BlockStore {
             };
             g.map.get(&pk).filter(|pe| pe.id == pid).map(|_| p)
         });
+        let tenant = e.tenant;
+        let block = e.block.clone();
+        drop(g);
         Some(StoredBlock {
             key: *key,
             parent,
-            block: e.block.clone(),
+            block,
+            tenant: self.tenant_name(tenant),
         })
     }
 }
@@ -694,6 +1034,13 @@ mod tests {
         /// Checks every internal invariant against a full recount; panics on a violation.
         fn check_invariants(&self) {
             let g = self.inner.lock();
+            // The read index holds exactly the stored blocks; the read buffer stays bounded.
+            assert_eq!(self.index.len(), g.map.len(), "read index size");
+            for (k, e) in &g.map {
+                let indexed = self.index.get(k).map(|b| Arc::ptr_eq(b.value(), &e.block));
+                assert_eq!(indexed, Some(true), "read index entry {k:?}");
+            }
+            assert!(self.reads.lock().len() <= READ_BUFFER_KEYS);
             let used: u64 = g.map.values().map(|e| e.charge).sum();
             assert_eq!(g.used, used, "used bytes");
             assert_eq!(self.used_bytes(), used);
@@ -718,6 +1065,54 @@ mod tests {
                 }
             }
             assert_eq!(g.leaves, leaves, "leaf set");
+            // Tenants: usage recount, quota leaf sets = the tenant's part of the leaf set,
+            // and every tenant with a quota is within it (while no shrink runs).
+            let mut tenants: HashMap<TenantId, (u64, u64)> = HashMap::new();
+            for e in g.map.values() {
+                let u = tenants.entry(e.tenant).or_default();
+                u.0 += 1;
+                u.1 += e.charge;
+            }
+            for r in self.tenants.iter() {
+                let want = tenants.get(r.key()).copied().unwrap_or_default();
+                assert_eq!((r.blocks, r.bytes), want, "tenant {:?}", r.key());
+                assert_eq!(
+                    r.quota,
+                    g.quotas.get(r.key()).copied(),
+                    "quota {:?}",
+                    r.key()
+                );
+                if let Some(q) = r.quota {
+                    assert!(
+                        r.bytes <= q,
+                        "tenant {:?}: {} > quota {q}",
+                        r.key(),
+                        r.bytes
+                    );
+                }
+            }
+            for t in tenants.keys() {
+                assert!(
+                    self.tenants.contains_key(t),
+                    "tenant {t:?} has no usage entry"
+                );
+            }
+            assert_eq!(
+                g.quota_leaves.keys().collect::<HashSet<_>>(),
+                g.quotas.keys().collect::<HashSet<_>>()
+            );
+            for (t, own) in &g.quota_leaves {
+                let want: BTreeMap<u64, StoreKey> = leaves
+                    .iter()
+                    .filter(|(_, k)| g.map.get(k).is_some_and(|e| e.tenant == *t))
+                    .map(|(a, b)| (*a, *b))
+                    .collect();
+                assert_eq!(own, &want, "leaf set of tenant {t:?}");
+            }
+            for (k, e) in &g.map {
+                let nt = self.namespaces.get(&k.namespace).map(|u| u.tenant);
+                assert_eq!(nt, Some(e.tenant), "namespace tenant of {k:?}");
+            }
             let mut ns: HashMap<BlockKey, (u64, u64)> = HashMap::new();
             for (k, e) in &g.map {
                 let u = ns.entry(k.namespace).or_default();
@@ -1071,6 +1466,74 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_over_its_quota_evicts_only_its_own_blocks_tails_first() {
+        let s = BlockStore::audited(100_000);
+        let (a, b) = (s.tenant_id("a"), s.tenant_id("b"));
+        assert_eq!(s.tenant_id("a"), a);
+        assert_ne!(a, b);
+        assert_ne!(a, TenantId::DEFAULT);
+        assert_eq!(&*s.tenant_name(b), "b");
+        assert_eq!(s.set_quota(a, Some(3_000)), 0);
+        let (na, nb) = (BlockKey([1; 32]), BlockKey([2; 32]));
+        // b's blocks are the oldest in the store; a's chain 0 <- 1 <- 2 fills its quota.
+        for i in 0..3 {
+            s.insert_for(b, nkey(nb, i), None, block(9)).expect("b");
+        }
+        for i in 0..3u32 {
+            let parent = i.checked_sub(1).map(|p| nkey(na, p).key);
+            s.insert_for(a, nkey(na, i), parent, block(1)).expect("a");
+        }
+        s.check_invariants();
+        // One more block of a: a's chain loses its tail, b keeps everything.
+        let r = s.insert_for(a, nkey(na, 10), None, block(2));
+        assert_eq!(r, Ok(InsertOutcome::Stored { evicted: 1 }));
+        assert!(!s.contains(&nkey(na, 2)) && s.contains(&nkey(na, 0)));
+        assert!((0..3).all(|i| s.contains(&nkey(nb, i))));
+        let ua = s.usage_of(a);
+        assert_eq!(
+            (ua.blocks, ua.bytes, ua.evictions, ua.quota),
+            (3, 3_000, 1, Some(3_000))
+        );
+        assert_eq!(s.usage_of(b).evictions, 0);
+        s.check_invariants();
+        // Larger than the quota: refused, nothing evicted.
+        assert_eq!(
+            s.insert_for(a, nkey(na, 11), None, sized(1_500)),
+            Err(CoreError::OverQuota {
+                size: 3_256,
+                quota: 3_000
+            })
+        );
+        assert_eq!(s.usage_of(a).blocks, 3);
+        // Lowering the quota evicts a's least recently used leaves at once.
+        assert_eq!(s.set_quota(a, Some(1_000)), 2);
+        assert_eq!(s.usage_of(a).blocks, 1);
+        assert_eq!(s.usage_of(b).blocks, 3);
+        s.check_invariants();
+        assert_eq!(
+            s.insert_for(a, nkey(na, 12), None, sized(1_500)),
+            Err(CoreError::OverQuota {
+                size: 3_256,
+                quota: 1_000
+            })
+        );
+        // Clearing the quota drops the tenant's leaf set; usage stays.
+        assert_eq!(s.set_quota(a, None), 0);
+        s.check_invariants();
+        let names: Vec<String> = s
+            .tenant_usage()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(names, vec!["a", "b"]);
+        assert_eq!(s.tenant_namespaces(b, 10).0, 1);
+        assert_eq!(
+            s.peek(&nkey(nb, 0)).map(|p| p.tenant.to_string()),
+            Some("b".into())
+        );
+    }
+
+    #[test]
     fn a_star_of_50_000_children_fills_and_evicts_without_walking_children() {
         let block = tiny();
         let charge = BlockStore::charge_of(&block);
@@ -1145,6 +1608,10 @@ mod tests {
         SetCapacity {
             blocks: u8,
         },
+        SetQuota {
+            tenant: u8,
+            blocks: Option<u8>,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1156,6 +1623,8 @@ mod tests {
                 .prop_map(|(ns, keys)| Op::Lookup { ns, keys }),
             2 => (0..3u8, 0..40u8).prop_map(|(ns, key)| Op::Get { ns, key }),
             1 => (1..12u8).prop_map(|blocks| Op::SetCapacity { blocks }),
+            1 => (0..2u8, proptest::option::of(0..8u8))
+                .prop_map(|(tenant, blocks)| Op::SetQuota { tenant, blocks }),
         ]
     }
 
@@ -1169,12 +1638,35 @@ mod tests {
             let blocks: Vec<_> = [1u32, 8, 40, 100].iter().map(|h| sized(*h)).collect();
             let s = BlockStore::audited(cap_blocks * BlockStore::charge_of(&blocks[3]));
             let ns = |n: u8| BlockKey([n + 1; 32]);
+            // Namespaces 0 and 2 belong to tenant "t0", namespace 1 to "t1".
+            let tenants = [s.tenant_id("t0"), s.tenant_id("t1")];
+            let tenant_of = |n: u8| tenants[usize::from(n % 2)];
+            let unit = BlockStore::charge_of(&blocks[3]);
             for op in ops {
                 match op {
                     Op::Insert { ns: n, key, parent, size } => {
                         let parent = parent.map(|p| nkey(ns(n), u32::from(p)).key);
-                        let r = s.insert(nkey(ns(n), u32::from(key)), parent, blocks[size as usize].clone());
-                        prop_assert!(r.is_ok());
+                        let b = blocks[size as usize].clone();
+                        let charge = BlockStore::charge_of(&b);
+                        let quota = s.usage_of(tenant_of(n)).quota;
+                        let r = s.insert_for(tenant_of(n), nkey(ns(n), u32::from(key)), parent, b);
+                        match quota {
+                            Some(q) if charge > q => prop_assert!(
+                                s.contains(&nkey(ns(n), u32::from(key)))
+                                    || matches!(r, Err(CoreError::OverQuota { .. })),
+                                "{:?}", r
+                            ),
+                            _ => prop_assert!(r.is_ok(), "{:?}", r),
+                        }
+                    }
+                    Op::SetQuota { tenant, blocks: b } => {
+                        let t = tenants[usize::from(tenant)];
+                        let other = tenants[1 - usize::from(tenant)];
+                        let before = s.usage_of(other);
+                        s.set_quota(t, b.map(|b| u64::from(b) * unit));
+                        let after = s.usage_of(other);
+                        // Another tenant's quota never evicts this one's blocks.
+                        prop_assert_eq!((before.blocks, before.evictions), (after.blocks, after.evictions));
                     }
                     Op::Remove { ns: n, key } => {
                         s.remove(&nkey(ns(n), u32::from(key)));

@@ -75,15 +75,31 @@ pub struct GetAssembler<'a> {
     out: Vec<Option<EncodedBlock>>,
     /// The block being received: its header and the payload so far.
     cur: Option<(BlockHeader, BytesMut)>,
+    /// Whether a block that arrives in one message keeps that message's buffer (see
+    /// [`GetAssembler::sharing`]).
+    share_single: bool,
 }
 
 impl<'a> GetAssembler<'a> {
-    /// An assembler for a Get of `keys`.
+    /// An assembler for a Get of `keys` that copies every payload into a buffer of its own, so
+    /// a held block pins exactly its payload (what a node that accounts memory needs).
     pub fn new(keys: &'a [BlockKey]) -> Self {
         GetAssembler {
             keys,
             out: Vec::with_capacity(keys.len()),
             cur: None,
+            share_single: false,
+        }
+    }
+
+    /// An assembler for a client that uses each block and drops it: a block that arrives in one
+    /// message keeps that message's bytes without a copy (it may pin the receive buffer it was
+    /// decoded from until dropped); blocks of several chunks are reassembled as with
+    /// [`GetAssembler::new`].
+    pub fn sharing(keys: &'a [BlockKey]) -> Self {
+        GetAssembler {
+            share_single: true,
+            ..GetAssembler::new(keys)
         }
     }
 
@@ -116,6 +132,17 @@ impl<'a> GetAssembler<'a> {
                     .as_ref()
                     .ok_or_else(|| protocol(format!("first chunk of block {idx} has no header")))?;
                 let header = BlockHeader::from_proto(h)?;
+                if self.share_single
+                    && msg.last
+                    && msg.offset == 0
+                    && msg.data.len() as u64 == header.payload_len
+                {
+                    self.out.push(Some(EncodedBlock {
+                        header,
+                        payload: msg.data,
+                    }));
+                    return Ok(());
+                }
                 // The header bounds payload_len (at most the codec bound of a block of at most
                 // 1 GiB), so reserving it is safe; pages become resident as bytes arrive.
                 (header, BytesMut::with_capacity(header.payload_len as usize))
@@ -200,6 +227,43 @@ mod tests {
         let out = a.finish().expect("finish");
         assert_eq!(out[0].as_ref(), Some(&b));
         assert!(out[1].is_none());
+    }
+
+    #[test]
+    fn sharing_assembler_keeps_single_message_blocks_and_reassembles_the_rest() {
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 50,
+            dtype: DType::U8,
+            tokens_per_block: 1,
+        };
+        let raw: Vec<u8> = (0..100).collect();
+        let b = EncodedBlock::encode(BlockKey([1; 32]), layout, Codec::None, &raw).expect("enc");
+        let keys = [BlockKey([2; 32]), BlockKey([3; 32])];
+        let mut a = GetAssembler::sharing(&keys);
+        let single = get_chunks(0, &keys[0], Some(&b), 1 << 20);
+        assert_eq!(single.len(), 1);
+        let sent = single[0].data.clone();
+        a.push(single.into_iter().next().expect("one"))
+            .expect("push");
+        for m in get_chunks(1, &keys[1], Some(&b), 30) {
+            a.push(m).expect("push");
+        }
+        let out = a.finish().expect("finish");
+        assert_eq!(out[0].as_ref(), Some(&b));
+        assert_eq!(out[1].as_ref(), Some(&b));
+        // The single-message block shares the message's bytes; the chunked one was copied.
+        assert_eq!(
+            out[0].as_ref().map(|b| b.payload.as_ptr()),
+            Some(sent.as_ptr())
+        );
+
+        // A single message that is shorter than its header says is still an error.
+        let mut short = get_chunks(0, &keys[0], Some(&b), 1 << 20);
+        short[0].data = short[0].data.slice(..99);
+        let mut a = GetAssembler::sharing(&keys[..1]);
+        assert!(a.push(short.remove(0)).is_err());
     }
 
     #[test]

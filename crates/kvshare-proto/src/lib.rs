@@ -116,6 +116,111 @@ pub mod transport {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+
+    /// Metadata header that carries the bearer token (`authorization: Bearer <token>`).
+    pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+    /// Metadata header with which a node forwarding a request names the tenant it acts for.
+    /// A receiving node honours it only from callers authenticated as `peer` or `admin`.
+    pub const TENANT_HEADER: &str = "x-kvshare-tenant";
+
+    /// An interceptor that adds `authorization: Bearer <token>` to every request; a no-op
+    /// without a token.
+    #[derive(Clone, Default)]
+    pub struct BearerToken {
+        value: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    }
+
+    impl std::fmt::Debug for BearerToken {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            // Never print the token.
+            let shown = if self.value.is_some() {
+                "Some(<redacted>)"
+            } else {
+                "None"
+            };
+            f.debug_struct("BearerToken")
+                .field("token", &shown)
+                .finish()
+        }
+    }
+
+    /// A token that cannot go in a header (characters outside visible ASCII).
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("the token must be visible ASCII characters (no spaces or control characters)")]
+    pub struct InvalidToken;
+
+    impl BearerToken {
+        /// An interceptor sending `token` (surrounding whitespace removed; `None` or an empty
+        /// token: sends nothing).
+        pub fn new(token: Option<&str>) -> Result<Self, InvalidToken> {
+            let Some(t) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+                return Ok(BearerToken::default());
+            };
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(InvalidToken);
+            }
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {t}").parse().map_err(|_| InvalidToken)?;
+            v.set_sensitive(true);
+            Ok(BearerToken { value: Some(v) })
+        }
+
+        /// Whether a token is sent.
+        pub fn is_set(&self) -> bool {
+            self.value.is_some()
+        }
+    }
+
+    impl tonic::service::Interceptor for BearerToken {
+        fn call(
+            &mut self,
+            mut request: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            if let Some(v) = &self.value {
+                request
+                    .metadata_mut()
+                    .insert(AUTHORIZATION_HEADER, v.clone());
+            }
+            Ok(request)
+        }
+    }
+
+    /// A `KvCache` client that sends a bearer token (when it has one) on every request.
+    pub type KvClient =
+        KvCacheClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+
+    /// A [`KvClient`] over `channel` sending `token`, with the message limits of [`kv_client`].
+    pub fn kv_client_with_token(channel: Channel, token: BearerToken) -> KvClient {
+        KvCacheClient::with_interceptor(channel, token)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use tonic::service::Interceptor;
+
+        #[test]
+        fn bearer_token_adds_the_header_only_when_set() {
+            let mut none = BearerToken::new(None).expect("none");
+            let r = none.call(tonic::Request::new(())).expect("call");
+            assert!(r.metadata().get(AUTHORIZATION_HEADER).is_none());
+            assert!(!BearerToken::new(Some("  ")).expect("blank").is_set());
+            let mut t = BearerToken::new(Some(" s3cret ")).expect("token");
+            let r = t.call(tonic::Request::new(())).expect("call");
+            assert_eq!(
+                r.metadata()
+                    .get(AUTHORIZATION_HEADER)
+                    .map(|v| v.to_str().ok()),
+                Some(Some("Bearer s3cret"))
+            );
+            assert!(!format!("{t:?}").contains("s3cret"));
+            assert_eq!(BearerToken::new(Some("a b")).err(), Some(InvalidToken));
+            assert_eq!(BearerToken::new(Some("é")).err(), Some(InvalidToken));
+        }
+    }
 }
 
 /// `google.rpc.Status`, the standard payload of gRPC's `grpc-status-details-bin` trailer.

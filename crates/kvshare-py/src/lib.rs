@@ -560,8 +560,8 @@ impl GetResult {
 ///
 /// Args:
 ///     endpoints: "host:port,host:port" or a list of addresses (http:// optional).
-///     codec: compression of uploaded blocks: "byteplane-zstd" (default), "byteplane-lz4",
-///         "lz4" or "none".
+///     codec: compression of uploaded blocks: "byteplane-huff" (default), "byteplane-zstd",
+///         "byteplane-lz4", "lz4" or "none".
 ///     timeout_ms: deadline of each RPC.
 ///     connect_timeout_ms: deadline of connection setup.
 ///     tls_ca: path of the CA certificate(s) (PEM) that sign the nodes' certificates: connect
@@ -632,32 +632,22 @@ fn decode_into_slot(
     if b.header.namespace != *digest || b.header.layout != ns.layout {
         return corrupt("header names another namespace or layout".into());
     }
-    let decoded: Vec<u8>;
-    let raw: &[u8] = if b.header.codec == Codec::None {
-        if let Err(e) = b.verify() {
-            return corrupt(e.to_string());
-        }
-        &b.payload
-    } else {
-        match b.decode() {
-            Ok(v) => {
-                decoded = v;
-                &decoded
-            }
-            Err(e) => return corrupt(e.to_string()),
-        }
+    // Raw payloads are verified in place and not copied (decode shares their buffer).
+    let raw = match b.decode() {
+        Ok(v) => v,
+        Err(e) => return corrupt(e.to_string()),
     };
     if raw.len() != slot.len() {
         return corrupt(format!("{} raw bytes, expected {}", raw.len(), slot.len()));
     }
-    slot.copy_from_slice(raw);
+    slot.copy_from_slice(&raw);
     (GET_OK, None)
 }
 
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (endpoints, *, codec = "byteplane-zstd", timeout_ms = 10_000,
+    #[pyo3(signature = (endpoints, *, codec = "byteplane-huff", timeout_ms = 10_000,
         connect_timeout_ms = 2_000, tls_ca = None, tls_cert = None, tls_key = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(

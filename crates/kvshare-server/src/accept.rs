@@ -204,15 +204,20 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Http
 /// kubelet, which cannot present one. They reveal only whether the node is up and ready.
 pub const PROBE_PATHS: &[&str] = &["/healthz", "/readyz"];
 
-/// Under mTLS, refuses HTTP requests of connections without a client certificate (403), except
-/// for [`PROBE_PATHS`].
-pub async fn require_client_cert(
+/// Middleware of the HTTP port with TLS: gives handlers the client's address as
+/// `ConnectInfo<SocketAddr>` (as without TLS: protected mode reads it) and, when `mtls`, refuses
+/// requests of connections without a client certificate (403), except for [`PROBE_PATHS`].
+pub async fn tls_http_gate(
+    axum::extract::State(mtls): axum::extract::State<bool>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<HttpPeer>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if peer.client_cert || PROBE_PATHS.contains(&request.uri().path()) {
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer.remote));
+    if !mtls || peer.client_cert || PROBE_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     (

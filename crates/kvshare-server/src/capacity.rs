@@ -238,6 +238,31 @@ pub async fn set_capacity(
     })
 }
 
+/// Largest allocation glibc serves from its heaps instead of a private mapping: blocks and
+/// message buffers up to this size are reused after free.
+pub const MMAP_THRESHOLD_BYTES: i32 = 32 << 20;
+
+/// Free memory at the top of a heap that glibc keeps for reuse instead of returning it.
+pub const TRIM_THRESHOLD_BYTES: i32 = 64 << 20;
+
+/// Tunes glibc's allocator for a node's traffic: blocks and gRPC message buffers of 128 KiB to
+/// 32 MiB are allocated and freed at line rate. By default glibc serves such sizes with fresh
+/// mappings or trims them off the top of a heap on free, so every new buffer page-faults and is
+/// zeroed by the kernel (a fifth of a node's CPU at 1 MiB blocks, measured with perf). With a
+/// fixed mmap threshold and a trim threshold above it, freed buffers are reused; the memory
+/// contract is unchanged because freed memory is reused before the heap grows, and
+/// [`release_freed_memory`] still hands it all back after a capacity shrink. Call once at
+/// process start; no-op on other platforms.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters (under the allocator's own lock) and has
+    // no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+    }
+}
+
 /// Returns the allocator's free memory to the operating system (glibc's `malloc_trim(0)`, which
 /// releases free pages in every arena, not only at the top of the heap). Blocking: it walks
 /// every arena. Does nothing on other platforms.

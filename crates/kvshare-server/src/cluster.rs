@@ -67,6 +67,8 @@ pub struct ClusterConfig {
     pub hedge_after: Duration,
     /// Interval between DNS resolutions.
     pub dns_interval: Duration,
+    /// The token this node sends on every request to a peer (`--peer-token-file`).
+    pub peer_token: transport::BearerToken,
     /// TLS of connections to peers (data and health checks); `None`: plain TCP.
     pub tls: Option<transport::ClientTls>,
 }
@@ -77,7 +79,7 @@ pub enum Target {
     /// This node.
     Local,
     /// A peer, over a shared channel.
-    Remote(KvCacheClient<Channel>),
+    Remote(Box<transport::KvClient>),
 }
 
 /// A live member in the placement view.
@@ -369,7 +371,10 @@ impl Cluster {
             {
                 members.push(Member {
                     node_id: id.clone(),
-                    target: Target::Remote(transport::kv_client(p.channel.clone())),
+                    target: Target::Remote(Box::new(transport::kv_client_with_token(
+                        p.channel.clone(),
+                        self.config.peer_token.clone(),
+                    ))),
                 });
             }
         }
@@ -406,12 +411,16 @@ impl Cluster {
     }
 
     /// Every peer with a client for it (healthy or not), for stats aggregation.
-    pub fn peer_clients(&self) -> Vec<(pb::Member, KvCacheClient<Channel>)> {
+    pub fn peer_clients(&self) -> Vec<(pb::Member, transport::KvClient)> {
+        let token = &self.config.peer_token;
         self.peers
             .read()
             .iter()
             .filter(|p| !self.is_self(p))
-            .map(|p| (p.member(), KvCacheClient::new(p.channel.clone())))
+            .map(|p| {
+                let c = KvCacheClient::with_interceptor(p.channel.clone(), token.clone());
+                (p.member(), c)
+            })
             .collect()
     }
 
@@ -479,6 +488,7 @@ impl Cluster {
         channel: Channel,
         timeout: Duration,
         need_info: bool,
+        token: transport::BearerToken,
     ) -> Result<Option<pb::ClusterInfoResponse>, CheckError> {
         let mut health = HealthClient::new(channel.clone());
         let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
@@ -500,7 +510,7 @@ impl Cluster {
         if !need_info {
             return Ok(None);
         }
-        let mut kv = KvCacheClient::new(channel);
+        let mut kv = KvCacheClient::with_interceptor(channel, token);
         let mut req = tonic::Request::new(pb::ClusterInfoRequest {});
         req.set_timeout(timeout);
         let info = tokio::time::timeout(timeout, kv.cluster_info(req))
@@ -537,9 +547,13 @@ impl Cluster {
         if targets.is_empty() {
             return;
         }
+        let token = &self.config.peer_token;
         let results =
             futures::future::join_all(targets.into_iter().map(|(addr, ch, need)| async move {
-                (addr, Self::check_peer(ch, timeout, need).await)
+                (
+                    addr,
+                    Self::check_peer(ch, timeout, need, token.clone()).await,
+                )
             }))
             .await;
         let mut changed = false;
@@ -916,6 +930,7 @@ mod tests {
             forward_timeout: Duration::from_secs(5),
             hedge_after: Duration::from_millis(250),
             dns_interval: Duration::from_secs(10),
+            peer_token: transport::BearerToken::default(),
             tls: None,
         }
     }

@@ -220,6 +220,36 @@ pub struct ServerConfig {
     #[arg(long, env = "KVSHARE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Tokens, roles, tenants and quotas (TOML; see docs/security.md). Clients then need
+    /// `authorization: Bearer <token>`. Re-read when it changes and on SIGHUP; a file that does
+    /// not parse refuses the start (and, on reload, keeps the previous configuration).
+    #[arg(long, env = "KVSHARE_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// File holding the token this node sends to its peers (role `peer` or `admin` in their
+    /// --auth-file). KVSHARE_PEER_TOKEN gives the token itself instead.
+    #[arg(long, env = "KVSHARE_PEER_TOKEN_FILE")]
+    pub peer_token_file: Option<PathBuf>,
+
+    /// The peer token itself, from the environment only (--peer-token-file wins).
+    #[arg(
+        long = "peer-token",
+        env = "KVSHARE_PEER_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub peer_token: Option<String>,
+
+    /// Without --auth-file, serve clients from any address even when listening on a
+    /// non-loopback address (protected mode off). Anyone who can reach the node can then read,
+    /// overwrite and delete every block.
+    #[arg(long, env = "KVSHARE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// With --auth-file, /metrics also requires a token (any role).
+    #[arg(long, env = "KVSHARE_METRICS_AUTH")]
+    pub metrics_auth: bool,
+
     /// TLS certificate chain (PEM, leaf first). With --tls-key: TLS on the gRPC and HTTP ports.
     /// Re-read when the file changes (checked every second) or on SIGHUP; new connections get
     /// the new certificate, open ones keep theirs. Under mTLS it is also the client certificate
@@ -346,6 +376,21 @@ mod tests {
         .expect("parse");
         let files = c.tls_files().expect("tls on");
         assert_eq!(files.peer_ca(), Some(std::path::Path::new("ca.pem")));
+        assert_eq!(c.auth_file, None);
+        assert!(!c.insecure_no_auth && !c.metrics_auth);
+        let c = ServerConfig::try_parse_from([
+            "kvshared",
+            "--auth-file",
+            "/etc/kvshare/auth.toml",
+            "--peer-token-file",
+            "/run/secrets/peer",
+            "--insecure-no-auth",
+            "--metrics-auth",
+        ])
+        .expect("parse");
+        assert_eq!(c.auth_file, Some(PathBuf::from("/etc/kvshare/auth.toml")));
+        assert_eq!(c.peer_token_file, Some(PathBuf::from("/run/secrets/peer")));
+        assert!(c.insecure_no_auth && c.metrics_auth);
         for bad in ["0", "1001"] {
             assert!(
                 ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", bad]).is_err()

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::warn;
 
+use crate::auth::Space;
 use crate::budget::Charge;
 use crate::cluster::View;
 use crate::deadline;
@@ -58,7 +59,7 @@ enum Stop {
 /// received it from the client).
 pub fn respond(
     state: Arc<NodeState>,
-    ns: BlockKey,
+    ns: Space,
     keys: Vec<BlockKey>,
     scope: Scope,
     from_client: bool,
@@ -73,8 +74,8 @@ pub fn respond(
             sent: 0,
         };
         let result = match scope {
-            Scope::Local => local(&mut out, ns, &keys).await,
-            Scope::Cluster(view) => forwarded(&mut out, &view, ns, &keys).await,
+            Scope::Local => local(&mut out, ns.store, &keys).await,
+            Scope::Cluster(view) => forwarded(&mut out, &view, &ns, &keys).await,
         };
         let (hits, sent) = (out.hits, out.sent);
         match result {
@@ -124,7 +125,7 @@ async fn local(out: &mut Responder<'_>, ns: BlockKey, keys: &[BlockKey]) -> Resu
 async fn forwarded(
     out: &mut Responder<'_>,
     view: &View,
-    ns: BlockKey,
+    ns: &Space,
     keys: &[BlockKey],
 ) -> Result<(), Stop> {
     let state = out.state;

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use serde::Serialize;
 
+use crate::auth::{Caller, Role};
 use crate::state::NodeState;
 
 /// State shared by the HTTP handlers.
@@ -148,6 +149,10 @@ pub struct StatsJson {
     /// fetched over gRPC).
     #[serde(default)]
     pub config_warnings: Vec<ConfigWarningJson>,
+    /// Usage of each tenant (only in `/api/stats`; a caller limited to one tenant sees only
+    /// its own).
+    #[serde(default)]
+    pub tenants: Vec<TenantJson>,
 }
 
 /// One namespace in `/api/stats`.
@@ -220,6 +225,7 @@ impl StatsJson {
                 .collect(),
             namespaces_total: s.namespaces_total,
             config_warnings: Vec::new(),
+            tenants: Vec::new(),
         }
     }
 }
@@ -266,12 +272,70 @@ pub struct ClusterJson {
     /// (replication factor, member lists, duplicate node ids).
     #[serde(default)]
     pub config_warnings: Vec<ConfigWarningJson>,
+    /// Usage of each tenant on the answering node (a caller limited to one tenant sees only
+    /// its own).
+    #[serde(default)]
+    pub tenants: Vec<TenantJson>,
+    /// How clients are admitted: `tokens` (--auth-file), `protected` (loopback clients only),
+    /// `insecure` (--insecure-no-auth: anyone), `local` (loopback listener, no auth).
+    #[serde(default)]
+    pub auth_mode: String,
+}
+
+/// One tenant's usage on a node, in `/api/stats` and `/api/cluster`.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
+pub struct TenantJson {
+    /// Tenant name.
+    pub tenant: String,
+    /// Blocks stored.
+    pub blocks: u64,
+    /// Bytes stored (payload plus index overhead).
+    pub bytes: u64,
+    /// Hits.
+    pub hits: u64,
+    /// Blocks evicted.
+    pub evictions: u64,
+    /// Quota in bytes, if the tenant has one.
+    pub quota_bytes: Option<u64>,
+}
+
+/// The tenants of `node` a caller may see (every tenant for admins, peers and when auth is off).
+fn tenants_json(node: &NodeState, caller: Option<&Caller>) -> Vec<TenantJson> {
+    let only = caller
+        .filter(|c| !matches!(c.role, Role::Admin | Role::Peer))
+        .map(|c| c.tenant.clone());
+    node.store
+        .tenant_usage()
+        .into_iter()
+        .filter(|(name, _)| only.as_ref().is_none_or(|o| o == name))
+        .map(|(name, u)| TenantJson {
+            tenant: name.to_string(),
+            blocks: u.blocks,
+            bytes: u.bytes,
+            hits: u.hits,
+            evictions: u.evictions,
+            quota_bytes: u.quota,
+        })
+        .collect()
+}
+
+fn auth_mode(node: &NodeState) -> &'static str {
+    let a = &node.auth;
+    if a.enabled() {
+        "tokens"
+    } else if a.protected() {
+        "protected"
+    } else if a.insecure() {
+        "insecure"
+    } else {
+        "local"
+    }
 }
 
 /// One peer's entry in `/api/cluster`: its `Stats` RPC (1 s deadline).
 async fn peer_json(
     info: kvshare_proto::v1::Member,
-    mut client: kvshare_proto::v1::kv_cache_client::KvCacheClient<tonic::transport::Channel>,
+    mut client: kvshare_proto::transport::KvClient,
 ) -> NodeJson {
     let mut req = tonic::Request::new(kvshare_proto::v1::StatsRequest::default());
     req.set_timeout(std::time::Duration::from_secs(1));
@@ -381,6 +445,8 @@ pub async fn cluster_json(node: &NodeState) -> ClusterJson {
         namespaces_by_hits,
         namespaces_total,
         config_warnings: config_warnings(node),
+        tenants: Vec::new(),
+        auth_mode: auth_mode(node).into(),
     }
 }
 
@@ -397,8 +463,76 @@ async fn dashboard() -> impl IntoResponse {
     )
 }
 
-async fn api_cluster(State(st): State<HttpState>) -> Json<ClusterJson> {
-    Json(cluster_json(&st.node).await)
+async fn api_cluster(
+    State(st): State<HttpState>,
+    caller: Option<axum::Extension<Caller>>,
+) -> Json<ClusterJson> {
+    let mut c = cluster_json(&st.node).await;
+    c.tenants = tenants_json(&st.node, caller.as_ref().map(|c| &c.0));
+    Json(c)
+}
+
+/// Gate of `/api/*` (and `/metrics` with `--metrics-auth`): protected mode, then a token of
+/// any role when auth is on. The caller goes into the request's extensions.
+async fn guard(
+    State(st): State<HttpState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let remote = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    match st.node.auth.admit_http(remote, header.as_deref()) {
+        Ok(caller) => {
+            if let Some(c) = caller {
+                req.extensions_mut().insert(c);
+            }
+            next.run(req).await
+        }
+        Err(s) => {
+            let code = match s.code() {
+                tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::FORBIDDEN,
+            };
+            let mut r = (code, format!("{}\n", s.message())).into_response();
+            if code == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            r
+        }
+    }
+}
+
+/// `/metrics` with `--metrics-auth`: a token of any role (nothing else: protected mode does
+/// not apply to metrics, which Prometheus scrapes from other hosts).
+async fn metrics_guard(
+    State(st): State<HttpState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if st.node.auth.metrics_auth() {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Err(s) = st.node.auth.authenticate(header) {
+            let mut r = (StatusCode::UNAUTHORIZED, format!("{}\n", s.message())).into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+    }
+    next.run(req).await
 }
 
 async fn metrics(State(st): State<HttpState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
@@ -450,8 +584,13 @@ async fn metrics(State(st): State<HttpState>, headers: axum::http::HeaderMap) ->
     }
 }
 
-async fn api_stats(State(st): State<HttpState>) -> Json<StatsJson> {
-    Json(StatsJson::from_node(&st.node))
+async fn api_stats(
+    State(st): State<HttpState>,
+    caller: Option<axum::Extension<Caller>>,
+) -> Json<StatsJson> {
+    let mut s = StatsJson::from_node(&st.node);
+    s.tenants = tenants_json(&st.node, caller.as_ref().map(|c| &c.0));
+    Json(s)
 }
 
 async fn healthz() -> &'static str {
@@ -468,10 +607,16 @@ async fn readyz(State(st): State<HttpState>) -> impl IntoResponse {
 
 /// The HTTP router.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
+    let api = Router::new()
         .route("/api/stats", get(api_stats))
         .route("/api/cluster", get(api_cluster))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
+    let metrics = Router::new().route("/metrics", get(metrics)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), metrics_guard),
+    );
+    Router::new()
+        .merge(api)
+        .merge(metrics)
         .route("/dashboard", get(dashboard))
         .route(
             "/",

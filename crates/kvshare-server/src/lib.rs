@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+pub mod auth;
 pub mod budget;
 pub mod capacity;
 pub mod cluster;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod conn;
 pub mod deadline;
 pub mod get;
+pub mod get_wire;
 pub mod http;
 pub mod metrics;
 pub mod put;
@@ -98,6 +100,9 @@ pub enum ServerError {
     /// The TLS files do not load.
     #[error("TLS: {0}")]
     Tls(#[from] kvshare_proto::tls::TlsError),
+    /// The auth file or the peer token is unusable.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
     /// The port file could not be written.
     #[error("cannot write the port file {path}")]
     PortFile {
@@ -286,9 +291,11 @@ fn advertised(
 
 fn cluster_config(
     config: &ServerConfig,
+    peer_token: kvshare_proto::transport::BearerToken,
     tls: Option<kvshare_proto::transport::ClientTls>,
 ) -> cluster::ClusterConfig {
     cluster::ClusterConfig {
+        peer_token,
         peers: config
             .peers
             .iter()
@@ -314,6 +321,7 @@ fn node_state(
     addrs: Advertised,
     cluster: Arc<cluster::Cluster>,
     mut metrics: metrics::Metrics,
+    auth: Arc<auth::Auth>,
 ) -> NodeState {
     let stats_top_namespaces = config
         .stats_top_namespaces
@@ -343,6 +351,7 @@ fn node_state(
             Duration::from_millis(config.budget_wait_ms),
         ),
         cluster,
+        auth,
     }
 }
 
@@ -379,9 +388,15 @@ async fn spawn_grpc(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(ServerError::Reflection)?;
-    let kv = KvCacheServer::new(KvCacheService::new(state))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let request_timeout = state.limits.stream_idle_timeout;
+    let service = KvCacheService::new(state);
+    let kv = get_wire::ZeroCopyGet::new(
+        KvCacheServer::new(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        service,
+        request_timeout,
+    );
     // Small messages (lookups, headers) must not wait for Nagle's algorithm and delayed ACKs
     // (40 ms stalls): the accept loop disables it on every accepted connection. (The builder's
     // tcp_nodelay only applies to listeners tonic binds itself.)
@@ -426,10 +441,14 @@ fn spawn_http(
         let _ = shutdown.wait_for(|v| *v).await;
     };
     Ok(match tls {
+        // Connect info: the client's address, for protected mode.
         None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await
         }),
         Some((tls, handshake_timeout)) => {
             let addr = listener.local_addr().ok();
@@ -438,11 +457,12 @@ fn spawn_http(
                 addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
                 source,
             })?;
-            let app = if tls.requires_client_cert() {
-                app.layer(axum::middleware::from_fn(accept::require_client_cert))
-            } else {
-                app
-            };
+            // The client's address (protected mode) and, under mTLS, the client-certificate
+            // rule, from the TLS connection's info.
+            let app = app.layer(axum::middleware::from_fn_with_state(
+                tls.requires_client_cert(),
+                accept::tls_http_gate,
+            ));
             tokio::spawn(async move {
                 axum::serve(
                     listener,
@@ -453,6 +473,21 @@ fn spawn_http(
             })
         }
     })
+}
+
+/// Logs how clients are admitted (a warning at every start with `--insecure-no-auth`).
+fn log_auth_mode(auth: &auth::Auth, config: &ServerConfig, peer_token: bool) {
+    if auth.enabled() {
+        info!(auth_file = ?config.auth_file, peer_token, "auth on: clients need a bearer token");
+    } else if auth.insecure() {
+        warn!(
+            "--insecure-no-auth: no --auth-file, and clients from any address are served; anyone who can reach this node can read, overwrite and delete every block"
+        );
+    } else if auth.protected() {
+        warn!(
+            "protected mode: no --auth-file and a non-loopback listen address, so only clients on loopback are served; start with --auth-file PATH, or --insecure-no-auth"
+        );
+    }
 }
 
 /// Binds listeners and starts serving.
@@ -495,7 +530,8 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         .as_ref()
         .and_then(|t| t.peer_tls())
         .map(|p| p.with_server_name(config.tls_peer_name.as_deref()));
-    let cluster_cfg = cluster_config(&config, peer_tls);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_rx_for_auth = shutdown_rx.clone();
     let grpc_listener = bind(config.grpc_addr).await?;
     let http_listener = bind(config.http_addr).await?;
     let local = |l: &TcpListener, addr| {
@@ -507,11 +543,22 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let node_id = config.resolved_node_id();
     let addrs = advertised(&config, &node_id, grpc_addr, http_addr);
     let metrics = metrics::Metrics::new();
+    let auth = Arc::new(auth::Auth::new(
+        config.auth_file.as_deref(),
+        config.insecure_no_auth,
+        config.metrics_auth,
+        &[grpc_addr, http_addr],
+    )?);
+    let peer_token = auth::peer_token(
+        config.peer_token_file.as_deref(),
+        config.peer_token.as_deref(),
+    )?;
+    log_auth_mode(&auth, &config, peer_token.is_set());
     let cluster = cluster::Cluster::new(
         node_id.clone(),
         addrs.grpc.clone(),
         addrs.http.clone(),
-        cluster_cfg.clone(),
+        cluster_config(&config, peer_token.clone(), peer_tls),
         metrics.peer_markdowns.clone(),
     );
     let state = Arc::new(node_state(
@@ -521,7 +568,19 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         addrs,
         cluster.clone(),
         metrics,
+        auth.clone(),
     ));
+    // Quotas hold from the first block on, snapshot included.
+    auth.apply_quotas(&state.store);
+    {
+        let st = state.clone();
+        let shutdown = shutdown_rx_for_auth.clone();
+        tokio::spawn(async move {
+            let a = st.auth.clone();
+            a.watch(|| _ = st.auth.reload(&st.store, &st.metrics), shutdown)
+                .await
+        });
+    }
 
     if let Some(dir) = &config.data_dir {
         std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
@@ -530,7 +589,6 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         })?;
     }
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Not ready until the snapshot is loaded; /healthz answers meanwhile.
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = http::HttpState {
@@ -560,7 +618,8 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     // before serving: a restarted node's first answers (ClusterInfo to smart clients, forwarded
     // requests) must not describe a cluster of one, which would make it the owner of every key.
     cluster.clone().spawn_health_thread(shutdown_rx.clone());
-    let first_round = cluster_cfg.health_timeout * 2 + Duration::from_secs(1);
+    let first_round =
+        Duration::from_millis(config.peer_health_timeout_ms.max(10)) * 2 + Duration::from_secs(1);
     cluster.first_round_done(first_round).await;
     let grpc_task = spawn_grpc(
         grpc_listener,

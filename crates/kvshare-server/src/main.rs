@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    kvshare_server::capacity::tune_allocator();
     let config = ServerConfig::parse();
     let filter = EnvFilter::try_new(&config.log_level)
         .with_context(|| format!("invalid --log-level {:?}", config.log_level))?;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use kvshare_core::BlockStore;
+use kvshare_core::TenantUsage;
 use kvshare_core::store::NamespaceUsage;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -171,6 +172,91 @@ impl Collector for NamespaceCollector {
     }
 }
 
+/// Labels of per-tenant metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+/// Scrape-time collector of per-tenant usage (tenants are few: those of the auth file, plus
+/// `default`).
+struct TenantCollector {
+    store: Arc<BlockStore>,
+}
+
+impl std::fmt::Debug for TenantCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantCollector").finish_non_exhaustive()
+    }
+}
+
+/// What the tenant collector emits, after the registry's `kvshare_` prefix.
+const TENANT_METRICS: [(&str, &str, MetricType); 5] = [
+    (
+        "tenant_stored_bytes",
+        "Bytes stored (payload plus index overhead) by each tenant",
+        MetricType::Gauge,
+    ),
+    (
+        "tenant_blocks",
+        "Blocks stored by each tenant",
+        MetricType::Gauge,
+    ),
+    (
+        "tenant_quota_bytes",
+        "Quota of each tenant that has one (bytes per node, from --auth-file)",
+        MetricType::Gauge,
+    ),
+    (
+        "tenant_hits",
+        "Blocks of each tenant found by lookups and gets",
+        MetricType::Counter,
+    ),
+    (
+        "tenant_evictions",
+        "Blocks of each tenant evicted (by the node's capacity or the tenant's quota)",
+        MetricType::Counter,
+    ),
+];
+
+impl Collector for TenantCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.store.tenant_usage();
+        let labels: Vec<TenantLabels> = all
+            .iter()
+            .map(|(name, _)| TenantLabels {
+                tenant: name.to_string(),
+            })
+            .collect();
+        let [bytes, blocks, quota, hits, evictions] = &TENANT_METRICS;
+        let gauges: [(_, UsageOf); 2] = [(bytes, |u| Some(u.bytes)), (blocks, |u| Some(u.blocks))];
+        let quota_gauge: [(_, UsageOf); 1] = [(quota, |u| u.quota)];
+        for ((name, help, kind), value) in gauges.into_iter().chain(quota_gauge) {
+            let mut e = encoder.encode_descriptor(name, help, None, *kind)?;
+            for (l, (_, u)) in labels.iter().zip(&all) {
+                if let Some(v) = value(u) {
+                    e.encode_family(l)?.encode_gauge(&v)?;
+                }
+            }
+        }
+        let counters: [(_, UsageOf); 2] =
+            [(hits, |u| Some(u.hits)), (evictions, |u| Some(u.evictions))];
+        for ((name, help, kind), value) in counters {
+            let mut e = encoder.encode_descriptor(name, help, None, *kind)?;
+            for (l, (_, u)) in labels.iter().zip(&all) {
+                if let Some(v) = value(u) {
+                    e.encode_family(l)?
+                        .encode_counter::<TenantLabels, u64, u64>(&v, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads one figure of a tenant's usage.
+type UsageOf = fn(&TenantUsage) -> Option<u64>;
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -245,6 +331,10 @@ pub struct Metrics {
     pub snapshot_skipped_records: Gauge,
     /// Seconds the snapshot load took at start.
     pub snapshot_load_seconds: Gauge<f64, AtomicU64>,
+    /// Successful reloads of the auth file.
+    pub auth_reloads: Counter,
+    /// Failed reloads of the auth file (the old configuration stays).
+    pub auth_reload_failures: Counter,
 }
 
 /// Registers clones of the metric handles (they share their values) as `name` with `help`.
@@ -291,6 +381,8 @@ impl Metrics {
             snapshot_loaded_bytes: Gauge::default(),
             snapshot_skipped_records: Gauge::default(),
             snapshot_load_seconds: Gauge::default(),
+            auth_reloads: Counter::default(),
+            auth_reload_failures: Counter::default(),
         };
         register!(m.registry, m;
             lookups: "lookups", "Lookup RPCs served";
@@ -325,6 +417,8 @@ impl Metrics {
             snapshot_loaded_bytes: "snapshot_loaded_bytes", "Payload bytes loaded from the store snapshot at start";
             snapshot_skipped_records: "snapshot_skipped_records", "Snapshot records not loaded at start: damaged, invalid or cut off";
             snapshot_load_seconds: "snapshot_load_seconds", "Time the store snapshot took to load at start";
+            auth_reloads: "auth_reloads", "Times the --auth-file was reloaded after a change or SIGHUP";
+            auth_reload_failures: "auth_reload_failures", "Reloads of the --auth-file that failed (the previous configuration stays in force)";
         );
         m
     }
@@ -334,7 +428,12 @@ impl Metrics {
     /// `kvshare_namespace_hits`) and the count of all (`kvshare_namespaces`).
     pub fn register_namespaces(&mut self, store: Arc<BlockStore>, top: usize) {
         self.registry
-            .register_collector(Box::new(NamespaceCollector { store, top }));
+            .register_collector(Box::new(NamespaceCollector {
+                store: store.clone(),
+                top,
+            }));
+        self.registry
+            .register_collector(Box::new(TenantCollector { store }));
     }
 
     /// Counts a client's lookup of `keys` blocks of which the first `hit` are cached

@@ -15,6 +15,7 @@ use pb::block_outcome::Status as OutcomeStatus;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::auth::Tenant;
 use crate::budget::Charge;
 use crate::cluster::{Target, View};
 use crate::metrics::{PutOutcome, ResultLabels};
@@ -85,12 +86,14 @@ pub struct PutSession<'a> {
     forward_bytes: u64,
     pending: Option<PendingBlock>,
     blocks_started: usize,
+    /// The tenant the blocks are stored for.
+    tenant: Tenant,
 }
 
 impl<'a> PutSession<'a> {
     /// A session that stores here when `no_forward` (or in a single-node cluster), else on
     /// each block's owners.
-    pub fn new(state: &'a NodeState, no_forward: bool) -> Self {
+    pub fn new(state: &'a NodeState, no_forward: bool, tenant: Tenant) -> Self {
         let view = match state.scope(no_forward) {
             Scope::Local => None,
             Scope::Cluster(v) => Some(v),
@@ -104,6 +107,7 @@ impl<'a> PutSession<'a> {
             forward_bytes: 0,
             pending: None,
             blocks_started: 0,
+            tenant,
         }
     }
 
@@ -305,6 +309,13 @@ impl<'a> PutSession<'a> {
                 "block of {charge} bytes exceeds this node's whole capacity of {capacity} bytes"
             )));
         }
+        if let Some(quota) = self.state.store.usage_of(self.tenant.id).quota
+            && charge > quota
+        {
+            return Err(Rejection::exhausted(format!(
+                "block of {charge} bytes exceeds your tenant's quota of {quota} bytes on this node"
+            )));
+        }
         Ok(())
     }
 
@@ -336,7 +347,11 @@ impl<'a> PutSession<'a> {
             payload: p.buf.freeze(),
         });
         let Some(view) = self.view.clone() else {
-            match self.state.store_verified(p.key, p.parent, block).await {
+            match self
+                .state
+                .store_verified(&self.tenant, p.key, p.parent, block)
+                .await
+            {
                 Ok(true) => _ = self.record(&p.key, OutcomeStatus::Stored, 1),
                 Ok(false) => _ = self.record(&p.key, OutcomeStatus::AlreadyPresent, 1),
                 Err(r) => self.reject(p.index, &p.key, r),
@@ -349,7 +364,7 @@ impl<'a> PutSession<'a> {
             match &view.members()[owner].target {
                 Target::Local => match self
                     .state
-                    .store_verified(p.key, p.parent, block.clone())
+                    .store_verified(&self.tenant, p.key, p.parent, block.clone())
                     .await
                 {
                     Ok(stored) => tally.ack(stored),
@@ -386,7 +401,7 @@ impl<'a> PutSession<'a> {
             outcome,
             node_id,
             result,
-        } in routing::forward_puts(self.state, &view, batches).await
+        } in routing::forward_puts(self.state, &view, &self.tenant, batches).await
         {
             let tally = self.tallies.entry(outcome).or_default();
             let label = if result.is_ok() { "ok" } else { "failed" };

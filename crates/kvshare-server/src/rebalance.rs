@@ -22,6 +22,7 @@ use kvshare_core::{BlockKey, StoreKey};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::auth::{Space, Tenant};
 use crate::cluster::{Target, View};
 use crate::routing::{self, Forward};
 use crate::state::NodeState;
@@ -118,9 +119,12 @@ pub async fn sweep(state: &NodeState, view: &View, rate: u64) -> SweepReport {
     let started = Instant::now();
     let mut copied_bytes = 0u64;
     for (ns, keys) in by_ns {
+        let Some(space) = space_of(state, ns, &keys) else {
+            continue;
+        };
         for batch in keys.chunks(BATCH_KEYS) {
             report.blocks += batch.len() as u64;
-            let (under, copied, bytes) = repair_batch(state, view, ns, batch).await;
+            let (under, copied, bytes) = repair_batch(state, view, &space, batch).await;
             report.under_replicated += under;
             report.copied += copied;
             copied_bytes += bytes;
@@ -132,6 +136,29 @@ pub async fn sweep(state: &NodeState, view: &View, rate: u64) -> SweepReport {
         .under_replicated_blocks
         .set(report.under_replicated as i64);
     report
+}
+
+/// The tenant and client namespace of stored namespace `ns`, from one of its blocks (their
+/// headers carry the namespace as the client sent it; the store knows the tenant). Copies go to
+/// owners as the client's namespace plus the tenant header, so the owner maps them once, as it
+/// maps forwarded Puts.
+fn space_of(state: &NodeState, ns: BlockKey, keys: &[BlockKey]) -> Option<Space> {
+    let stored = keys.iter().find_map(|k| {
+        state.store.peek(&StoreKey {
+            namespace: ns,
+            key: *k,
+        })
+    })?;
+    let tenant = Tenant {
+        id: state.store.tenant_id(&stored.tenant),
+        name: stored.tenant.clone(),
+    };
+    let space = tenant.space_of(stored.block.header.namespace);
+    if space.store != ns {
+        warn!(tenant = %tenant.name, "re-replication: stored namespace does not match its blocks' tenant; skipped");
+        return None;
+    }
+    Some(space)
 }
 
 /// Sleeps so that `bytes` since `started` stay within `rate` bytes per second.
@@ -147,7 +174,7 @@ async fn pace(started: Instant, bytes: u64, rate: u64) {
 async fn repair_batch(
     state: &NodeState,
     view: &View,
-    ns: BlockKey,
+    ns: &Space,
     keys: &[BlockKey],
 ) -> (u64, u64, u64) {
     let mut per_owner: HashMap<usize, Vec<BlockKey>> = HashMap::new();
@@ -175,7 +202,7 @@ async fn repair_batch(
                 continue;
             }
             let Some(stored) = state.store.peek(&StoreKey {
-                namespace: ns,
+                namespace: ns.store,
                 key: *k,
             }) else {
                 continue;
@@ -196,7 +223,7 @@ async fn repair_batch(
     for (m, items) in batches {
         for chunk in split_by_bytes(items) {
             let sent = HashMap::from([(m, chunk)]);
-            for r in routing::forward_puts(state, view, sent).await {
+            for r in routing::forward_puts(state, view, &ns.tenant, sent).await {
                 match r.result {
                     Ok(_) => copied += 1,
                     Err(e) => {

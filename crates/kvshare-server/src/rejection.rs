@@ -48,7 +48,7 @@ impl Rejection {
 impl From<&CoreError> for Rejection {
     fn from(e: &CoreError) -> Self {
         let code = match e {
-            CoreError::TooLarge { .. } => Code::ResourceExhausted,
+            CoreError::TooLarge { .. } | CoreError::OverQuota { .. } => Code::ResourceExhausted,
             _ => Code::InvalidArgument,
         };
         Rejection::new(code, e.to_string())

@@ -9,16 +9,16 @@ use futures::stream::FuturesUnordered;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kvshare_core::keys::pack_keys;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, EncodedBlock};
-use kvshare_proto::transport::mark_no_forward;
+use kvshare_proto::transport::{KvClient, TENANT_HEADER, mark_no_forward};
 use kvshare_proto::v1 as pb;
-use kvshare_proto::v1::kv_cache_client::KvCacheClient;
 use pb::block_outcome::Status as OutcomeStatus;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::{debug, warn};
 
+use crate::auth::{Space, Tenant};
 use crate::budget::Charge;
 use crate::cluster::{Member, Target, View};
 use crate::deadline;
@@ -51,16 +51,16 @@ pub struct ForwardResult {
     pub result: Result<bool, Rejection>,
 }
 
-/// A request to a peer: deadline and the do-not-forward header set.
-fn peer_request<T>(msg: T, state: &NodeState) -> Request<T> {
+/// A request to a peer: deadline, the do-not-forward header, and the tenant it acts for (the
+/// peer token itself is added by the client's interceptor).
+fn peer_request<T>(msg: T, state: &NodeState, tenant: &Tenant) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(deadline::budget(state.cluster.forward_timeout()));
     mark_no_forward(&mut r);
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(&*tenant.name) {
+        r.metadata_mut().insert(TENANT_HEADER, v);
+    }
     r
-}
-
-fn keys_bytes(keys: &[BlockKey]) -> Vec<Bytes> {
-    keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
 }
 
 fn count_forward(state: &NodeState, method: Method) {
@@ -83,7 +83,7 @@ fn peer_failed(state: &NodeState, member: &Member, method: Method, status: &Stat
 /// Presence of every key on any of its owners. Once every key has an answer from at least one
 /// owner, slower owners get the hedge delay to answer too (a copy only they hold still
 /// counts), then are left behind: a frozen owner costs a lookup that delay, not its timeout.
-pub async fn lookup(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockKey]) -> Vec<bool> {
+pub async fn lookup(state: &NodeState, view: &View, ns: &Space, keys: &[BlockKey]) -> Vec<bool> {
     let mut calls: FuturesUnordered<_> = view
         .all_owner_groups(keys)
         .into_iter()
@@ -92,7 +92,7 @@ pub async fn lookup(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockK
             let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
             async move {
                 let present = match &member.target {
-                    Target::Local => Some(state.store.presence(ns, &sub)),
+                    Target::Local => Some(state.store.presence(ns.store, &sub)),
                     Target::Remote(client) => lookup_remote(state, member, client, ns, &sub).await,
                 };
                 (idx, present)
@@ -136,17 +136,22 @@ pub async fn lookup(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockK
 pub async fn lookup_remote(
     state: &NodeState,
     member: &Member,
-    client: &KvCacheClient<Channel>,
-    ns: BlockKey,
+    client: &KvClient,
+    ns: &Space,
     keys: &[BlockKey],
 ) -> Option<Vec<bool>> {
     count_forward(state, Method::lookup);
     let req = pb::LookupRequest {
-        namespace: Bytes::copy_from_slice(&ns.0),
-        keys: keys_bytes(keys),
+        namespace: Bytes::copy_from_slice(&ns.wire.0),
+        keys: Vec::new(),
+        packed_keys: pack_keys(keys),
         per_key: true,
     };
-    match client.clone().lookup(peer_request(req, state)).await {
+    match client
+        .clone()
+        .lookup(peer_request(req, state, &ns.tenant))
+        .await
+    {
         Ok(r) if r.get_ref().present.len() == keys.len() => {
             state.cluster.report_success(&member.node_id);
             Some(r.into_inner().present)
@@ -179,15 +184,16 @@ type PeerBlocks = Option<Vec<Option<Fetched>>>;
 async fn get_remote(
     state: &NodeState,
     member: &Member,
-    client: &KvCacheClient<Channel>,
-    ns: BlockKey,
+    client: &KvClient,
+    ns: &Space,
     keys: &[BlockKey],
     credit: &std::sync::Mutex<Charge>,
 ) -> Result<PeerBlocks, Rejection> {
     count_forward(state, Method::get);
     let req = pb::GetRequest {
-        namespace: Bytes::copy_from_slice(&ns.0),
-        keys: keys_bytes(keys),
+        namespace: Bytes::copy_from_slice(&ns.wire.0),
+        keys: Vec::new(),
+        packed_keys: pack_keys(keys),
     };
     let mut charges: Vec<Charge> = std::iter::repeat_with(Charge::default)
         .take(keys.len())
@@ -196,7 +202,7 @@ async fn get_remote(
     let result = async {
         let mut stream = client
             .clone()
-            .get(peer_request(req, state))
+            .get(peer_request(req, state, &ns.tenant))
             .await?
             .into_inner();
         let mut asm = GetAssembler::new(keys);
@@ -254,7 +260,7 @@ async fn get_remote(
 pub async fn get(
     state: &NodeState,
     view: &View,
-    ns: BlockKey,
+    ns: &Space,
     keys: &[BlockKey],
     credit: Charge,
 ) -> Result<Vec<Option<Fetched>>, Rejection> {
@@ -271,7 +277,7 @@ pub async fn get(
                 let got: Vec<Option<Fetched>> = match &member.target {
                     Target::Local => state
                         .store
-                        .get_many(ns, &sub)
+                        .get_many(ns.store, &sub)
                         .into_iter()
                         .map(|b| {
                             b.map(|block| Fetched {
@@ -306,20 +312,25 @@ pub async fn get(
 
 /// Deletes `keys` on every owner; returns the number of copies removed. An owner that fails
 /// is logged and counted against its health; the copies it may hold are not counted.
-pub async fn delete(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockKey]) -> u32 {
+pub async fn delete(state: &NodeState, view: &View, ns: &Space, keys: &[BlockKey]) -> u32 {
     let calls = view.all_owner_groups(keys).into_iter().map(|(m, idx)| {
         let member = &view.members()[m];
         let sub: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
         async move {
             match &member.target {
-                Target::Local => state.remove_local(ns, &sub),
+                Target::Local => state.remove_local(ns.store, &sub),
                 Target::Remote(client) => {
                     count_forward(state, Method::delete);
                     let req = pb::DeleteRequest {
-                        namespace: Bytes::copy_from_slice(&ns.0),
-                        keys: keys_bytes(&sub),
+                        namespace: Bytes::copy_from_slice(&ns.wire.0),
+                        keys: Vec::new(),
+                        packed_keys: pack_keys(&sub),
                     };
-                    match client.clone().delete(peer_request(req, state)).await {
+                    match client
+                        .clone()
+                        .delete(peer_request(req, state, &ns.tenant))
+                        .await
+                    {
                         Ok(r) => r.into_inner().deleted,
                         Err(s) => {
                             warn!(peer = %member.node_id, status = %s, keys = sub.len(), "forwarded delete failed; copies on that peer may remain");
@@ -338,6 +349,7 @@ pub async fn delete(state: &NodeState, view: &View, ns: BlockKey, keys: &[BlockK
 pub async fn forward_puts(
     state: &NodeState,
     view: &View,
+    tenant: &Tenant,
     batches: HashMap<usize, Vec<Forward>>,
 ) -> Vec<ForwardResult> {
     let calls = batches.into_iter().map(|(m, items)| {
@@ -346,10 +358,12 @@ pub async fn forward_puts(
             let Target::Remote(client) = &member.target else {
                 return Vec::new();
             };
-            let results = forward_batch(state, client, &items).await.map_err(|s| {
-                peer_failed(state, member, Method::put, &s);
-                Rejection::from(&s)
-            });
+            let results = forward_batch(state, client, tenant, &items)
+                .await
+                .map_err(|s| {
+                    peer_failed(state, member, Method::put, &s);
+                    Rejection::from(&s)
+                });
             batch_results(member, &items, results)
         }
     });
@@ -363,7 +377,8 @@ pub async fn forward_puts(
 /// One Put of `items` to a peer: every block's outcome, or the call's failure.
 async fn forward_batch(
     state: &NodeState,
-    client: &KvCacheClient<Channel>,
+    client: &KvClient,
+    tenant: &Tenant,
     items: &[Forward],
 ) -> Result<Vec<pb::BlockOutcome>, Status> {
     count_forward(state, Method::put);
@@ -373,7 +388,7 @@ async fn forward_batch(
         .collect();
     let outcomes = match client
         .clone()
-        .put(peer_request(tokio_stream::iter(msgs), state))
+        .put(peer_request(tokio_stream::iter(msgs), state, tenant))
         .await
     {
         Ok(r) => r.into_inner().outcomes,

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvshare_core::BlockKey;
+
+use crate::auth::{Space, Tenant};
 use kvshare_proto::transport::is_no_forward;
 use kvshare_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -20,6 +22,17 @@ use crate::request::parse_namespaced_keys;
 use crate::routing;
 use crate::state::{NodeState, Scope};
 
+/// What the service knows about a request once it is admitted.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// The request carries the do-not-forward header.
+    pub no_forward: bool,
+    /// The tenant it acts for.
+    pub tenant: Tenant,
+    /// The caller sees every tenant (admin, peer, or auth off).
+    pub all_tenants: bool,
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct KvCacheService {
@@ -32,18 +45,32 @@ impl KvCacheService {
         KvCacheService { state }
     }
 
-    /// Runs `handler` (given whether the request carries the do-not-forward header) and
+    /// Admits the request (protected mode, token, role: [`crate::auth`]), runs `handler` and
     /// records the RPC's latency and status code.
     async fn serve<Req, T>(
         &self,
         method: Method,
         request: Request<Req>,
-        handler: impl AsyncFnOnce(bool, Request<Req>) -> Result<T, Status>,
+        handler: impl AsyncFnOnce(Ctx, Request<Req>) -> Result<T, Status>,
     ) -> Result<Response<T>, Status> {
         let t0 = Instant::now();
         let no_forward = is_no_forward(request.metadata());
-        let until = deadline::from_metadata(request.metadata());
-        let r = deadline::scope(until, handler(no_forward, request)).await;
+        let admitted = self
+            .state
+            .auth
+            .admit(&self.state.store, method, no_forward, &request);
+        let r = match admitted {
+            Ok((tenant, all_tenants)) => {
+                let ctx = Ctx {
+                    no_forward,
+                    tenant,
+                    all_tenants,
+                };
+                let until = deadline::from_metadata(request.metadata());
+                deadline::scope(until, handler(ctx, request)).await
+            }
+            Err(s) => Err(s),
+        };
         self.record_rpc(method, t0, r.map(Response::new))
     }
 
@@ -65,25 +92,32 @@ impl KvCacheService {
     /// where the request is answered.
     fn target(
         &self,
-        no_forward: bool,
+        ctx: &Ctx,
         namespace: &[u8],
         keys: &[bytes::Bytes],
-    ) -> Result<(BlockKey, Vec<BlockKey>, Scope), Status> {
-        let (ns, keys) = parse_namespaced_keys(namespace, keys, self.state.limits.max_keys)?;
-        Ok((ns, keys, self.state.scope(no_forward)))
+        packed_keys: &[u8],
+    ) -> Result<(Space, Vec<BlockKey>, Scope), Status> {
+        let (ns, keys) =
+            parse_namespaced_keys(namespace, keys, packed_keys, self.state.limits.max_keys)?;
+        Ok((
+            ctx.tenant.space_of(ns),
+            keys,
+            self.state.scope(ctx.no_forward),
+        ))
     }
 
     async fn lookup(
         &self,
-        no_forward: bool,
+        ctx: Ctx,
         request: Request<pb::LookupRequest>,
     ) -> Result<pb::LookupResponse, Status> {
         let (s, req) = (&self.state, request.get_ref());
-        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let no_forward = ctx.no_forward;
+        let (ns, keys, scope) = self.target(&ctx, &req.namespace, &req.keys, &req.packed_keys)?;
         let (present, nodes) = match scope {
-            Scope::Local => (s.store.presence(ns, &keys), vec![s.node_id.clone()]),
+            Scope::Local => (s.store.presence(ns.store, &keys), vec![s.node_id.clone()]),
             Scope::Cluster(view) => {
-                let p = routing::lookup(s, &view, ns, &keys).await;
+                let p = routing::lookup(s, &view, &ns, &keys).await;
                 (
                     p,
                     view.members().iter().map(|m| m.node_id.clone()).collect(),
@@ -97,7 +131,7 @@ impl KvCacheService {
             s.metrics.count_client_lookup(
                 keys.len() as u64,
                 hit as u64,
-                u64::from(s.store.tokens_per_block(&ns)),
+                u64::from(s.store.tokens_per_block(&ns.store)),
             );
         }
         Ok(pb::LookupResponse {
@@ -107,13 +141,10 @@ impl KvCacheService {
         })
     }
 
-    async fn get(
-        &self,
-        no_forward: bool,
-        request: Request<pb::GetRequest>,
-    ) -> Result<GetStream, Status> {
+    async fn get(&self, ctx: Ctx, request: Request<pb::GetRequest>) -> Result<GetStream, Status> {
         let req = request.get_ref();
-        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let no_forward = ctx.no_forward;
+        let (ns, keys, scope) = self.target(&ctx, &req.namespace, &req.keys, &req.packed_keys)?;
         if no_forward {
             self.state.count_peer_request(Method::get);
         }
@@ -128,14 +159,14 @@ impl KvCacheService {
 
     async fn delete(
         &self,
-        no_forward: bool,
+        ctx: Ctx,
         request: Request<pb::DeleteRequest>,
     ) -> Result<pb::DeleteResponse, Status> {
         let (s, req) = (&self.state, request.get_ref());
-        let (ns, keys, scope) = self.target(no_forward, &req.namespace, &req.keys)?;
+        let (ns, keys, scope) = self.target(&ctx, &req.namespace, &req.keys, &req.packed_keys)?;
         let deleted = match scope {
-            Scope::Local => s.remove_local(ns, &keys),
-            Scope::Cluster(view) => routing::delete(s, &view, ns, &keys).await,
+            Scope::Local => s.remove_local(ns.store, &keys),
+            Scope::Cluster(view) => routing::delete(s, &view, &ns, &keys).await,
         };
         s.metrics.deletes.inc_by(u64::from(deleted));
         Ok(pb::DeleteResponse { deleted })
@@ -145,27 +176,32 @@ impl KvCacheService {
 impl KvCacheService {
     async fn put(
         &self,
-        no_forward: bool,
+        ctx: Ctx,
         request: Request<Streaming<pb::PutRequest>>,
     ) -> Result<pb::PutResponse, Status> {
-        if no_forward {
+        if ctx.no_forward {
             self.state.count_peer_request(Method::put);
         }
-        let session = PutSession::new(&self.state, no_forward);
+        let session = PutSession::new(&self.state, ctx.no_forward, ctx.tenant);
         session.run(request.into_inner()).await
     }
 
     async fn stats(
         &self,
-        _: bool,
+        ctx: Ctx,
         request: Request<pb::StatsRequest>,
     ) -> Result<pb::StatsResponse, Status> {
-        Ok(self.state.stats(request.get_ref().top_namespaces))
+        let top = request.get_ref().top_namespaces;
+        Ok(if ctx.all_tenants {
+            self.state.stats(top)
+        } else {
+            self.state.tenant_stats(&ctx.tenant, top)
+        })
     }
 
     async fn cluster_info(
         &self,
-        _: bool,
+        _: Ctx,
         _: Request<pb::ClusterInfoRequest>,
     ) -> Result<pb::ClusterInfoResponse, Status> {
         let s = &self.state;
@@ -183,7 +219,7 @@ impl KvCacheService {
     /// Admin: changes this node's capacity (never forwarded: one call per node).
     async fn set_capacity(
         &self,
-        _: bool,
+        _: Ctx,
         request: Request<pb::SetCapacityRequest>,
     ) -> Result<pb::SetCapacityResponse, Status> {
         let bytes = capacity::check_capacity(request.get_ref().capacity_bytes)?;
@@ -191,8 +227,8 @@ impl KvCacheService {
     }
 }
 
-/// The `KvCache` trait: every RPC goes through [`KvCacheService::serve`] (do-not-forward
-/// header, latency and status metrics) to the handler of the same name above.
+/// The `KvCache` trait: every RPC goes through [`KvCacheService::serve`] (admission: protected
+/// mode, token and role; do-not-forward header, latency and status metrics) to the handler of the same name above.
 macro_rules! kv_cache_rpcs {
     ($($rpc:ident($req:ty) -> $resp:ty;)*) => {
         #[tonic::async_trait]

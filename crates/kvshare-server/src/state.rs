@@ -9,6 +9,7 @@ use bytes::Bytes;
 use kvshare_core::{BlockKey, BlockStore, CoreError, EncodedBlock, InsertOutcome, StoreKey};
 use kvshare_proto::v1 as pb;
 
+use crate::auth::{Auth, Tenant};
 use crate::budget::{Charge, MemoryBudget};
 use crate::cluster::{Cluster, View};
 use crate::metrics::{Method, MethodLabels, Metrics, PutLabels, PutOutcome};
@@ -58,6 +59,8 @@ pub struct NodeState {
     pub started: Instant,
     /// Membership and placement.
     pub cluster: Arc<Cluster>,
+    /// Tokens, roles, tenants, protected mode.
+    pub auth: Arc<Auth>,
 }
 
 /// Where a request is answered.
@@ -111,16 +114,19 @@ impl NodeState {
             .count() as u32
     }
 
-    /// Verifies a complete block (decode, length, checksum) and stores it here. `Ok(true)`
-    /// when newly stored, `Ok(false)` when it was already present.
+    /// Verifies a complete block (length, and the payload checksum, or when the writer sent none
+    /// a decode against the raw checksum) and stores it here for `tenant` (under
+    /// [`Tenant::space`] of its namespace). `Ok(true)` when newly stored, `Ok(false)` when it
+    /// was already present.
     pub async fn store_verified(
         &self,
+        tenant: &Tenant,
         key: BlockKey,
         parent: Option<BlockKey>,
         block: Arc<EncodedBlock>,
     ) -> Result<bool, Rejection> {
         let sk = StoreKey {
-            namespace: block.header.namespace,
+            namespace: tenant.space(block.header.namespace),
             key,
         };
         if self.store.contains(&sk) {
@@ -128,7 +134,7 @@ impl NodeState {
             return Ok(false);
         }
         // Decoding a compressed block to check it needs a raw-size buffer.
-        let _decode_buffer = if block.header.codec == kvshare_core::Codec::None {
+        let _decode_buffer = if !block.verification_decodes() {
             Charge::default()
         } else {
             let what = format!("verifying a block of {} raw bytes", block.header.raw_len);
@@ -141,7 +147,7 @@ impl NodeState {
             }
         };
         let inserted = match verify(block.clone()).await {
-            Ok(()) => self.store.insert(sk, parent, block),
+            Ok(()) => self.store.insert_for(tenant.id, sk, parent, block),
             Err(e) => Err(e),
         };
         match inserted {
@@ -158,6 +164,39 @@ impl NodeState {
                 self.count_put(PutOutcome::rejected);
                 Err(Rejection::from(&e))
             }
+        }
+    }
+
+    /// Stats as a caller limited to `tenant` sees them: the tenant's blocks, bytes, hits,
+    /// evictions and namespaces, its quota as capacity (the node's capacity without one), and
+    /// none of the node-wide counters.
+    pub fn tenant_stats(&self, tenant: &Tenant, top_namespaces: u32) -> pb::StatsResponse {
+        let u = self.store.usage_of(tenant.id);
+        let (total, namespaces) = self
+            .store
+            .tenant_namespaces(tenant.id, self.stats_top(top_namespaces));
+        pb::StatsResponse {
+            node_id: self.node_id.clone(),
+            capacity_bytes: u.quota.unwrap_or_else(|| self.store.capacity()),
+            stored_bytes: u.bytes,
+            stored_blocks: u.blocks,
+            stored_payload_bytes: u
+                .bytes
+                .saturating_sub(u.blocks * kvshare_core::store::ENTRY_OVERHEAD_BYTES),
+            hits: u.hits,
+            evictions: u.evictions,
+            namespaces: namespaces
+                .iter()
+                .map(|(ns, u)| pb::NamespaceStats {
+                    namespace: Bytes::copy_from_slice(&ns.0),
+                    blocks: u.blocks,
+                    bytes: u.bytes,
+                    hits: u.hits,
+                })
+                .collect(),
+            namespaces_total: total,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            ..Default::default()
         }
     }
 
@@ -216,15 +255,13 @@ impl NodeState {
     }
 }
 
-/// Decodes a block and checks its length and checksum; large compressed blocks off the async
-/// runtime.
+/// Checks a block before it is stored ([`EncodedBlock::verify_payload`]); blocks that must be
+/// decoded for it, when large, off the async runtime.
 async fn verify(block: Arc<EncodedBlock>) -> Result<(), CoreError> {
-    if block.header.codec == kvshare_core::Codec::None
-        || block.header.raw_len <= INLINE_VERIFY_BYTES
-    {
-        return block.verify();
+    if !block.verification_decodes() || block.header.raw_len <= INLINE_VERIFY_BYTES {
+        return block.verify_payload();
     }
-    match tokio::task::spawn_blocking(move || block.verify()).await {
+    match tokio::task::spawn_blocking(move || block.verify_payload()).await {
         Ok(r) => r,
         Err(e) => Err(CoreError::Corrupt(format!("verification task failed: {e}"))),
     }

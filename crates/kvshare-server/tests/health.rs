@@ -177,6 +177,7 @@ async fn get_counts(
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys: keys.to_vec(),
+            packed_keys: Default::default(),
         })
         .await?
         .into_inner();
@@ -257,6 +258,7 @@ async fn a_get_storm_through_a_non_owner_marks_no_owner_down() {
             namespace: Bytes::from_static(&NS),
             keys: keys.clone(),
             per_key: true,
+            packed_keys: Default::default(),
         });
         mark_no_forward(&mut req);
         let present = n.client().await.lookup(req).await.expect("lookup");

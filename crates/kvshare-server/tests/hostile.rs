@@ -112,6 +112,7 @@ fn raw_header(layout: pb::KvLayout, raw_len: u64, payload_len: u64, sum: u64) ->
         raw_len,
         checksum: sum,
         payload_len,
+        payload_checksum: None,
     }
 }
 
@@ -153,6 +154,7 @@ async fn get_all(
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys,
+            packed_keys: Default::default(),
         })
         .await?
         .into_inner();
@@ -214,6 +216,7 @@ async fn overflowing_layouts_are_refused_and_count_nothing() {
             namespace: Bytes::from_static(&NS),
             keys: vec![key(1), key(2)],
             per_key: true,
+            packed_keys: Default::default(),
         })
         .await
         .expect("lookup")
@@ -285,6 +288,7 @@ async fn a_get_repeating_one_key_65536_times_streams_within_the_budget() {
             .get(pb::GetRequest {
                 namespace: Bytes::from_static(&NS),
                 keys: vec![key(1); 65_536],
+                packed_keys: Default::default(),
             })
             .await
             .expect("get")
@@ -336,6 +340,7 @@ async fn a_forwarded_get_storm_stays_within_the_budget() {
         namespace: Bytes::from_static(&NS),
         keys: (0..160).map(key).collect(),
         per_key: true,
+        packed_keys: Default::default(),
     });
     mark_no_forward(&mut req);
     let local = c.lookup(req).await.expect("lookup").into_inner().present;
@@ -490,6 +495,7 @@ async fn oversized_messages_and_lengths_get_clear_statuses() {
             namespace: Bytes::from(vec![0u8; 81 << 20]),
             keys: vec![key(1)],
             per_key: false,
+            packed_keys: Default::default(),
         })
         .await
         .expect_err("too large");

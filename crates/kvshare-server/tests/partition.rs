@@ -249,6 +249,9 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
             .args(["netns", "exec", &format!("kvs{tag}n{h}")])
             .arg(server)
             .args(["--node-id", &format!("node-{h}"), "--grpc-addr", &addr(h)])
+            // Non-loopback addresses without an auth file: protected mode would refuse the
+            // peers (and this test's clients); this test is about partitions, not auth.
+            .arg("--insecure-no-auth")
             .args([
                 "--http-addr",
                 &format!("10.213.{subnet}.{h}:9090"),

@@ -185,6 +185,7 @@ async fn readable(c: &mut KvCacheClient<Channel>, range: std::ops::Range<u32>) -
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys,
+            packed_keys: Default::default(),
         })
         .await
     else {
@@ -292,6 +293,7 @@ async fn a_frozen_member_costs_reads_a_hedge_delay_not_a_timeout() {
             namespace: Bytes::from_static(&NS),
             keys: keys.clone(),
             per_key: false,
+            packed_keys: Default::default(),
         });
         req.set_timeout(Duration::from_secs(2));
         let t0 = Instant::now();
@@ -303,6 +305,7 @@ async fn a_frozen_member_costs_reads_a_hedge_delay_not_a_timeout() {
         let mut req = tonic::Request::new(pb::GetRequest {
             namespace: Bytes::from_static(&NS),
             keys,
+            packed_keys: Default::default(),
         });
         req.set_timeout(Duration::from_secs(2));
         let t0 = Instant::now();

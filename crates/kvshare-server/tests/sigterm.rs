@@ -76,6 +76,7 @@ async fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
         .get(pb::GetRequest {
             namespace: Bytes::from_static(&[5; 32]),
             keys: keys.clone(),
+            packed_keys: Default::default(),
         })
         .await
         .expect("get")

@@ -92,6 +92,9 @@ pub struct ModelArgs {
         value_delimiter = ','
     )]
     pub tier: Vec<String>,
+    /// Bearer token for cache nodes that run with --auth-file (role writer: workers push).
+    #[arg(long, env = "KVSHARE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Element type of the K/V cache and of the shared blocks: f32, f16 or bf16.
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: DType,
@@ -100,7 +103,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub tokens_per_block: Option<u32>,
     /// Codec of pushed blocks.
-    #[arg(long, value_enum, default_value = "byteplane-zstd")]
+    #[arg(long, value_enum, default_value = "byteplane-huff")]
     pub codec: Codec,
     /// CA certificate(s) (PEM) that sign the cache nodes' certificates: talk to the tier over
     /// TLS.
@@ -131,6 +134,7 @@ impl ModelArgs {
             } else {
                 let mut opts = ClientOptions {
                     codec,
+                    token: self.token.clone(),
                     ..ClientOptions::default()
                 };
                 if let Some(ca) = &self.tls_ca {

@@ -397,7 +397,7 @@ fn decode_leading(
         if b.header.namespace != digest || b.header.layout != ns.layout {
             return Err("header names another namespace or layout".into());
         }
-        b.decode().map_err(|e| e.to_string())
+        b.decode().map(Vec::from).map_err(|e| e.to_string())
     };
     let leading: Vec<&EncodedBlock> = blocks.iter().map_while(Option::as_ref).collect();
     let threads = block_threads(MAX_BLOCK_THREADS);
