@@ -498,6 +498,25 @@ def check_tls(r: Report, docs: list[dict], sts: dict, c: dict, env: dict, flag_v
                             f"Certificates write {sorted(certs)}")
 
 
+def check_secret_files(r: Report, docs: list[dict], sts: dict, c: dict, env: dict) -> None:
+    """Auth: the auth file and the peer token file (components/auth) come from a read-only
+    Secret volume, and the peer token is not in the environment."""
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    for key in ("KVSHARE_AUTH_FILE", "KVSHARE_PEER_TOKEN_FILE"):
+        path = env.get(key)
+        if not isinstance(path, str):
+            continue
+        m = mounts.get(path.rpartition("/")[0])
+        secret = (volumes.get(m["name"], {}).get("secret") or {}) if m else {}
+        r.check(f"auth: {key} ({path}) is in a read-only Secret volume",
+                m is not None and m.get("readOnly") is True and bool(secret.get("secretName")),
+                f"mount {m}, volume {volumes.get(m['name']) if m else None}")
+    r.check("auth: the peer token is not a plain env value", not isinstance(env.get("KVSHARE_PEER_TOKEN"), str),
+            "KVSHARE_PEER_TOKEN set literally in the manifest")
+
+
 def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[str], npm_dir: str | None) -> None:
     check_schemas(r, docs, versions, npm_dir)
 
@@ -622,6 +641,7 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
     else:
         r.check("advertise address = pod IP:50051", isinstance(adv, str) and any(adv in (f"$({k}):50051", f"[$({k})]:50051") for k in pod_ip_vars),
                 f"advertise address {adv!r}; want $(POD_IP):50051 with POD_IP from status.podIP")
+    check_secret_files(r, docs, sts, c, env)
     peers_dns = flag_vals.get("peers-dns") or env.get("KVSHARE_PEERS_DNS")
     hname = spec.get("serviceName")
     ok = isinstance(peers_dns, str) and re.fullmatch(rf"{re.escape(str(hname))}(\.[a-z0-9.-]+)?:50051", peers_dns) is not None
@@ -765,6 +785,25 @@ def smoke(r: Report, docs: list[dict], kvshared_bin: str, metrics_out: str | Non
             env[k] = os.path.join(certs, tls_files.get(os.path.basename(env[k]), os.path.basename(env[k])))
         print(f"  ...   TLS: {', '.join(tls_env)} from scripts/dev-certs.sh in {certs}")
     mtls = "KVSHARE_TLS_CLIENT_CA" in env
+    # Tokens from a mounted Secret (components/auth): an auth file with an admin and a peer
+    # token made here; requests then carry the admin token.
+    admin_token = None
+    if "KVSHARE_AUTH_FILE" in env:
+        import hashlib
+        import secrets
+
+        admin_token, peer_token = secrets.token_hex(16), secrets.token_hex(16)
+        auth_dir = os.path.join(tmp, "auth")
+        os.makedirs(auth_dir)
+        with open(os.path.join(auth_dir, "auth.toml"), "w", encoding="utf-8") as f:
+            for role, tok in (("admin", admin_token), ("peer", peer_token)):
+                f.write(f'[[tokens]]\nrole = "{role}"\nsha256 = "{hashlib.sha256(tok.encode()).hexdigest()}"\n')
+        env["KVSHARE_AUTH_FILE"] = os.path.join(auth_dir, "auth.toml")
+        if "KVSHARE_PEER_TOKEN_FILE" in env:
+            with open(os.path.join(auth_dir, "peer-token"), "w", encoding="utf-8") as f:
+                f.write(peer_token)
+            env["KVSHARE_PEER_TOKEN_FILE"] = os.path.join(auth_dir, "peer-token")
+        print(f"  ...   auth: KVSHARE_AUTH_FILE (admin and peer tokens) in {auth_dir}")
     args = []
     for f, v in flags_in_args([expand(str(a)) for a in c.get("args") or []]):
         if f in ("grpc-addr", "http-addr"):
@@ -812,10 +851,13 @@ def smoke(r: Report, docs: list[dict], kvshared_bin: str, metrics_out: str | Non
                 ctx.load_cert_chain(os.path.join(certs, "client.pem"), os.path.join(certs, "client.key"))
             return ctx
 
-        def get(path: str, client_cert: bool = True) -> tuple[int, str]:
+        def get(path: str, client_cert: bool = True, token: str | None = None) -> tuple[int, str]:
             ctx = tls_context(client_cert) if tls_env else None
+            req = urllib.request.Request(http + path)
+            if token or admin_token:
+                req.add_header("Authorization", f"Bearer {token or admin_token}")
             try:
-                with urllib.request.urlopen(http + path, timeout=5, context=ctx) as resp:
+                with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
                     return resp.status, resp.read().decode()
             except urllib.error.HTTPError as e:
                 return e.code, e.read().decode()
@@ -827,6 +869,9 @@ def smoke(r: Report, docs: list[dict], kvshared_bin: str, metrics_out: str | Non
                 code, _ = get(path, client_cert=False)
                 r.check(f"mTLS: GET {path} without a client certificate = {want}", code == want, f"status {code}")
 
+        if admin_token:
+            code, _ = get("/api/stats", token="not-a-listed-token")
+            r.check("auth: GET /api/stats with an unknown token = 401", code == 401, f"status {code}")
         code, _ = get("/healthz")
         r.check("GET /healthz = 200", code == 200, f"status {code}")
         code, _ = get("/readyz")
