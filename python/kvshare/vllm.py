@@ -11,7 +11,10 @@ Extra config keys (all optional but ``endpoints``, which falls back to ``KVSHARE
 ``codec`` (default ``"byteplane-huff"``), ``timeout_ms`` (default 5000), ``namespace_salt``
 (isolates this deployment's blocks from others on the same cluster), ``reconnect_interval_s``
 (default 10), ``max_pending_save_bytes`` (default 1 GiB), ``load_failure_policy``
-(``"recompute"``, the default, or ``"fail"``).
+(``"recompute"``, the default, or ``"fail"``). TLS: ``tls_ca`` (path of the CA certificate(s)
+that sign the nodes' certificates; falls back to ``KVSHARE_TLS_CA``), ``tls_cert`` and
+``tls_key`` (client certificate and key for mTLS; fall back to ``KVSHARE_TLS_CERT`` and
+``KVSHARE_TLS_KEY``).
 
 Scheduler side: one ``Lookup`` per new request for the full prompt blocks the local prefix
 cache does not hold. Keys are vLLM's own block hashes when vLLM runs
@@ -199,9 +202,18 @@ class _LazyClient:
     """A ``kvshare.Client`` that connects on first use and retries at most every
     ``interval_s`` after a failure, so an unreachable tier never blocks or fails the engine."""
 
-    def __init__(self, endpoints: str, codec: str, timeout_ms: int, interval_s: float) -> None:
+    def __init__(
+        self,
+        endpoints: str,
+        codec: str,
+        timeout_ms: int,
+        interval_s: float,
+        tls: dict[str, str] | None = None,
+    ) -> None:
         self.endpoints = endpoints
         self.codec = codec
+        # tls_ca / tls_cert / tls_key for kvshare.Client (paths), only those set.
+        self.tls = tls or {}
         self.timeout_ms = timeout_ms
         self.interval_s = interval_s
         self._client: kvshare.Client | None = None
@@ -224,6 +236,7 @@ class _LazyClient:
                     codec=self.codec,
                     timeout_ms=self.timeout_ms,
                     connect_timeout_ms=min(self.timeout_ms, 2000),
+                    **self.tls,
                 )
                 logger.info(
                     "kvshare: connected to %s (members %s, codec %s)",
@@ -264,6 +277,17 @@ class _LazyClient:
             error,
             self.interval_s,
         )
+
+
+def _tls_config(cfg: Any) -> dict[str, str]:
+    """``tls_ca``/``tls_cert``/``tls_key`` from the connector's extra config, else from
+    ``KVSHARE_TLS_CA``/``KVSHARE_TLS_CERT``/``KVSHARE_TLS_KEY``; only those set."""
+    out = {}
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = cfg.get_from_extra_config(key, None) or os.environ.get(f"KVSHARE_{key.upper()}")
+        if value:
+            out[key] = str(value)
+    return out
 
 
 def _layout_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> dict[str, Any]:
@@ -337,6 +361,7 @@ class KvshareConnector(KVConnectorBase_V1):
             codec=str(cfg.get_from_extra_config("codec", "byteplane-huff")),
             timeout_ms=int(cfg.get_from_extra_config("timeout_ms", 5000)),
             interval_s=float(cfg.get_from_extra_config("reconnect_interval_s", 10.0)),
+            tls=_tls_config(cfg),
         )
         policy = cfg.get_from_extra_config("load_failure_policy", "recompute")
         if policy not in ("recompute", "fail"):

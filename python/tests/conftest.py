@@ -44,8 +44,12 @@ def free_ports(n: int) -> list[int]:
 class Cluster:
     """N kvshared processes on 127.0.0.1 with static peers and R replicas."""
 
-    def __init__(self, n: int = 3, replicas: int = 2, capacity: str = "512MiB") -> None:
+    def __init__(
+        self, n: int = 3, replicas: int = 2, capacity: str = "512MiB", tls: Path | None = None
+    ) -> None:
         self.n, self.replicas, self.capacity = n, replicas, capacity
+        # tls: a scripts/dev-certs.sh directory; the nodes then serve mTLS with node.pem.
+        self.tls = tls
         ports = free_ports(2 * n)
         self.grpc = [f"127.0.0.1:{p}" for p in ports[:n]]
         self.http = [f"127.0.0.1:{p}" for p in ports[n:]]
@@ -74,6 +78,7 @@ class Cluster:
                     "--peer-health-interval-ms", "200",
                     "--drain-seconds", "0",
                     "--port-file", str(self.dir / f"ports-{i}.json"),
+                    *self.tls_args(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -90,6 +95,15 @@ class Cluster:
                 time.sleep(0.05)
         time.sleep(0.6)  # a few health rounds: every node sees every peer
         return self
+
+    def tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--tls-cert", str(self.tls / "node.pem"),
+            "--tls-key", str(self.tls / "node.key"),
+            "--tls-client-ca", str(self.tls / "ca.pem"),
+        ]
 
     def log(self, i: int) -> str:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -197,6 +198,46 @@ def test_rejection_carries_grpc_status() -> None:
             client.put_blocks(ns, ns.block_keys(range(64)), data)
         assert ei.value.code == "RESOURCE_EXHAUSTED"
         assert ei.value.code_value == 8
+    finally:
+        c.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/dev-certs.sh needs openssl")
+def test_client_over_mtls(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run([str(REPO / "scripts" / "dev-certs.sh"), str(certs)], check=True,
+                   capture_output=True)
+    c = Cluster(n=2, replicas=2, tls=certs).start()
+    try:
+        tls = {"tls_ca": certs / "ca.pem", "tls_cert": certs / "client.pem",
+               "tls_key": str(certs / "client.key")}
+        client = kvshare.Client(c.endpoints, timeout_ms=5000, **tls)
+        assert sorted(client.members()) == ["node-0", "node-1"]
+        ns = kvshare.Namespace("m-tls", num_layers=2, num_kv_heads=2, head_dim=64, dtype="bf16",
+                               tokens_per_block=16)
+        keys = ns.block_keys(range(16 * 4))
+        data = np.frombuffer(np.random.default_rng(1).bytes(4 * ns.block_bytes), dtype=np.uint8)
+        assert client.put_blocks(ns, keys, data).stored == 4
+        out = np.zeros_like(data)
+        assert client.get_blocks(ns, keys, out).prefix_blocks == 4
+        assert np.array_equal(out, data)
+
+        # The CA but no client certificate: the error says the nodes require one.
+        with pytest.raises(kvshare.KvshareError) as ei:
+            kvshare.Client(c.endpoints, tls_ca=certs / "ca.pem", connect_timeout_ms=1000)
+        assert "requires a client certificate" in str(ei.value)
+        # No TLS at all against TLS nodes: no member answers.
+        with pytest.raises(kvshare.KvshareError):
+            kvshare.Client(c.endpoints, connect_timeout_ms=1000, timeout_ms=1000)
+        # A certificate without its key, or without a CA: refused before connecting.
+        with pytest.raises(ValueError):
+            kvshare.Client(c.endpoints, tls_ca=certs / "ca.pem", tls_cert=certs / "client.pem")
+        with pytest.raises(ValueError):
+            kvshare.Client(c.endpoints, tls_cert=certs / "client.pem",
+                           tls_key=certs / "client.key")
+        with pytest.raises(kvshare.KvshareError) as ei:
+            kvshare.Client(c.endpoints, tls_ca=tmp_path / "missing.pem")
+        assert "missing.pem" in str(ei.value)
     finally:
         c.stop()
 

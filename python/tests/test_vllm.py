@@ -318,3 +318,26 @@ def test_faults_never_break_the_engine(
     finally:
         e.close()
         cluster.stop()
+
+
+def test_connector_tls_config_from_extra_config_then_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvshare.vllm import _tls_config
+
+    class Cfg:
+        def __init__(self, extra: dict[str, Any]) -> None:
+            self.extra = extra
+
+        def get_from_extra_config(self, key: str, default: Any) -> Any:
+            return self.extra.get(key, default)
+
+    for k in ("KVSHARE_TLS_CA", "KVSHARE_TLS_CERT", "KVSHARE_TLS_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    assert _tls_config(Cfg({})) == {}
+    assert _tls_config(Cfg({"tls_ca": "/x/ca.pem"})) == {"tls_ca": "/x/ca.pem"}
+    monkeypatch.setenv("KVSHARE_TLS_CA", "/env/ca.pem")
+    monkeypatch.setenv("KVSHARE_TLS_CERT", "/env/c.pem")
+    monkeypatch.setenv("KVSHARE_TLS_KEY", "/env/c.key")
+    assert _tls_config(Cfg({"tls_ca": "/x/ca.pem"})) == {
+        "tls_ca": "/x/ca.pem", "tls_cert": "/env/c.pem", "tls_key": "/env/c.key"}

@@ -143,6 +143,10 @@ pub struct Args {
     /// Operations of the throughput cell beside the lookups of the lookup-loaded part.
     #[arg(long, value_enum, default_value = "mixed")]
     pub lookup_load: throughput::Op,
+    /// Serve and connect over TLS (a CA and node certificate generated into OUT_DIR/tls), to
+    /// measure what TLS costs against a plaintext run.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// The baseline measured next to kvshare.
@@ -254,16 +258,20 @@ async fn net_cell(a: NetCellArgs) -> anyhow::Result<()> {
 async fn suite(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    if args.tls {
+        procs::enable_tls(&args.out_dir.join("tls"))?;
+    }
     let mut report = Report {
         machine: machine(),
         codec: args.codec.name().into(),
         ..Default::default()
     };
     println!(
-        "kvshare-bench on {}; codec {}{}",
+        "kvshare-bench on {}; codec {}{}{}",
         report.machine,
         args.codec,
-        if args.quick { " (quick)" } else { "" }
+        if args.quick { " (quick)" } else { "" },
+        if args.tls { "; TLS" } else { "" }
     );
     let part = |p: Part| args.parts.contains(&p);
 

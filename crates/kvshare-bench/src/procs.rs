@@ -3,11 +3,52 @@
 //! ([`Place::Netns`]). Every child is killed and reaped when its handle is dropped, so an error
 //! or Ctrl-C never leaves servers behind.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kvshare_client::{ClientOptions, ClientTls};
+
+/// TLS of the bench's nodes and clients (`--tls`).
+struct BenchTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client: ClientTls,
+}
+
+static TLS: OnceLock<BenchTls> = OnceLock::new();
+
+/// The DNS name of the bench nodes' certificate; clients verify every node against it.
+const BENCH_NODE_NAME: &str = "kvshare-bench-node";
+
+/// Turns TLS on for every node this run starts and every client it makes: a CA and a node
+/// certificate are generated into `dir`.
+pub fn enable_tls(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = kvshare_testkit::pki::TestCa::new("kvshare-bench CA");
+    // Nodes may listen on loopback or in a network namespace: one name for every address.
+    let files = ca
+        .issue("bench-node", &[BENCH_NODE_NAME], 1)
+        .write(dir, "node");
+    let client =
+        ClientTls::from_pem(ca.cert_pem.as_bytes(), None)?.with_server_name(Some(BENCH_NODE_NAME));
+    let _ = TLS.set(BenchTls {
+        cert: files.cert,
+        key: files.key,
+        client,
+    });
+    Ok(())
+}
+
+/// Client options of this run: the defaults, with TLS under `--tls`.
+pub fn client_options() -> ClientOptions {
+    ClientOptions {
+        tls: TLS.get().map(|t| t.client.clone()),
+        ..ClientOptions::default()
+    }
+}
 
 /// A loopback port free right now (the OS's pick; free until someone binds it).
 fn free_port() -> anyhow::Result<u16> {
@@ -209,9 +250,16 @@ impl Node {
         ])
         .args(["--buffer-budget", "2GiB"])
         .args(extra);
+        if let Some(t) = TLS.get() {
+            cmd.arg("--tls-cert")
+                .arg(&t.cert)
+                .arg("--tls-key")
+                .arg(&t.key);
+        }
+        let scheme = if TLS.get().is_some() { "https" } else { "http" };
         Ok(Node {
             server: Server::start(cmd, place, grpc, "kvshared").await?,
-            endpoint: format!("http://{host}:{grpc}"),
+            endpoint: format!("{scheme}://{host}:{grpc}"),
         })
     }
 

@@ -337,7 +337,7 @@ async fn kvshare_clients(
                     timeout: Duration::from_secs(120),
                     // For nodes that run with --auth-file.
                     token: std::env::var("KVSHARE_TOKEN").ok(),
-                    ..Default::default()
+                    ..crate::procs::client_options()
                 },
             )
             .await?,
@@ -569,7 +569,7 @@ async fn populate_kvshare(
         endpoint,
         ClientOptions {
             codec,
-            ..Default::default()
+            ..crate::procs::client_options()
         },
     )
     .await?;
@@ -806,7 +806,7 @@ pub async fn lookups(
 ) -> anyhow::Result<Vec<LookupRow>> {
     let longest = 8192;
     let keys: Vec<BlockKey> = (0..longest).map(|_| random_key()).collect();
-    let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
+    let mut c = KvClient::connect(&node.endpoint, crate::procs::client_options()).await?;
     populate_chain(&mut c, &keys).await?;
     let rkeys: Vec<String> = keys.iter().map(|k| redis_key("lk", k)).collect();
     let mut rcon = match redis {
@@ -865,7 +865,7 @@ pub async fn lookups_loaded(
     let n = LOADED_LOOKUP_BLOCKS;
     let samples = lookup_samples(args.quick, n);
     let keys: Vec<BlockKey> = (0..n).map(|_| random_key()).collect();
-    let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
+    let mut c = KvClient::connect(&node.endpoint, crate::procs::client_options()).await?;
     populate_chain(&mut c, &keys).await?;
     let rkeys: Vec<String> = keys.iter().map(|k| redis_key("ll", k)).collect();
     let mut rcon = match redis {
@@ -988,7 +988,7 @@ pub async fn memory(args: &Args) -> anyhow::Result<MemoryRow> {
         &node.endpoint,
         ClientOptions {
             codec: Codec::None,
-            ..Default::default()
+            ..crate::procs::client_options()
         },
     )
     .await?;

@@ -140,7 +140,7 @@ impl Trace {
                 codec: self.codec,
                 // For nodes that run with --auth-file.
                 token: std::env::var("KVSHARE_TOKEN").ok(),
-                ..Default::default()
+                ..crate::procs::client_options()
             },
         )
         .await?;
@@ -224,7 +224,7 @@ pub async fn run(args: &Args) -> anyhow::Result<TraceReport> {
     }
     log.sort_by_key(|l| l.request);
     let seconds = t0.elapsed().as_secs_f64();
-    let mut c = KvClient::connect(&node.endpoint, ClientOptions::default()).await?;
+    let mut c = KvClient::connect(&node.endpoint, crate::procs::client_options()).await?;
     let stats = c.stats().await?;
     node.stop();
 

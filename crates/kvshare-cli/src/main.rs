@@ -27,7 +27,7 @@ use args::PromptArgs;
     about = "kvshare operator CLI: inspect nodes, hash prompts, move blocks, run the demo"
 )]
 struct Cli {
-    /// gRPC endpoint of a kvshare node.
+    /// gRPC endpoint of a kvshare node (`http://host:port`; `https://host:port` with --tls-ca).
     #[arg(
         long,
         global = true,
@@ -42,8 +42,40 @@ struct Cli {
     /// a flag shows in the process list).
     #[arg(long, global = true, env = "KVSHARE_TOKEN", hide_env_values = true)]
     token: Option<kvshare_client::Secret>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS options of the connections to nodes.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// CA certificate(s) (PEM) that sign the nodes' certificates: connect with TLS (every
+    /// endpoint becomes https://).
+    #[arg(long, global = true, env = "KVSHARE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for nodes that require one (mTLS); with --tls-key.
+    #[arg(long, global = true, env = "KVSHARE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "KVSHARE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// `opts` with these TLS settings (unchanged without --tls-ca).
+    fn apply(&self, opts: ClientOptions) -> anyhow::Result<ClientOptions> {
+        let Some(ca) = &self.tls_ca else {
+            if self.tls_cert.is_some() {
+                bail!("--tls-cert needs --tls-ca (the CA that signs the nodes' certificates)");
+            }
+            return Ok(opts);
+        };
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        opts.with_tls_files(ca, identity)
+            .context("loading the TLS files (--tls-ca, --tls-cert, --tls-key)")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,11 +186,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let opts = ClientOptions {
+    let opts = cli.tls.apply(ClientOptions {
         timeout: Duration::from_secs(cli.timeout),
         token: cli.token.as_ref().map(|t| t.expose().to_string()),
         ..ClientOptions::default()
-    };
+    })?;
     let connect = |opts: ClientOptions| KvClient::connect(&cli.endpoint, opts);
     match cli.command {
         Command::Status => status(&mut connect(opts).await?).await,

@@ -50,12 +50,9 @@ pub struct ClusterClient {
     next: AtomicUsize,
 }
 
-fn endpoint_of(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+/// URL of a member's address: `https://` when the client uses TLS.
+fn endpoint_of(addr: &str, opts: &ClientOptions) -> String {
+    kvshare_proto::transport::endpoint_url(addr, opts.tls.is_some())
 }
 
 impl ClusterClient {
@@ -108,11 +105,11 @@ impl ClusterClient {
 
     /// The healthy members as the node at `ep` reports them, each connected.
     async fn membership_via(&self, ep: &str) -> Result<PlacementView<Node>, ClientError> {
-        let mut c = KvClient::connect(&endpoint_of(ep), self.opts.clone()).await?;
+        let mut c = KvClient::connect(&endpoint_of(ep, &self.opts), self.opts.clone()).await?;
         let info = c.cluster_info().await?;
         let mut nodes = Vec::new();
         for m in info.members.iter().filter(|m| m.healthy) {
-            let ep = endpoint_of(&m.grpc_addr);
+            let ep = endpoint_of(&m.grpc_addr, &self.opts);
             match KvClient::connect(&ep, self.opts.clone()).await {
                 Ok(client) => nodes.push(Node {
                     node_id: m.node_id.clone(),

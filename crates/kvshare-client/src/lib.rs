@@ -28,12 +28,15 @@ use bytes::Bytes;
 use kvshare_core::keys::pack_keys;
 use kvshare_core::wire::{GetAssembler, put_chunks};
 use kvshare_core::{BlockKey, Codec, CoreError, EncodedBlock, Namespace};
-use kvshare_proto::transport::{BearerToken, kv_client_with_token, mark_no_forward, tune_endpoint};
+use kvshare_proto::transport::{
+    BearerToken, endpoint_url, kv_client_with_token, mark_no_forward, tune_endpoint,
+};
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
+pub use kvshare_proto::tls::{ClientTls, IdentityPem, TlsError};
 pub use kvshare_proto::transport::{MAX_MESSAGE_BYTES, Secret};
 
 /// Errors of client calls.
@@ -60,8 +63,23 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// An `https://` endpoint without TLS settings to verify the server with.
+    #[error(
+        "{endpoint}: an https:// endpoint needs the CA certificate that signs the server's \
+         (ClientOptions::tls; --tls-ca / KVSHARE_TLS_CA)"
+    )]
+    TlsNotConfigured {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// TLS files or PEM text that do not load.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// No member of a cluster answered.
-    #[error("no cluster member reachable through {endpoints}")]
+    #[error(
+        "no cluster member reachable through {endpoints}{}",
+        last.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+    )]
     NoMemberReachable {
         /// The endpoints tried.
         endpoints: String,
@@ -133,9 +151,15 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
+        // A status made by the transport (connection lost, TLS alert) says little by itself:
+        // add its causes (e.g. "received fatal alert: CertificateRequired").
+        let message = match std::error::Error::source(&s) {
+            Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
+            None => s.message().to_string(),
+        };
         ClientError::Rpc {
             code: s.code(),
-            message: s.message().to_string(),
+            message,
         }
     }
 }
@@ -157,6 +181,37 @@ pub struct ClientOptions {
     /// Bearer token sent on every request (`authorization: Bearer <token>`), for nodes that run
     /// with `--auth-file`; `None` sends none.
     pub token: Option<String>,
+    /// TLS: the CA that signs the nodes' certificates and, for nodes that require client
+    /// certificates (mTLS), this client's certificate and key. Set: every connection uses TLS
+    /// (`host:port` and `http://` endpoints become `https://`). See [`ClientOptions::with_tls_files`].
+    pub tls: Option<ClientTls>,
+}
+
+impl ClientOptions {
+    /// These options with TLS from PEM files: the CA certificate(s) that sign the nodes'
+    /// certificates, and optionally a client certificate and key (mTLS).
+    pub fn with_tls_files(
+        self,
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self, ClientError> {
+        Ok(ClientOptions {
+            tls: Some(ClientTls::from_files(ca, identity)?),
+            ..self
+        })
+    }
+
+    /// These options with TLS from PEM text (see [`ClientOptions::with_tls_files`]).
+    pub fn with_tls_pem(
+        self,
+        ca_pem: &[u8],
+        identity: Option<&IdentityPem>,
+    ) -> Result<Self, ClientError> {
+        Ok(ClientOptions {
+            tls: Some(ClientTls::from_pem(ca_pem, identity)?),
+            ..self
+        })
+    }
 }
 
 impl Default for ClientOptions {
@@ -167,6 +222,7 @@ impl Default for ClientOptions {
             chunk_size: 1 << 20,
             codec: Codec::BytePlaneHuff,
             hedge_after: Duration::from_millis(250),
+            tls: None,
             token: None,
         }
     }
@@ -183,6 +239,7 @@ impl std::fmt::Debug for ClientOptions {
             codec,
             hedge_after,
             token,
+            tls,
         } = self;
         f.debug_struct("ClientOptions")
             .field("timeout", timeout)
@@ -191,6 +248,8 @@ impl std::fmt::Debug for ClientOptions {
             .field("codec", codec)
             .field("hedge_after", hedge_after)
             .field("token", &token.as_ref().map(|_| "<redacted>"))
+            // Certificates are public but the client key is not: say only whether TLS is set.
+            .field("tls", &tls.as_ref().map(|_| "<configured>"))
             .finish()
     }
 }
@@ -321,21 +380,29 @@ pub(crate) fn outcome_from_pb(o: &pb::BlockOutcome) -> Result<BlockOutcome, Clie
 }
 
 impl KvClient {
-    /// Connects to a node (`http://host:port`).
+    /// Connects to a node (`http://host:port`; with [`ClientOptions::tls`], `https://host:port`
+    /// or `host:port`).
     pub async fn connect(endpoint: &str, opts: ClientOptions) -> Result<Self, ClientError> {
-        let ep = Endpoint::from_shared(endpoint.to_string()).map_err(|source| {
-            ClientError::InvalidEndpoint {
+        if opts.tls.is_none() && endpoint.starts_with("https://") {
+            return Err(ClientError::TlsNotConfigured {
+                endpoint: endpoint.into(),
+            });
+        }
+        let url = endpoint_url(endpoint, opts.tls.is_some());
+        let ep =
+            Endpoint::from_shared(url.clone()).map_err(|source| ClientError::InvalidEndpoint {
                 endpoint: endpoint.into(),
                 source,
-            }
-        })?;
+            })?;
         BearerToken::new(opts.token.as_deref()).map_err(|_| ClientError::InvalidToken)?;
         let ep = tune_endpoint(ep, opts.connect_timeout).timeout(opts.timeout);
-        let channel = ep.connect().await.map_err(|source| ClientError::Connect {
-            endpoint: endpoint.into(),
-            source,
-        })?;
-        Ok(Self::from_channel(channel, endpoint, opts))
+        let channel = kvshare_proto::transport::connect(&ep, opts.tls.as_ref())
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: url.clone(),
+                source,
+            })?;
+        Ok(Self::from_channel(channel, &url, opts))
     }
 
     /// Wraps an existing channel (a token that cannot be sent, see

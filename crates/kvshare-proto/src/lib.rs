@@ -10,6 +10,8 @@ pub mod v1 {
     tonic::include_proto!("kvshare.v1");
 }
 
+pub mod tls;
+
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kvshare_descriptor");
 
@@ -20,6 +22,8 @@ pub mod transport {
 
     use tonic::transport::{Channel, Endpoint};
 
+    pub use crate::tls::ClientTls;
+    use crate::tls::TlsConnector;
     use crate::v1::kv_cache_client::KvCacheClient;
 
     /// Largest gRPC message a node or client accepts or sends: a 64 MiB block chunk plus framing.
@@ -63,6 +67,46 @@ pub mod transport {
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES))
+    }
+
+    /// The URL of a node's gRPC address: `host:port` gets `https://` with TLS, `http://`
+    /// without; an address with a scheme keeps it, except that `http://` becomes `https://`
+    /// with TLS (a TLS client never sends plaintext).
+    pub fn endpoint_url(addr: &str, tls: bool) -> String {
+        let rest = addr
+            .strip_prefix("http://")
+            .or_else(|| addr.strip_prefix("https://"));
+        match (rest, tls) {
+            (Some(rest), true) => format!("https://{rest}"),
+            (Some(_), false) => addr.to_string(),
+            (None, true) => format!("https://{addr}"),
+            (None, false) => format!("http://{addr}"),
+        }
+    }
+
+    /// A channel to `endpoint` that connects on first use (and reconnects when the connection
+    /// breaks): over TLS with `tls`, else plain TCP. Every channel of nodes and clients is made
+    /// here or by [`connect`].
+    pub fn channel_lazy(endpoint: &Endpoint, tls: Option<&ClientTls>) -> Channel {
+        match tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(TlsConnector::new(tls.clone())),
+            None => endpoint.connect_lazy(),
+        }
+    }
+
+    /// Connects a channel to `endpoint` now: over TLS with `tls`, else plain TCP.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        tls: Option<&ClientTls>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        match tls {
+            Some(tls) => {
+                endpoint
+                    .connect_with_connector(TlsConnector::new(tls.clone()))
+                    .await
+            }
+            None => endpoint.connect().await,
+        }
     }
 
     /// A `KvCache` client over `channel` that accepts and sends messages up to
@@ -297,5 +341,20 @@ pub mod rpc {
             assert_eq!(decode_put_details(&d), Some(resp));
             assert_eq!(decode_put_details(b"\xff\xff"), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::transport::endpoint_url;
+
+    #[test]
+    fn endpoint_urls() {
+        assert_eq!(endpoint_url("a:1", false), "http://a:1");
+        assert_eq!(endpoint_url("a:1", true), "https://a:1");
+        assert_eq!(endpoint_url("http://a:1", true), "https://a:1");
+        assert_eq!(endpoint_url("http://a:1", false), "http://a:1");
+        assert_eq!(endpoint_url("https://a:1", true), "https://a:1");
+        assert_eq!(endpoint_url("https://a:1", false), "https://a:1");
     }
 }

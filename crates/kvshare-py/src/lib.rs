@@ -6,6 +6,7 @@
 //! payloads are read from and decoded into the caller's buffers (buffer protocol: `bytes`,
 //! `bytearray`, numpy arrays, CPU torch tensors through a `uint8` view of their storage).
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -563,9 +564,14 @@ impl GetResult {
 ///         "byteplane-lz4", "lz4" or "none".
 ///     timeout_ms: deadline of each RPC.
 ///     connect_timeout_ms: deadline of connection setup.
+///     tls_ca: path of the CA certificate(s) (PEM) that sign the nodes' certificates: connect
+///         with TLS (every endpoint becomes https://).
+///     tls_cert, tls_key: paths of a client certificate and its key (PEM), for nodes that
+///         require one (mTLS); need ``tls_ca``.
 ///
 /// Raises:
-///     KvshareError: no endpoint answered.
+///     KvshareError: no endpoint answered, or the TLS files do not load.
+///     ValueError: ``tls_cert`` without ``tls_key`` (or the reverse), or without ``tls_ca``.
 #[pyclass(name = "Client", module = "kvshare._native", frozen)]
 struct PyClient {
     inner: Arc<ClusterClient>,
@@ -642,22 +648,45 @@ fn decode_into_slot(
 impl PyClient {
     #[new]
     #[pyo3(signature = (endpoints, *, codec = "byteplane-huff", timeout_ms = 10_000,
-        connect_timeout_ms = 2_000))]
+        connect_timeout_ms = 2_000, tls_ca = None, tls_cert = None, tls_key = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         endpoints: &Bound<'_, PyAny>,
         codec: &str,
         timeout_ms: u64,
         connect_timeout_ms: u64,
+        tls_ca: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
     ) -> PyResult<Self> {
         let endpoints = parse_endpoints(endpoints)?;
         let codec = Codec::parse(codec).map_err(core_err)?;
-        let opts = ClientOptions {
+        let mut opts = ClientOptions {
             timeout: Duration::from_millis(timeout_ms),
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             codec,
             ..ClientOptions::default()
         };
+        if tls_cert.is_some() != tls_key.is_some() {
+            return Err(PyValueError::new_err(
+                "tls_cert and tls_key go together (a client certificate and its key)",
+            ));
+        }
+        match &tls_ca {
+            Some(ca) => {
+                let identity = tls_cert.as_deref().zip(tls_key.as_deref());
+                opts = opts
+                    .with_tls_files(ca, identity)
+                    .map_err(|e| client_err(py, e))?;
+            }
+            None if tls_cert.is_some() => {
+                return Err(PyValueError::new_err(
+                    "tls_cert needs tls_ca (the CA that signs the nodes' certificates)",
+                ));
+            }
+            None => {}
+        }
         let (eps, o) = (endpoints.clone(), opts.clone());
         let rt = runtime()?;
         let inner = py
@@ -893,12 +922,8 @@ impl PyClient {
     }
 }
 
-fn endpoint_url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+fn endpoint_url(addr: &str, opts: &ClientOptions) -> String {
+    kvshare_proto::transport::endpoint_url(addr, opts.tls.is_some())
 }
 
 async fn member_stats(
@@ -907,7 +932,7 @@ async fn member_stats(
 ) -> Result<Vec<kvshare_proto::v1::StatsResponse>, ClientError> {
     let mut last = None;
     for ep in &endpoints {
-        let mut c = match KvClient::connect(&endpoint_url(ep), opts.clone()).await {
+        let mut c = match KvClient::connect(&endpoint_url(ep, &opts), opts.clone()).await {
             Ok(c) => c,
             Err(e) => {
                 last = Some(e);
@@ -923,7 +948,8 @@ async fn member_stats(
         };
         let mut out = Vec::new();
         for m in info.members.iter().filter(|m| m.healthy) {
-            if let Ok(mut mc) = KvClient::connect(&endpoint_url(&m.grpc_addr), opts.clone()).await
+            if let Ok(mut mc) =
+                KvClient::connect(&endpoint_url(&m.grpc_addr, &opts), opts.clone()).await
                 && let Ok(s) = mc.stats().await
             {
                 out.push(s);

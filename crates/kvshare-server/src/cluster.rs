@@ -69,6 +69,8 @@ pub struct ClusterConfig {
     pub dns_interval: Duration,
     /// The token this node sends on every request to a peer (`--peer-token-file`).
     pub peer_token: transport::BearerToken,
+    /// TLS of connections to peers (data and health checks); `None`: plain TCP.
+    pub tls: Option<transport::ClientTls>,
 }
 
 /// How to reach a member.
@@ -249,15 +251,29 @@ pub struct Cluster {
     first_round: watch::Sender<bool>,
 }
 
-fn lazy_channel(addr: &str, timeout: Duration) -> Option<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    Some(transport::tune_endpoint(ep, timeout).connect_lazy())
+fn lazy_channel(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&transport::ClientTls>,
+) -> Option<Channel> {
+    let ep = Endpoint::from_shared(transport::endpoint_url(addr, tls.is_some())).ok()?;
+    Some(transport::channel_lazy(
+        &transport::tune_endpoint(ep, timeout),
+        tls,
+    ))
 }
 
 /// A connection of its own for health checks: small windows are plenty, and no data shares it.
-fn health_channel(addr: &str, timeout: Duration) -> Option<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    Some(ep.connect_timeout(timeout).tcp_nodelay(true).connect_lazy())
+fn health_channel(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&transport::ClientTls>,
+) -> Option<Channel> {
+    let ep = Endpoint::from_shared(transport::endpoint_url(addr, tls.is_some())).ok()?;
+    Some(transport::channel_lazy(
+        &ep.connect_timeout(timeout).tcp_nodelay(true),
+        tls,
+    ))
 }
 
 /// A random id for this process.
@@ -293,7 +309,8 @@ impl Cluster {
             .iter()
             .filter(|a| **a != self_grpc)
             .filter_map(|a| {
-                lazy_channel(a, config.health_timeout).map(|ch| Peer::new(a.clone(), ch, false))
+                lazy_channel(a, config.health_timeout, config.tls.as_ref())
+                    .map(|ch| Peer::new(a.clone(), ch, false))
             })
             .collect();
         let c = Arc::new(Cluster {
@@ -518,7 +535,7 @@ impl Cluster {
             .filter(|p| !suspects_only || p.suspect)
             .filter_map(|p| {
                 if p.health.is_none() {
-                    p.health = health_channel(&p.addr, timeout);
+                    p.health = health_channel(&p.addr, timeout, self.config.tls.as_ref());
                 }
                 let need_info = p.node_id.is_none()
                     || p.info.is_none()
@@ -810,7 +827,9 @@ impl Cluster {
                 if a == self.self_grpc || peers.iter().any(|p| p.addr == a) {
                     continue;
                 }
-                if let Some(channel) = lazy_channel(&a, self.config.health_timeout) {
+                if let Some(channel) =
+                    lazy_channel(&a, self.config.health_timeout, self.config.tls.as_ref())
+                {
                     info!(peer = %a, "peer discovered by DNS");
                     peers.push(Peer::new(a, channel, true));
                 }
@@ -912,6 +931,7 @@ mod tests {
             hedge_after: Duration::from_millis(250),
             dns_interval: Duration::from_secs(10),
             peer_token: transport::BearerToken::default(),
+            tls: None,
         }
     }
 

@@ -249,6 +249,38 @@ pub struct ServerConfig {
     /// With --auth-file, /metrics also requires a token (any role).
     #[arg(long, env = "KVSHARE_METRICS_AUTH")]
     pub metrics_auth: bool,
+
+    /// TLS certificate chain (PEM, leaf first). With --tls-key: TLS on the gRPC and HTTP ports.
+    /// Re-read when the file changes (checked every second) or on SIGHUP; new connections get
+    /// the new certificate, open ones keep theirs. Under mTLS it is also the client certificate
+    /// this node presents to its peers. SANs: every name clients and peers dial (see
+    /// docs/security.md).
+    #[arg(long, env = "KVSHARE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1), reloaded with it.
+    #[arg(long, env = "KVSHARE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates: clients must present a certificate
+    /// signed by one of them (mTLS), peers included. Reloaded with --tls-cert.
+    #[arg(long, env = "KVSHARE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the peers' server certificates (default:
+    /// --tls-client-ca). Needed with TLS and peers. Reloaded with --tls-cert.
+    #[arg(long, env = "KVSHARE_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// DNS name every peer's certificate carries, to verify peers against instead of the host
+    /// of their address: needed when peers are dialled by IP address (--peers-dns), e.g. the
+    /// headless Service's name. Unset: a peer's certificate must name the host it is dialled at.
+    #[arg(long, env = "KVSHARE_TLS_PEER_NAME", requires = "tls_cert")]
+    pub tls_peer_name: Option<String>,
+
+    /// Interval between checks of the TLS files for changes (milliseconds).
+    #[arg(long, env = "KVSHARE_TLS_RELOAD_INTERVAL_MS", default_value_t = 1_000)]
+    pub tls_reload_interval_ms: u64,
 }
 
 impl ServerConfig {
@@ -269,6 +301,16 @@ impl ServerConfig {
             Capacity::Auto => auto_capacity_from_cgroup(self.buffer_budget)
                 .map(|(capacity, limit)| (capacity, Some(limit))),
         }
+    }
+
+    /// The TLS files, when TLS is on (`--tls-cert` and `--tls-key`).
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            peer_ca: self.tls_ca.clone(),
+        })
     }
 
     /// The node id: `--node-id`, else the host name, else `kvshare-node`.
@@ -319,6 +361,21 @@ mod tests {
         let c = ServerConfig::try_parse_from(["kvshared", "--stats-top-namespaces", "7"])
             .expect("parse");
         assert_eq!(c.stats_top_namespaces, 7);
+        assert_eq!(c.tls_files(), None);
+        assert!(ServerConfig::try_parse_from(["kvshared", "--tls-cert", "c.pem"]).is_err());
+        assert!(ServerConfig::try_parse_from(["kvshared", "--tls-client-ca", "ca.pem"]).is_err());
+        let c = ServerConfig::try_parse_from([
+            "kvshared",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+        ])
+        .expect("parse");
+        let files = c.tls_files().expect("tls on");
+        assert_eq!(files.peer_ca(), Some(std::path::Path::new("ca.pem")));
         assert_eq!(c.auth_file, None);
         assert!(!c.insecure_no_auth && !c.metrics_auth);
         let c = ServerConfig::try_parse_from([

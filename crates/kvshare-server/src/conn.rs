@@ -1,6 +1,7 @@
 //! Limits on gRPC connections before HTTP/2 takes over: how many may be open, and how soon a
-//! new one must send the HTTP/2 preface and SETTINGS (a peer that opens TCP connections and
-//! sends nothing, or a trickle, would otherwise hold them open for ever).
+//! new one must complete its TLS handshake (with TLS) and send the HTTP/2 preface and SETTINGS
+//! (a peer that opens TCP connections and sends nothing, or a trickle, would otherwise hold them
+//! open for ever). Also the accepted stream type, plain or TLS ([`ServerStream`]).
 
 use std::future::Future;
 use std::io;
@@ -28,8 +29,8 @@ pub struct ConnectionLimit {
 }
 
 impl ConnectionLimit {
-    /// At most `max` connections, each of which must send its handshake within
-    /// `handshake_timeout`.
+    /// At most `max` connections, each of which must complete its handshake (TLS, if any, and
+    /// the HTTP/2 preface and SETTINGS) within `handshake_timeout`.
     pub fn new(max: usize, handshake_timeout: Duration) -> Self {
         ConnectionLimit {
             open: Arc::new(AtomicUsize::new(0)),
@@ -43,37 +44,150 @@ impl ConnectionLimit {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Admits a new connection, or `None` when the limit is reached (the stream is dropped,
-    /// which closes it).
-    pub fn admit(&self, stream: TcpStream) -> Option<GuardedConn> {
+    /// The handshake timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    /// A slot for a new connection, or `None` when the limit is reached. The slot counts
+    /// until dropped; its deadline is when the handshake must be complete.
+    pub fn acquire(&self) -> Option<ConnSlot> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(GuardedConn {
-            inner: stream,
+        Some(ConnSlot {
             open: self.open.clone(),
-            handshake: Some(Box::pin(tokio::time::sleep(self.handshake_timeout))),
-            received: 0,
+            deadline: tokio::time::Instant::now() + self.handshake_timeout,
         })
+    }
+
+    /// Admits a new plain TCP connection, or `None` when the limit is reached (the stream is
+    /// dropped, which closes it).
+    pub fn admit(&self, stream: TcpStream) -> Option<GuardedConn> {
+        let slot = self.acquire()?;
+        let info = stream.connect_info();
+        Some(GuardedConn::new(ServerStream::Plain(stream), info, slot))
     }
 }
 
-/// A TCP connection that fails its reads if the handshake does not arrive in time, and is
-/// counted until dropped.
+/// One counted connection, and the deadline of its handshake.
+#[derive(Debug)]
+pub struct ConnSlot {
+    open: Arc<AtomicUsize>,
+    deadline: tokio::time::Instant,
+}
+
+impl ConnSlot {
+    /// When the connection's handshake (TLS and HTTP/2 preface) must be complete.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An accepted connection: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub enum ServerStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS, handshake done.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! on_stream {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ServerStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ServerStream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerStream::Plain(s) => s.is_write_vectored(),
+            ServerStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// A connection that fails its reads if the HTTP/2 handshake does not arrive by its slot's
+/// deadline (which a TLS handshake, if any, has already used part of), and is counted until
+/// dropped. Handlers see the TCP peer's address (`Request::remote_addr`) with or without TLS.
 #[derive(Debug)]
 pub struct GuardedConn {
-    inner: TcpStream,
-    open: Arc<AtomicUsize>,
+    inner: ServerStream,
+    info: TcpConnectInfo,
+    _slot: ConnSlot,
     /// The handshake deadline, until the handshake bytes have arrived.
     handshake: Option<Pin<Box<Sleep>>>,
     received: usize,
 }
 
-impl Drop for GuardedConn {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
+impl GuardedConn {
+    /// Wraps an accepted stream (`info`: its TCP addresses) counted by `slot`.
+    pub fn new(inner: ServerStream, info: TcpConnectInfo, slot: ConnSlot) -> Self {
+        let handshake = Some(Box::pin(tokio::time::sleep_until(slot.deadline)));
+        GuardedConn {
+            inner,
+            info,
+            _slot: slot,
+            handshake,
+            received: 0,
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.inner, ServerStream::Tls(_))
     }
 }
 
@@ -81,7 +195,7 @@ impl Connected for GuardedConn {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
+        self.info.clone()
     }
 }
 

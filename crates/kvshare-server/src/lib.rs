@@ -10,11 +10,13 @@
 //! [`put`] (the upload state machine) and [`get`] (the streamed Get response) → [`routing`]
 //! (fan-out to owners) → [`state`] (the node: store, limits, budget, metrics, cluster) →
 //! [`cluster`] (membership, health) ; [`http`] → [`state`]; [`capacity`] (`--capacity auto`,
-//! run-time changes) → [`state`]; [`config`] → [`capacity`]; leaves: [`budget`], [`conn`],
-//! [`metrics`], [`rejection`], [`request`].
+//! run-time changes) → [`state`]; [`config`] → [`capacity`]; [`accept`] (accept loops, TLS
+//! handshakes) → [`conn`], [`tls`] (certificates and their reload); leaves: [`budget`],
+//! [`conn`], [`metrics`], [`rejection`], [`request`].
 
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod auth;
 pub mod budget;
 pub mod capacity;
@@ -33,6 +35,7 @@ pub mod request;
 pub mod routing;
 pub mod service;
 pub mod state;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,8 +53,6 @@ use kvshare_proto::v1::kv_cache_server::KvCacheServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 pub use config::ServerConfig;
@@ -96,6 +97,9 @@ pub enum ServerError {
     /// The store snapshot could not be written at shutdown.
     #[error("writing the store snapshot failed")]
     Snapshot(#[source] kvshare_core::snapshot::SnapshotError),
+    /// The TLS files do not load.
+    #[error("TLS: {0}")]
+    Tls(#[from] kvshare_proto::tls::TlsError),
     /// The auth file or the peer token is unusable.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
@@ -123,6 +127,7 @@ pub struct NodeHandle {
     http_task: JoinHandle<Result<(), std::io::Error>>,
     ready: Arc<AtomicBool>,
     data_dir: Option<PathBuf>,
+    tls: Option<Arc<tls::NodeTls>>,
 }
 
 impl NodeHandle {
@@ -153,9 +158,24 @@ impl NodeHandle {
         served
     }
 
-    /// gRPC endpoint URL (`http://ip:port`).
+    /// gRPC endpoint URL (`http://ip:port`, `https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        kvshare_proto::transport::endpoint_url(&self.grpc_addr.to_string(), self.tls.is_some())
+    }
+
+    /// The node's TLS state, when TLS is on.
+    pub fn tls(&self) -> Option<&Arc<tls::NodeTls>> {
+        self.tls.as_ref()
+    }
+
+    /// Re-reads the TLS files now (what SIGHUP does): new connections use the new
+    /// certificates. Without TLS, does nothing and returns false. On error the running
+    /// certificates stay.
+    pub fn reload_tls(&self) -> Result<bool, ServerError> {
+        match &self.tls {
+            Some(t) => t.reload().map(|()| true).map_err(ServerError::Tls),
+            None => Ok(false),
+        }
     }
 }
 
@@ -272,6 +292,7 @@ fn advertised(
 fn cluster_config(
     config: &ServerConfig,
     peer_token: kvshare_proto::transport::BearerToken,
+    tls: Option<kvshare_proto::transport::ClientTls>,
 ) -> cluster::ClusterConfig {
     cluster::ClusterConfig {
         peer_token,
@@ -289,6 +310,7 @@ fn cluster_config(
         forward_timeout: Duration::from_millis(config.forward_timeout_ms.max(10)),
         hedge_after: Duration::from_millis(config.hedge_after_ms.max(1)),
         dns_interval: Duration::from_millis(config.dns_interval_ms.max(100)),
+        tls,
     }
 }
 
@@ -350,6 +372,7 @@ async fn spawn_grpc(
     listener: TcpListener,
     state: Arc<NodeState>,
     config: &ServerConfig,
+    tls: Option<Arc<tls::NodeTls>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -375,27 +398,13 @@ async fn spawn_grpc(
         request_timeout,
     );
     // Small messages (lookups, headers) must not wait for Nagle's algorithm and delayed ACKs
-    // (40 ms stalls): disable it on every accepted connection. (The builder's tcp_nodelay only
-    // applies to listeners tonic binds itself.)
+    // (40 ms stalls): the accept loop disables it on every accepted connection. (The builder's
+    // tcp_nodelay only applies to listeners tonic binds itself.)
     let limit = conn::ConnectionLimit::new(
         config.max_connections,
         Duration::from_millis(config.handshake_timeout_ms.max(1)),
     );
-    let max_connections = config.max_connections;
-    let incoming = TcpListenerStream::new(listener).filter_map(move |conn| match conn {
-        Ok(s) => {
-            let _ = s.set_nodelay(true);
-            let admitted = limit.admit(s).map(Ok);
-            if admitted.is_none() {
-                warn!(
-                    max = max_connections,
-                    "connection refused: --max-connections reached"
-                );
-            }
-            admitted
-        }
-        Err(e) => Some(Err(e)),
-    });
+    let incoming = accept::grpc_incoming(listener, limit, tls);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
@@ -420,23 +429,49 @@ async fn spawn_grpc(
     Ok(tokio::spawn(server))
 }
 
-/// Serves the HTTP endpoints on `listener` until `shutdown`.
+/// Serves the HTTP endpoints on `listener` until `shutdown` (over TLS with `tls`).
 fn spawn_http(
     listener: TcpListener,
     state: http::HttpState,
+    tls: Option<(Arc<tls::NodeTls>, Duration)>,
     mut shutdown: watch::Receiver<bool>,
-) -> JoinHandle<Result<(), std::io::Error>> {
+) -> Result<JoinHandle<Result<(), std::io::Error>>, ServerError> {
     let app = http::router(state);
-    tokio::spawn(async move {
+    let stop = async move {
+        let _ = shutdown.wait_for(|v| *v).await;
+    };
+    Ok(match tls {
         // Connect info: the client's address, for protected mode.
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|v| *v).await;
-        })
-        .await
+        None => tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await
+        }),
+        Some((tls, handshake_timeout)) => {
+            let addr = listener.local_addr().ok();
+            let listener = accept::HttpTlsListener::new(listener, tls.clone(), handshake_timeout)
+                .map_err(|source| ServerError::Bind {
+                addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
+            // The client's address (protected mode) and, under mTLS, the client-certificate
+            // rule, from the TLS connection's info.
+            let app = app.layer(axum::middleware::from_fn_with_state(
+                tls.requires_client_cert(),
+                accept::tls_http_gate,
+            ));
+            tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<accept::HttpPeer>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
+            })
+        }
     })
 }
 
@@ -476,6 +511,25 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
             "--capacity auto: capacity = memory limit - buffer budget - runtime headroom"
         );
     }
+    let tls = config.tls_files().map(tls::NodeTls::load).transpose()?;
+    if let Some(t) = &tls {
+        let has_peers =
+            config.peers_dns.is_some() || config.peers.iter().any(|p| !p.trim().is_empty());
+        if has_peers && t.peer_tls().is_none() {
+            return Err(ServerError::Config(
+                "TLS with peers needs --tls-ca (or --tls-client-ca) to verify the peers' certificates".into(),
+            ));
+        }
+        info!(
+            cert = %t.files().cert.display(),
+            mtls = t.requires_client_cert(),
+            "TLS on the gRPC and HTTP ports"
+        );
+    }
+    let peer_tls = tls
+        .as_ref()
+        .and_then(|t| t.peer_tls())
+        .map(|p| p.with_server_name(config.tls_peer_name.as_deref()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_rx_for_auth = shutdown_rx.clone();
     let grpc_listener = bind(config.grpc_addr).await?;
@@ -507,7 +561,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         node_id.clone(),
         addrs.grpc.clone(),
         addrs.http.clone(),
-        cluster_config(&config, peer_token.clone()),
+        cluster_config(&config, peer_token.clone(), peer_tls),
         metrics.peer_markdowns.clone(),
     );
     let state = Arc::new(node_state(
@@ -544,7 +598,19 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         node: state.clone(),
         ready: ready.clone(),
     };
-    let http_task = spawn_http(http_listener, http_state, shutdown_rx.clone());
+    let handshake_timeout = Duration::from_millis(config.handshake_timeout_ms.max(1));
+    let http_task = spawn_http(
+        http_listener,
+        http_state,
+        tls.clone().map(|t| (t, handshake_timeout)),
+        shutdown_rx.clone(),
+    )?;
+    if let Some(t) = &tls {
+        t.clone().spawn_watcher(
+            Duration::from_millis(config.tls_reload_interval_ms.max(10)),
+            shutdown_rx.clone(),
+        );
+    }
     // The gRPC listener is bound, but requests are served only once the snapshot is loaded:
     // connections wait in the backlog, and peers see the node down until then.
     if let Some(dir) = &config.data_dir {
@@ -558,7 +624,14 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let first_round =
         Duration::from_millis(config.peer_health_timeout_ms.max(10)) * 2 + Duration::from_secs(1);
     cluster.first_round_done(first_round).await;
-    let grpc_task = spawn_grpc(grpc_listener, state.clone(), &config, shutdown_rx.clone()).await?;
+    let grpc_task = spawn_grpc(
+        grpc_listener,
+        state.clone(),
+        &config,
+        tls.clone(),
+        shutdown_rx.clone(),
+    )
+    .await?;
     let rebalance = rebalance::RebalanceConfig {
         after_down: Duration::from_millis(config.rereplicate_after_ms),
         interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),
@@ -584,5 +657,6 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         http_task,
         ready,
         data_dir: config.data_dir.clone(),
+        tls,
     })
 }

@@ -25,7 +25,23 @@ async fn main() -> anyhow::Result<()> {
     let node = kvshare_server::start(config)
         .await
         .context("starting kvshared")?;
-    wait_for_signal().await?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing SIGHUP handler")?;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            _ = hup.recv() => {
+                // SIGHUP: re-read the TLS files now (they are also polled every second).
+                match node.reload_tls() {
+                    Ok(true) => tracing::info!("SIGHUP: TLS files reloaded"),
+                    Ok(false) => tracing::info!("SIGHUP: nothing to reload (TLS is off)"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files do not load; keeping the running certificates"),
+                }
+            }
+        }
+    }
     tracing::info!("shutdown requested; draining in-flight requests");
     node.shutdown(drain).await.context("shutting down")?;
     tracing::info!("stopped");

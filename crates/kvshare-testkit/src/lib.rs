@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "pki")]
+pub mod pki;
+
 use kvshare_core::sample::KvSample;
 use kvshare_core::{DType, KvLayout};
 
@@ -54,6 +57,34 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// `GET path` over HTTPS (HTTP/1.0 inside TLS) on `addr` (`host:port`), blocking, verifying the
+/// node's certificate with `tls` (and presenting its client certificate, if any): status code
+/// and body, or `None` when the node does not answer within a second or the handshake fails.
+pub fn https_get(addr: &str, path: &str, tls: &kvshare_client::ClientTls) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().ok()?;
+    let mut config = (*tls.config()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = match tls.server_name() {
+        Some(n) => rustls::pki_types::ServerName::try_from(n.to_string()).ok()?,
+        None => rustls::pki_types::ServerName::from(sock.ip()),
+    };
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
+    let tcp = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(1)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    tcp.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut raw = Vec::new();
+    // A server may close without close_notify after an HTTP/1.0 answer: keep what arrived.
+    let _ = s.read_to_end(&mut raw);
+    let out = String::from_utf8_lossy(&raw).into_owned();
     let status = out.split_whitespace().nth(1)?.parse().ok()?;
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
     Some((status, body))
@@ -147,6 +178,8 @@ pub struct NodeProcess {
     /// HTTP address.
     pub http: String,
     child: Option<std::process::Child>,
+    /// TLS the tests' probes and clients use with this node (see [`NodeProcess::with_tls`]).
+    tls: Option<kvshare_client::ClientTls>,
 }
 
 impl NodeProcess {
@@ -192,6 +225,23 @@ impl NodeProcess {
             grpc,
             http,
             child: Some(child),
+            tls: None,
+        }
+    }
+
+    /// For a node started with `--tls-cert`: probes ([`NodeProcess::wait_ready`],
+    /// [`NodeProcess::http_get`]) use HTTPS verified with `tls`, and
+    /// [`NodeProcess::endpoint`] is `https://`.
+    pub fn with_tls(mut self, tls: kvshare_client::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// `GET path` on the node's HTTP port (HTTPS when the node has TLS): status and body.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        match &self.tls {
+            Some(tls) => https_get(&self.http, path, tls),
+            None => http_get(&self.http, path),
         }
     }
 
@@ -213,9 +263,10 @@ impl NodeProcess {
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
-    /// gRPC endpoint URL.
+    /// gRPC endpoint URL (`https://` for a node with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
     /// Sends SIGTERM (a graceful shutdown) and waits up to `timeout` for the process to exit;
@@ -250,7 +301,7 @@ impl NodeProcess {
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
         let t0 = Instant::now();
         loop {
-            if let Some((200, _)) = http_get(&self.http, "/readyz") {
+            if let Some((200, _)) = self.http_get("/readyz") {
                 return Ok(());
             }
             if t0.elapsed() > timeout {
@@ -277,9 +328,18 @@ impl Drop for NodeProcess {
 
 /// Waits until the node at `endpoint` sees `healthy` members (itself included) in ClusterInfo.
 pub async fn wait_for_members(endpoint: &str, healthy: usize) {
+    wait_for_members_with(endpoint, healthy, Default::default()).await
+}
+
+/// [`wait_for_members`], connecting with `opts` (e.g. with TLS).
+pub async fn wait_for_members_with(
+    endpoint: &str,
+    healthy: usize,
+    opts: kvshare_client::ClientOptions,
+) {
     let t0 = std::time::Instant::now();
     loop {
-        if let Ok(mut c) = kvshare_client::KvClient::connect(endpoint, Default::default()).await
+        if let Ok(mut c) = kvshare_client::KvClient::connect(endpoint, opts.clone()).await
             && let Ok(info) = c.cluster_info().await
             && info.members.iter().filter(|m| m.healthy).count() == healthy
         {

@@ -105,6 +105,16 @@ pub struct ModelArgs {
     /// Codec of pushed blocks.
     #[arg(long, value_enum, default_value = "byteplane-huff")]
     pub codec: Codec,
+    /// CA certificate(s) (PEM) that sign the cache nodes' certificates: talk to the tier over
+    /// TLS.
+    #[arg(long, env = "KVSHARE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for nodes that require one (mTLS); with --tls-key.
+    #[arg(long, env = "KVSHARE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "KVSHARE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -122,11 +132,21 @@ impl ModelArgs {
             if tier.is_empty() {
                 None
             } else {
-                let opts = ClientOptions {
+                let mut opts = ClientOptions {
                     codec,
                     token: self.token.as_ref().map(|t| t.expose().to_string()),
                     ..ClientOptions::default()
                 };
+                if let Some(ca) = &self.tls_ca {
+                    let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+                    opts = opts
+                        .with_tls_files(ca, identity)
+                        .context("loading the TLS files (--tls-ca, --tls-cert, --tls-key)")?;
+                } else if self.tls_cert.is_some() {
+                    anyhow::bail!(
+                        "--tls-cert needs --tls-ca (the CA that signs the nodes' certificates)"
+                    );
+                }
                 Some(ClusterClient::connect(&tier, opts).await.with_context(|| {
                     format!("connecting to the cache tier at {}", tier.join(","))
                 })?)
