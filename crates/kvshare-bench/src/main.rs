@@ -23,6 +23,7 @@
 mod chart;
 mod netns;
 mod procs;
+mod secure;
 mod throughput;
 mod trace;
 mod ttft;
@@ -171,6 +172,8 @@ pub enum Part {
     Trace,
     /// Node RSS at full capacity.
     Memory,
+    /// Get/put throughput and Lookup p50 with auth and TLS on, against a plain node.
+    Secure,
 }
 
 /// Everything measured, as written to bench.json.
@@ -194,6 +197,8 @@ pub struct Report {
     pub trace: Option<trace::TraceReport>,
     /// Memory check.
     pub memory: Option<throughput::MemoryRow>,
+    /// Auth + TLS against plain.
+    pub secure: Vec<secure::SecureRow>,
 }
 
 fn machine() -> String {
@@ -305,6 +310,9 @@ async fn suite(args: Args) -> anyhow::Result<()> {
     }
     if part(Part::Memory) {
         report.memory = Some(throughput::memory(&args).await?);
+    }
+    if part(Part::Secure) {
+        report.secure = secure::run(&args).await?;
     }
     if part(Part::Trace) {
         report.trace = Some(trace::run(&args).await?);

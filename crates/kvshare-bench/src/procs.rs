@@ -21,7 +21,7 @@ struct BenchTls {
 static TLS: OnceLock<BenchTls> = OnceLock::new();
 
 /// The DNS name of the bench nodes' certificate; clients verify every node against it.
-const BENCH_NODE_NAME: &str = "kvshare-bench-node";
+pub const BENCH_NODE_NAME: &str = "kvshare-bench-node";
 
 /// Turns TLS on for every node this run starts and every client it makes: a CA and a node
 /// certificate are generated into `dir`.
@@ -221,11 +221,23 @@ impl Node {
         Self::start_at(Place::Loopback, capacity, extra).await
     }
 
-    /// Starts a node at `place` with `capacity` and extra flags.
+    /// Starts a node at `place` with `capacity` and extra flags (over TLS under `--tls`).
     pub async fn start_at(
         place: Place<'_>,
         capacity: &str,
         extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let tls = TLS.get().map(|t| (t.cert.clone(), t.key.clone()));
+        Self::start_with(place, capacity, extra, tls).await
+    }
+
+    /// Starts a node at `place` with `capacity`, extra flags, and TLS from the given certificate
+    /// and key files (whatever `--tls` says).
+    pub async fn start_with(
+        place: Place<'_>,
+        capacity: &str,
+        extra: &[&str],
+        tls: Option<(PathBuf, PathBuf)>,
     ) -> anyhow::Result<Self> {
         let (host, grpc) = place.addr(50051)?;
         let (_, http) = place.addr(9090)?;
@@ -250,13 +262,10 @@ impl Node {
         ])
         .args(["--buffer-budget", "2GiB"])
         .args(extra);
-        if let Some(t) = TLS.get() {
-            cmd.arg("--tls-cert")
-                .arg(&t.cert)
-                .arg("--tls-key")
-                .arg(&t.key);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        if let Some((cert, key)) = tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
-        let scheme = if TLS.get().is_some() { "https" } else { "http" };
         Ok(Node {
             server: Server::start(cmd, place, grpc, "kvshared").await?,
             endpoint: format!("{scheme}://{host}:{grpc}"),

@@ -165,11 +165,11 @@ pub fn kv_block(size: usize, offset: usize) -> Vec<u8> {
     v
 }
 
-fn random_key() -> BlockKey {
+pub(crate) fn random_key() -> BlockKey {
     BlockKey(rand::rng().random())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -208,20 +208,20 @@ impl Op {
     }
 }
 
-struct Totals {
+pub(crate) struct Totals {
     raw: u64,
     wire: u64,
 }
 
-const NS: BlockKey = BlockKey([0xb5; 32]);
+pub(crate) const NS: BlockKey = BlockKey([0xb5; 32]);
 
 /// One measurement: `ops` operations of `op` on `size`-byte blocks by `conc` clients.
 #[derive(Clone, Copy)]
-struct Load {
-    op: Op,
-    size: u64,
-    conc: usize,
-    ops: usize,
+pub(crate) struct Load {
+    pub(crate) op: Op,
+    pub(crate) size: u64,
+    pub(crate) conc: usize,
+    pub(crate) ops: usize,
 }
 
 impl Load {
@@ -253,7 +253,7 @@ fn redis_key(prefix: &str, k: &BlockKey) -> String {
 /// Operation `i` of kvshare client task `t` of `load`: a put of fresh real K/V (compressed as
 /// a worker would) or a get of a stored block (decompressed and verified). Returns (raw, wire)
 /// bytes moved.
-async fn kvshare_op(
+pub(crate) async fn kvshare_op(
     c: &mut KvClient,
     codec: Codec,
     load: Load,
@@ -718,10 +718,10 @@ const LOOKUP_LAYOUT: KvLayout = KvLayout {
     dtype: DType::BF16,
     tokens_per_block: 1,
 };
-const LOOKUP_NS: BlockKey = BlockKey([0x1c; 32]);
+pub(crate) const LOOKUP_NS: BlockKey = BlockKey([0x1c; 32]);
 
 /// Stores a chain of `keys` (tiny blocks, each the parent of the next) in kvshare.
-async fn populate_chain(c: &mut KvClient, keys: &[BlockKey]) -> anyhow::Result<()> {
+pub(crate) async fn populate_chain(c: &mut KvClient, keys: &[BlockKey]) -> anyhow::Result<()> {
     for (ci, chunk) in keys.chunks(1024).enumerate() {
         let items = chunk
             .iter()
@@ -758,7 +758,7 @@ async fn populate_redis_keys(
 }
 
 /// Lookups measured per prompt length.
-fn lookup_samples(quick: bool, blocks: usize) -> usize {
+pub(crate) fn lookup_samples(quick: bool, blocks: usize) -> usize {
     match (quick, blocks) {
         (true, 8192) => 100,
         (true, _) => 300,
@@ -769,7 +769,7 @@ fn lookup_samples(quick: bool, blocks: usize) -> usize {
 }
 
 /// Latencies (µs) of `samples` calls of `lookup`, each of which must find all `n` blocks.
-async fn lookup_latencies(
+pub(crate) async fn lookup_latencies(
     system: &str,
     n: usize,
     samples: usize,
@@ -843,7 +843,7 @@ const LOADED_LOOKUP_BLOCKS: usize = 2048;
 const LOAD_BLOCK: u64 = 1 << 20;
 const LOAD_CONC: usize = 4;
 
-fn lookup_run(mut lat: Vec<f64>, load_raw_gbps: f64) -> LookupRun {
+pub(crate) fn lookup_run(mut lat: Vec<f64>, load_raw_gbps: f64) -> LookupRun {
     lat.sort_by(f64::total_cmp);
     LookupRun {
         samples: lat.len(),

@@ -90,8 +90,16 @@ pub enum TlsError {
 
 /// The crypto provider of every TLS configuration (ring: no cmake or nasm needed to build, and
 /// explicit, so nothing depends on a process-wide default provider).
+///
+/// AES-128-GCM is preferred to ring's default AES-256-GCM: 10 AES rounds instead of 14 on
+/// every byte of K/V moved, with a security margin that is not in question (it is TLS 1.3's
+/// mandatory suite). The other suites stay available in ring's order.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| *s != TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 /// Reads a file for TLS material.

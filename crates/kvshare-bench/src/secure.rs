@@ -1,0 +1,281 @@
+//! What authentication and TLS cost (`--parts secure`): the same cells against two nodes started
+//! side by side, one plain and one with `--auth-file` (every call carries a bearer token checked
+//! against the file's SHA-256 digests) and TLS (certificates generated into OUT_DIR/secure).
+//! Cells alternate between the two nodes, `--repeat` times each, so both see the same machine;
+//! medians and the secure/plain ratio are reported.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kvshare_client::{ClientOptions, ClientTls, KvClient, PutItem};
+use kvshare_core::{BlockKey, EncodedBlock};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::Args;
+use crate::procs::{BENCH_NODE_NAME, Node, Place};
+use crate::throughput::{
+    LOOKUP_NS, Load, NS, Op, kv_block, kvshare_op, layout_for, lookup_latencies, lookup_samples,
+    percentile, populate_chain, random_key,
+};
+
+/// Block sizes of the throughput cells.
+const SIZES: [u64; 2] = [256 << 10, 1 << 20];
+/// Clients per cell.
+const CONC: usize = 4;
+/// Blocks of the Lookup prompt.
+const LOOKUP_BLOCKS: usize = 2048;
+/// Blocks each node holds for the get cells, per size.
+const STORED: usize = 64;
+
+/// One cell measured on both nodes.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecureRow {
+    /// `get`, `put` or `lookup`.
+    pub op: String,
+    /// Block size in bytes (0 for lookups).
+    pub block_bytes: u64,
+    /// Plain node: raw GB/s of each run (lookups: p50 microseconds).
+    pub plain: Vec<f64>,
+    /// Auth + TLS node, same unit.
+    pub secure: Vec<f64>,
+    /// Median of `secure` over median of `plain`.
+    pub ratio: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    percentile(&s, 0.5)
+}
+
+/// One node under test and how its clients connect.
+struct Target {
+    node: Node,
+    options: ClientOptions,
+}
+
+impl Target {
+    async fn client(&self, codec: kvshare_core::Codec) -> anyhow::Result<KvClient> {
+        let options = ClientOptions {
+            codec,
+            timeout: Duration::from_secs(120),
+            ..self.options.clone()
+        };
+        Ok(KvClient::connect(&self.node.endpoint, options).await?)
+    }
+}
+
+/// Writes an auth file granting `token` the writer role of tenant `bench`.
+fn write_auth_file(dir: &Path, token: &str) -> anyhow::Result<std::path::PathBuf> {
+    let digest = hex::encode(Sha256::digest(token.as_bytes()));
+    let path = dir.join("auth.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[tenants.bench]\n\n[[tokens]]\ntenant = \"bench\"\nrole = \"writer\"\nsha256 = \"{digest}\"\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Starts the plain and the secure node.
+async fn start_targets(args: &Args) -> anyhow::Result<(Target, Target)> {
+    let dir = args.out_dir.join("secure");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = kvshare_testkit::pki::TestCa::new("kvshare-bench secure CA");
+    let files = ca
+        .issue("bench-node", &[BENCH_NODE_NAME], 1)
+        .write(&dir, "node");
+    let token = hex::encode(random_key().0);
+    let auth = write_auth_file(&dir, &token)?;
+    let auth_arg = auth.to_string_lossy().into_owned();
+    let plain = Node::start_with(Place::Loopback, "4GiB", &[], None).await?;
+    let secure = Node::start_with(
+        Place::Loopback,
+        "4GiB",
+        &["--auth-file", &auth_arg],
+        Some((files.cert, files.key)),
+    )
+    .await?;
+    let tls =
+        ClientTls::from_pem(ca.cert_pem.as_bytes(), None)?.with_server_name(Some(BENCH_NODE_NAME));
+    Ok((
+        Target {
+            node: plain,
+            options: ClientOptions::default(),
+        },
+        Target {
+            node: secure,
+            options: ClientOptions {
+                token: Some(token),
+                tls: Some(tls),
+                ..ClientOptions::default()
+            },
+        },
+    ))
+}
+
+/// Raw GB/s of one cell of `load` against `target`.
+async fn cell(
+    target: &Target,
+    args: &Args,
+    load: Load,
+    keys: Arc<Vec<BlockKey>>,
+) -> anyhow::Result<f64> {
+    let mut clients = Vec::with_capacity(load.conc);
+    for _ in 0..load.conc {
+        clients.push(target.client(args.codec).await?);
+    }
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (t, mut c) in clients.into_iter().enumerate() {
+        let (keys, codec) = (keys.clone(), args.codec);
+        tasks.push(tokio::spawn(async move {
+            let mut raw = 0u64;
+            for i in 0..load.ops.div_ceil(load.conc) {
+                raw += kvshare_op(&mut c, codec, load, t, i, &keys).await?.0;
+            }
+            anyhow::Ok(raw)
+        }));
+    }
+    let mut raw = 0u64;
+    for t in tasks {
+        raw += t.await??;
+    }
+    Ok(raw as f64 / t0.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Stores `STORED` blocks of `size` on `target` for its get cells.
+async fn populate(target: &Target, args: &Args, size: u64) -> anyhow::Result<Arc<Vec<BlockKey>>> {
+    let keys: Vec<BlockKey> = (0..STORED).map(|_| random_key()).collect();
+    let mut c = target.client(args.codec).await?;
+    for (i, k) in keys.iter().enumerate() {
+        let raw = kv_block(size as usize, i);
+        let block = EncodedBlock::encode(NS, layout_for(size), args.codec, &raw)?;
+        c.put_blocks(vec![PutItem {
+            key: *k,
+            parent: None,
+            block,
+        }])
+        .await?;
+    }
+    Ok(Arc::new(keys))
+}
+
+/// Runs the comparison and prints it.
+pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
+    anyhow::ensure!(
+        !args.tls,
+        "--parts secure starts its own plain and TLS nodes; run it without --tls"
+    );
+    let (plain, secure) = start_targets(args).await?;
+    let repeat = args.repeat.max(1);
+    let budget = match &args.bytes_per_cell {
+        Some(b) => kvshare_core::size::parse_size(b)?,
+        None if args.quick => 32 << 20,
+        None => 256 << 20,
+    };
+    println!(
+        "\n== auth + TLS vs plain: the same cells on two nodes, alternating, {repeat} run(s) each"
+    );
+    let mut rows = Vec::new();
+    for size in SIZES {
+        let keys = [
+            populate(&plain, args, size).await?,
+            populate(&secure, args, size).await?,
+        ];
+        for op in [Op::Get, Op::Put] {
+            let load = Load {
+                op,
+                size,
+                conc: CONC,
+                ops: (budget / size).max(CONC as u64) as usize,
+            };
+            let (mut p, mut s) = (Vec::new(), Vec::new());
+            for _ in 0..repeat {
+                p.push(cell(&plain, args, load, keys[0].clone()).await?);
+                s.push(cell(&secure, args, load, keys[1].clone()).await?);
+            }
+            rows.push(row(op.name(), size, p, s));
+        }
+    }
+    let chain: Vec<BlockKey> = (0..LOOKUP_BLOCKS).map(|_| random_key()).collect();
+    let mut clients = Vec::new();
+    for t in [&plain, &secure] {
+        let mut c = t.client(args.codec).await?;
+        populate_chain(&mut c, &chain).await?;
+        clients.push(c);
+    }
+    let samples = lookup_samples(args.quick, LOOKUP_BLOCKS);
+    let (mut p, mut s) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let mut lat = lookup_latencies("kvshare", LOOKUP_BLOCKS, samples, async || {
+                Ok(c.lookup_keys(&LOOKUP_NS, &chain).await?)
+            })
+            .await?;
+            lat.sort_by(f64::total_cmp);
+            [&mut p, &mut s][i].push(percentile(&lat, 0.5));
+        }
+    }
+    rows.push(row("lookup p50 us", 0, p, s));
+    println!(
+        "{:<14} {:>10} {:>12} {:>12} {:>8}   each run plain/secure",
+        "op", "block", "plain", "auth+TLS", "ratio"
+    );
+    for r in &rows {
+        let each: Vec<String> = r
+            .plain
+            .iter()
+            .zip(&r.secure)
+            .map(|(a, b)| format!("{a:.3}/{b:.3}"))
+            .collect();
+        println!(
+            "{:<14} {:>10} {:>12.3} {:>12.3} {:>7.2}x   {}",
+            r.op,
+            r.block_bytes,
+            median(&r.plain),
+            median(&r.secure),
+            r.ratio,
+            each.join(" ")
+        );
+    }
+    plain.node.stop();
+    secure.node.stop();
+    Ok(rows)
+}
+
+fn row(op: &str, block_bytes: u64, plain: Vec<f64>, secure: Vec<f64>) -> SecureRow {
+    let ratio = median(&secure) / median(&plain).max(f64::MIN_POSITIVE);
+    SecureRow {
+        op: op.into(),
+        block_bytes,
+        plain,
+        secure,
+        ratio,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_file_grants_the_token_as_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_auth_file(dir.path(), "s3cret").expect("write");
+        let text = std::fs::read_to_string(path).expect("read");
+        let digest = hex::encode(Sha256::digest(b"s3cret"));
+        assert!(text.contains(&format!("sha256 = \"{digest}\"")), "{text}");
+        assert!(text.contains("role = \"writer\""), "{text}");
+        assert!(
+            !text.contains("s3cret"),
+            "the token itself is never written"
+        );
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+}
