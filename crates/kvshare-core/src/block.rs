@@ -119,15 +119,22 @@ impl EncodedBlock {
             )));
         }
         let payload = Bytes::from(codec.encode(raw, layout.dtype.size()));
+        let raw_checksum = checksum(raw);
+        // A raw payload is the raw bytes: one hash serves as both checksums.
+        let payload_checksum = if codec == Codec::None {
+            raw_checksum
+        } else {
+            checksum(&payload)
+        };
         Ok(EncodedBlock {
             header: BlockHeader {
                 namespace,
                 layout,
                 codec,
                 raw_len: raw.len() as u64,
-                checksum: checksum(raw),
+                checksum: raw_checksum,
                 payload_len: payload.len() as u64,
-                payload_checksum: Some(checksum(&payload)),
+                payload_checksum: Some(payload_checksum),
             },
             payload,
         })
