@@ -89,10 +89,14 @@ class Client:
     """Cluster-aware client: routes gets and puts straight to each key's owners.
 
     ``endpoints`` is ``"host:port,host:port"`` or a list. Raises KvshareError when no endpoint
-    answers. TLS: ``tls_ca`` (path of the CA certificate(s) that sign the nodes' certificates;
-    every connection then uses TLS), ``tls_cert`` and ``tls_key`` (a client certificate and
-    key for nodes that require one, mTLS). Buffers: anything exporting the buffer protocol
-    (bytes, bytearray, numpy arrays, memoryview) or a contiguous CPU torch tensor.
+    answers (``code`` ``"UNAUTHENTICATED"`` when the nodes refuse the token or its absence).
+    TLS: ``tls_ca`` (path of the CA certificate(s) that sign the nodes' certificates; every
+    connection then uses TLS), ``tls_cert`` and ``tls_key`` (a client certificate and key for
+    nodes that require one, mTLS). ``token``: bearer token sent on every call, for nodes
+    started with ``--auth-file`` (None or empty sends none; never shown by ``repr``; not read
+    from ``KVSHARE_TOKEN``: pass it explicitly); a token with spaces, control or non-ASCII
+    characters raises ValueError. Buffers: anything exporting the buffer protocol (bytes,
+    bytearray, numpy arrays, memoryview) or a contiguous CPU torch tensor.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class Client:
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
+        token: str | None = None,
     ) -> None: ...
     @property
     def codec(self) -> str: ...

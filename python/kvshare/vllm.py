@@ -14,7 +14,10 @@ Extra config keys (all optional but ``endpoints``, which falls back to ``KVSHARE
 (``"recompute"``, the default, or ``"fail"``). TLS: ``tls_ca`` (path of the CA certificate(s)
 that sign the nodes' certificates; falls back to ``KVSHARE_TLS_CA``), ``tls_cert`` and
 ``tls_key`` (client certificate and key for mTLS; fall back to ``KVSHARE_TLS_CERT`` and
-``KVSHARE_TLS_KEY``).
+``KVSHARE_TLS_KEY``). Auth: ``token`` (bearer token for nodes started with ``--auth-file``;
+falls back to ``KVSHARE_TOKEN``). The connector never logs the token, but ``vllm serve`` logs
+its ``--kv-transfer-config`` at startup ("non-default args"), extra config included: prefer
+``KVSHARE_TOKEN``.
 
 Scheduler side: one ``Lookup`` per new request for the full prompt blocks the local prefix
 cache does not hold. Keys are vLLM's own block hashes when vLLM runs
@@ -209,11 +212,14 @@ class _LazyClient:
         timeout_ms: int,
         interval_s: float,
         tls: dict[str, str] | None = None,
+        token: str | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.codec = codec
         # tls_ca / tls_cert / tls_key for kvshare.Client (paths), only those set.
         self.tls = tls or {}
+        # Bearer token for kvshare.Client; never logged.
+        self._token = token
         self.timeout_ms = timeout_ms
         self.interval_s = interval_s
         self._client: kvshare.Client | None = None
@@ -236,6 +242,7 @@ class _LazyClient:
                     codec=self.codec,
                     timeout_ms=self.timeout_ms,
                     connect_timeout_ms=min(self.timeout_ms, 2000),
+                    token=self._token,
                     **self.tls,
                 )
                 logger.info(
@@ -288,6 +295,13 @@ def _tls_config(cfg: Any) -> dict[str, str]:
         if value:
             out[key] = str(value)
     return out
+
+
+def _token_config(cfg: Any) -> str | None:
+    """The bearer token: ``token`` from the connector's extra config, else ``KVSHARE_TOKEN``;
+    None when neither is set (or both are empty)."""
+    value = cfg.get_from_extra_config("token", None) or os.environ.get("KVSHARE_TOKEN")
+    return str(value) if value else None
 
 
 def _layout_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> dict[str, Any]:
@@ -362,6 +376,7 @@ class KvshareConnector(KVConnectorBase_V1):
             timeout_ms=int(cfg.get_from_extra_config("timeout_ms", 5000)),
             interval_s=float(cfg.get_from_extra_config("reconnect_interval_s", 10.0)),
             tls=_tls_config(cfg),
+            token=_token_config(cfg),
         )
         policy = cfg.get_from_extra_config("load_failure_policy", "recompute")
         if policy not in ("recompute", "fail"):

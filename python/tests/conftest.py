@@ -3,8 +3,10 @@ subprocesses (tests/engine_driver.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,19 @@ class Cluster:
     """N kvshared processes on 127.0.0.1 with static peers and R replicas."""
 
     def __init__(
-        self, n: int = 3, replicas: int = 2, capacity: str = "512MiB", tls: Path | None = None
+        self,
+        n: int = 3,
+        replicas: int = 2,
+        capacity: str = "512MiB",
+        tls: Path | None = None,
+        auth: Sequence[tuple[str, str, str | None]] | None = None,
     ) -> None:
         self.n, self.replicas, self.capacity = n, replicas, capacity
         # tls: a scripts/dev-certs.sh directory; the nodes then serve mTLS with node.pem.
         self.tls = tls
+        # auth: (token, role, tenant) triples; the nodes then run with --auth-file listing
+        # their digests, plus a generated peer token (role peer) they send to each other.
+        self.auth = auth
         ports = free_ports(2 * n)
         self.grpc = [f"127.0.0.1:{p}" for p in ports[:n]]
         self.http = [f"127.0.0.1:{p}" for p in ports[n:]]
@@ -64,6 +74,8 @@ class Cluster:
         binary = kvshared_bin()
         if not binary.is_file():
             raise RuntimeError(f"kvshared not found at {binary} (cargo build -p kvshare-server)")
+        if self.auth is not None:
+            self.write_auth_files()
         for i in range(self.n):
             log = open(self.dir / f"node-{i}.log", "wb")  # noqa: SIM115 (outlives the call)
             self.procs[i] = subprocess.Popen(
@@ -79,6 +91,7 @@ class Cluster:
                     "--drain-seconds", "0",
                     "--port-file", str(self.dir / f"ports-{i}.json"),
                     *self.tls_args(),
+                    *self.auth_args(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -103,6 +116,29 @@ class Cluster:
             "--tls-cert", str(self.tls / "node.pem"),
             "--tls-key", str(self.tls / "node.key"),
             "--tls-client-ca", str(self.tls / "ca.pem"),
+        ]
+
+    def write_auth_files(self) -> None:
+        """auth.toml (docs/security.md: only SHA-256 digests of the tokens) and peer-token."""
+        assert self.auth is not None
+        peer_token = secrets.token_urlsafe(24)
+        (self.dir / "peer-token").write_text(peer_token + "\n")
+        tenants = sorted({t for _, _, t in self.auth if t is not None})
+        lines = [f'[tenants."{t}"]' for t in tenants]
+        for token, role, tenant in [*self.auth, (peer_token, "peer", None)]:
+            lines.append("[[tokens]]")
+            if tenant is not None:
+                lines.append(f'tenant = "{tenant}"')
+            lines.append(f'role = "{role}"')
+            lines.append(f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"')
+        (self.dir / "auth.toml").write_text("\n".join(lines) + "\n")
+
+    def auth_args(self) -> list[str]:
+        if self.auth is None:
+            return []
+        return [
+            "--auth-file", str(self.dir / "auth.toml"),
+            "--peer-token-file", str(self.dir / "peer-token"),
         ]
 
     def log(self, i: int) -> str:

@@ -191,6 +191,7 @@ def test_rejection_carries_grpc_status() -> None:
     try:
         # Blocks over the node's --max-block-size are rejected with RESOURCE_EXHAUSTED.
         client = kvshare.Client(c.endpoints, codec="none")
+        assert "token" not in repr(client)
         ns = kvshare.Namespace("big", num_layers=64, num_kv_heads=32, head_dim=128,
                                dtype="f32", tokens_per_block=64)  # 128 MiB > 64 MiB default
         data = np.zeros(ns.block_bytes, dtype=np.uint8)
@@ -209,9 +210,9 @@ def test_client_over_mtls(tmp_path: Path) -> None:
                    capture_output=True)
     c = Cluster(n=2, replicas=2, tls=certs).start()
     try:
-        tls = {"tls_ca": certs / "ca.pem", "tls_cert": certs / "client.pem",
-               "tls_key": str(certs / "client.key")}
-        client = kvshare.Client(c.endpoints, timeout_ms=5000, **tls)
+        client = kvshare.Client(c.endpoints, timeout_ms=5000, tls_ca=certs / "ca.pem",
+                                tls_cert=certs / "client.pem",
+                                tls_key=str(certs / "client.key"))
         assert sorted(client.members()) == ["node-0", "node-1"]
         ns = kvshare.Namespace("m-tls", num_layers=2, num_kv_heads=2, head_dim=64, dtype="bf16",
                                tokens_per_block=16)
@@ -238,6 +239,103 @@ def test_client_over_mtls(tmp_path: Path) -> None:
         with pytest.raises(kvshare.KvshareError) as ei:
             kvshare.Client(c.endpoints, tls_ca=tmp_path / "missing.pem")
         assert "missing.pem" in str(ei.value)
+    finally:
+        c.stop()
+
+
+WRITER_TOKEN = "kvs-writer-3f9c1e7a"
+READER_TOKEN = "kvs-reader-b72d04e1"
+AUTH = [(WRITER_TOKEN, "writer", "team-a"), (READER_TOKEN, "reader", "team-a")]
+
+
+def _blocks(model: str, n: int) -> tuple[kvshare.Namespace, list[bytes], np.ndarray]:
+    ns = kvshare.Namespace(model, num_layers=2, num_kv_heads=2, head_dim=64, dtype="bf16",
+                           tokens_per_block=16)
+    keys = ns.block_keys(range(16 * n))
+    data = np.frombuffer(np.random.default_rng(7).bytes(n * ns.block_bytes), dtype=np.uint8)
+    return ns, keys, data
+
+
+def test_client_bearer_token_and_roles() -> None:
+    c = Cluster(n=2, replicas=2, auth=AUTH).start()
+    try:
+        ns, keys, data = _blocks("m-auth", 4)
+
+        # No token: refused from the first call (ClusterInfo, to learn the membership).
+        with pytest.raises(kvshare.KvshareError) as ei:
+            kvshare.Client(c.endpoints, timeout_ms=5000)
+        assert ei.value.code == "UNAUTHENTICATED", ei.value
+        assert "refused this client" in str(ei.value)
+        assert "authorization" in str(ei.value) and "token=" in str(ei.value)
+        # A token the auth file does not list: the same, and the error does not repeat it.
+        with pytest.raises(kvshare.KvshareError) as ei:
+            kvshare.Client(c.endpoints, timeout_ms=5000, token="kvs-not-listed")
+        assert ei.value.code == "UNAUTHENTICATED", ei.value
+        assert "kvs-not-listed" not in str(ei.value)
+
+        # Writer: put, lookup, get, stats of its tenant.
+        writer = kvshare.Client(c.endpoints, timeout_ms=5000, token=WRITER_TOKEN)
+        assert writer.put_blocks(ns, keys, data).stored == 4
+        assert writer.lookup(ns, keys) == 4
+        out = np.zeros_like(data)
+        assert writer.get_blocks(ns, keys, out).prefix_blocks == 4
+        assert np.array_equal(out, data)
+        assert sum(s["stored_blocks"] for s in writer.stats()) == 8  # 4 blocks, R=2
+
+        # Reader of the same tenant: reads what the writer stored, may not write or delete.
+        reader = kvshare.Client(c.endpoints, timeout_ms=5000, token=READER_TOKEN)
+        assert reader.lookup(ns, keys) == 4
+        out = np.zeros_like(data)
+        assert reader.get_blocks(ns, keys, out).prefix_blocks == 4
+        assert np.array_equal(out, data)
+        ns2, keys2, data2 = _blocks("m-auth-reader", 2)
+        with pytest.raises(kvshare.KvshareError) as ei:
+            reader.put_blocks(ns2, keys2, data2)
+        assert ei.value.code == "PERMISSION_DENIED", ei.value
+        assert "writer" in str(ei.value)
+        with pytest.raises(kvshare.KvshareError) as ei:
+            reader.delete(ns, keys)
+        assert ei.value.code == "PERMISSION_DENIED", ei.value
+        assert writer.lookup(ns, keys) == 4
+
+        # The token is in no repr and no error.
+        for client in (writer, reader):
+            assert WRITER_TOKEN not in repr(client) and READER_TOKEN not in repr(client)
+            assert "token=<redacted>" in repr(client)
+        with pytest.raises(ValueError) as vi:
+            kvshare.Client(c.endpoints, token="kvs secret with spaces")
+        assert "secret" not in str(vi.value)
+    finally:
+        c.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/dev-certs.sh needs openssl")
+def test_client_token_over_mtls(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run([str(REPO / "scripts" / "dev-certs.sh"), str(certs)], check=True,
+                   capture_output=True)
+    c = Cluster(n=2, replicas=2, tls=certs, auth=AUTH).start()
+    try:
+        ca, cert, key = certs / "ca.pem", certs / "client.pem", certs / "client.key"
+        ns, keys, data = _blocks("m-auth-tls", 4)
+        # A client certificate is not enough: the token is still required.
+        with pytest.raises(kvshare.KvshareError) as ei:
+            kvshare.Client(c.endpoints, timeout_ms=5000, tls_ca=ca, tls_cert=cert, tls_key=key)
+        assert ei.value.code == "UNAUTHENTICATED", ei.value
+
+        client = kvshare.Client(c.endpoints, timeout_ms=5000, token=WRITER_TOKEN, tls_ca=ca,
+                                tls_cert=cert, tls_key=key)
+        assert sorted(client.members()) == ["node-0", "node-1"]
+        assert client.put_blocks(ns, keys, data).stored == 4
+        out = np.zeros_like(data)
+        assert client.get_blocks(ns, keys, out).prefix_blocks == 4
+        assert np.array_equal(out, data)
+        # Stored on both nodes (replicas=2): peers forward and replicate over mTLS with the
+        # peer token too.
+        assert sorted(s["stored_blocks"] for s in client.stats()) == [4, 4]
+        reader = kvshare.Client(c.endpoints, timeout_ms=5000, token=READER_TOKEN, tls_ca=ca,
+                                tls_cert=cert, tls_key=key)
+        assert reader.lookup(ns, keys) == 4
     finally:
         c.stop()
 

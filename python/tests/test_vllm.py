@@ -341,3 +341,76 @@ def test_connector_tls_config_from_extra_config_then_environment(
     monkeypatch.setenv("KVSHARE_TLS_KEY", "/env/c.key")
     assert _tls_config(Cfg({"tls_ca": "/x/ca.pem"})) == {
         "tls_ca": "/x/ca.pem", "tls_cert": "/env/c.pem", "tls_key": "/env/c.key"}
+
+
+class _ExtraConfig:
+    """The part of vLLM's KVTransferConfig the connector's settings helpers read."""
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        self.extra = extra
+
+    def get_from_extra_config(self, key: str, default: Any) -> Any:
+        return self.extra.get(key, default)
+
+
+def test_connector_token_from_extra_config_then_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvshare.vllm import _token_config
+
+    def token(extra: dict[str, Any]) -> str | None:
+        return _token_config(_ExtraConfig(extra))
+
+    monkeypatch.delenv("KVSHARE_TOKEN", raising=False)
+    assert token({}) is None
+    assert token({"token": ""}) is None
+    assert token({"token": "cfg-tok"}) == "cfg-tok"
+    monkeypatch.setenv("KVSHARE_TOKEN", "env-tok")
+    assert token({"token": "cfg-tok"}) == "cfg-tok"
+    assert token({}) == "env-tok"
+    assert token({"token": ""}) == "env-tok"
+
+
+def test_connector_client_authenticates_with_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connector's client against a node with --auth-file: the token from KVSHARE_TOKEN
+    is sent; without one the tier counts as unreachable; a reader's refused save neither takes
+    the tier down nor shows the token."""
+    import numpy as np
+
+    from kvshare.vllm import _LazyClient, _token_config
+
+    writer, reader = "kvs-conn-writer-51e0", "kvs-conn-reader-9ab4"
+    c = Cluster(n=1, replicas=1, auth=[(writer, "writer", "t"), (reader, "reader", "t")])
+    c.start()
+    try:
+        ns = kvshare.Namespace("m-conn-auth", num_layers=1, num_kv_heads=1, head_dim=64,
+                               dtype="bf16", tokens_per_block=16)
+        keys = ns.block_keys(range(32))
+        data = np.frombuffer(np.random.default_rng(3).bytes(2 * ns.block_bytes), dtype=np.uint8)
+
+        def lazy(token: str | None) -> _LazyClient:
+            return _LazyClient(c.endpoints, codec="none", timeout_ms=3000, interval_s=60.0,
+                               token=token)
+
+        monkeypatch.delenv("KVSHARE_TOKEN", raising=False)
+        assert lazy(_token_config(_ExtraConfig({}))).get() is None  # refused: no tier
+
+        monkeypatch.setenv("KVSHARE_TOKEN", writer)
+        w = lazy(_token_config(_ExtraConfig({})))
+        wc = w.get()
+        assert wc is not None
+        assert wc.put_blocks(ns, keys, data).stored == 2
+        assert writer not in repr(wc)
+
+        r = lazy(_token_config(_ExtraConfig({"token": reader})))
+        rc = r.get()
+        assert rc is not None
+        assert rc.lookup(ns, keys) == 2
+        with pytest.raises(kvshare.KvshareError) as ei:
+            rc.put_blocks(ns, keys, data)
+        assert ei.value.code == "PERMISSION_DENIED", ei.value
+        assert reader not in str(ei.value)
+        r.mark_down(ei.value)
+        assert r.get() is rc  # a refusal is not an outage: loads keep working
+    finally:
+        c.stop()

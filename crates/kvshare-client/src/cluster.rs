@@ -342,6 +342,20 @@ fn tally_replica(
             );
             false
         }
+        // The replica answered but refuses this client (no or unknown token, a role that may
+        // not write): every node has the same auth file, so no other replica would accept it
+        // either. A refusal of each block, not an unreachable owner.
+        Err(ClientError::Rpc { code, message })
+            if matches!(
+                code,
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) =>
+        {
+            for i in idx {
+                tallies[i].reject((code, message.clone()));
+            }
+            true
+        }
         Err(e) => {
             debug!(error = %e, "replica write failed");
             for i in idx {
@@ -388,4 +402,88 @@ fn put_report(
     }
     report.outcomes = fail_on_rejection(report.outcomes)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(byte: u8) -> PutItem {
+        let ns = Namespace {
+            model: "m".into(),
+            revision: String::new(),
+            layout: kvshare_core::KvLayout {
+                num_layers: 1,
+                num_kv_heads: 1,
+                head_dim: 8,
+                dtype: kvshare_core::DType::F16,
+                tokens_per_block: 4,
+            },
+            tp_rank: 0,
+            tp_size: 1,
+            lora: None,
+            tenant_salt: None,
+            scheme: kvshare_core::KeyScheme::Chained,
+        };
+        let raw = vec![byte; ns.layout.block_bytes() as usize];
+        let keys = ns.block_keys(&[1, 2, 3, 4]).expect("keys");
+        crate::encode_blocks(
+            &ns,
+            &keys,
+            0,
+            &[raw.as_slice()],
+            kvshare_core::Codec::None,
+            1,
+        )
+        .expect("encode")
+        .remove(0)
+    }
+
+    fn rpc(code: tonic::Code) -> ClientError {
+        ClientError::Rpc {
+            code,
+            message: format!("{code:?} from the node"),
+        }
+    }
+
+    #[test]
+    fn auth_refusals_are_rejections_with_their_code_not_unreachable_owners() {
+        for code in [tonic::Code::Unauthenticated, tonic::Code::PermissionDenied] {
+            let items = vec![item(1)];
+            let mut tallies = vec![ReplicaTally::default()];
+            assert!(tally_replica(&mut tallies, vec![0], Err(rpc(code))));
+            assert!(tally_replica(&mut tallies, vec![0], Err(rpc(code))));
+            let e = put_report(&items, tallies).expect_err("refused");
+            assert_eq!(e.code(), Some(code), "{e}");
+        }
+    }
+
+    #[test]
+    fn transport_failures_stay_unreachable_and_one_ack_holds() {
+        let items = vec![item(2)];
+        let mut tallies = vec![ReplicaTally::default()];
+        assert!(!tally_replica(
+            &mut tallies,
+            vec![0],
+            Err(rpc(tonic::Code::Unavailable))
+        ));
+        let e = put_report(&items, tallies).expect_err("unreachable");
+        assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+        assert!(e.to_string().contains("no owner reachable"), "{e}");
+
+        // One replica refusing and another storing: the block is held.
+        let mut tallies = vec![ReplicaTally::default()];
+        tally_replica(
+            &mut tallies,
+            vec![0],
+            Err(rpc(tonic::Code::PermissionDenied)),
+        );
+        let ok = vec![BlockOutcome {
+            key: items[0].key,
+            status: PutStatus::Stored,
+            replicas: 1,
+        }];
+        assert!(tally_replica(&mut tallies, vec![0], Ok(ok)));
+        assert_eq!(put_report(&items, tallies).expect("held").stored(), 1);
+    }
 }

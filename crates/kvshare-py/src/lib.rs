@@ -64,7 +64,31 @@ fn kv_err(py: Python<'_>, message: String, code: Option<tonic::Code>) -> PyErr {
     err
 }
 
+/// Whether `code` is the cluster refusing this client's credentials (it answered: not a tier
+/// that is down).
+fn is_refusal(code: Option<tonic::Code>) -> bool {
+    matches!(
+        code,
+        Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+    )
+}
+
 fn client_err(py: Python<'_>, e: ClientError) -> PyErr {
+    // Every member refusing the client (no token, an unknown token, a role that may not call
+    // ClusterInfo) is reported as that refusal, with its code, not as an unreachable cluster.
+    if let ClientError::NoMemberReachable {
+        endpoints,
+        last: Some(last),
+    } = &e
+        && is_refusal(last.code())
+    {
+        let message = format!(
+            "the kvshare cluster ({endpoints}) refused this client: {last} (give \
+             kvshare.Client a token=...; the vLLM connector reads \"token\" from \
+             kv_connector_extra_config, else KVSHARE_TOKEN)"
+        );
+        return kv_err(py, message, last.code());
+    }
     let code = e.code();
     kv_err(py, e.to_string(), code)
 }
@@ -568,10 +592,18 @@ impl GetResult {
 ///         with TLS (every endpoint becomes https://).
 ///     tls_cert, tls_key: paths of a client certificate and its key (PEM), for nodes that
 ///         require one (mTLS); need ``tls_ca``.
+///     token: bearer token sent on every call (``authorization: Bearer <token>``), for nodes
+///         started with ``--auth-file``; None (or empty) sends none. Never shown by ``repr``
+///         or in errors. Not read from the environment: pass ``os.environ["KVSHARE_TOKEN"]``
+///         explicitly (the vLLM connector does).
 ///
 /// Raises:
-///     KvshareError: no endpoint answered, or the TLS files do not load.
-///     ValueError: ``tls_cert`` without ``tls_key`` (or the reverse), or without ``tls_ca``.
+///     KvshareError: no endpoint answered, or the TLS files do not load; ``code`` is
+///         ``"UNAUTHENTICATED"`` when the nodes refuse the token (or its absence) and
+///         ``"PERMISSION_DENIED"`` when they refuse its role.
+///     ValueError: ``tls_cert`` without ``tls_key`` (or the reverse), or without ``tls_ca``;
+///         a token with characters a header cannot carry (spaces, control characters,
+///         non-ASCII).
 #[pyclass(name = "Client", module = "kvshare._native", frozen)]
 struct PyClient {
     inner: Arc<ClusterClient>,
@@ -648,7 +680,8 @@ fn decode_into_slot(
 impl PyClient {
     #[new]
     #[pyo3(signature = (endpoints, *, codec = "byteplane-huff", timeout_ms = 10_000,
-        connect_timeout_ms = 2_000, tls_ca = None, tls_cert = None, tls_key = None))]
+        connect_timeout_ms = 2_000, tls_ca = None, tls_cert = None, tls_key = None,
+        token = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -659,13 +692,22 @@ impl PyClient {
         tls_ca: Option<PathBuf>,
         tls_cert: Option<PathBuf>,
         tls_key: Option<PathBuf>,
+        token: Option<String>,
     ) -> PyResult<Self> {
         let endpoints = parse_endpoints(endpoints)?;
         let codec = Codec::parse(codec).map_err(core_err)?;
+        // Checked here so that a bad token is a ValueError before any connection (the message
+        // never includes the token).
+        kvshare_proto::transport::BearerToken::new(token.as_deref()).map_err(|_| {
+            PyValueError::new_err(
+                "token must be visible ASCII characters (no spaces or control characters)",
+            )
+        })?;
         let mut opts = ClientOptions {
             timeout: Duration::from_millis(timeout_ms),
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             codec,
+            token,
             ..ClientOptions::default()
         };
         if tls_cert.is_some() != tls_key.is_some() {
@@ -913,8 +955,19 @@ impl PyClient {
     }
 
     fn __repr__(&self) -> String {
+        // Says whether a token is set, never the token.
+        let token = if self
+            .opts
+            .token
+            .as_deref()
+            .is_some_and(|t| !t.trim().is_empty())
+        {
+            ", token=<redacted>"
+        } else {
+            ""
+        };
         format!(
-            "Client(endpoints={:?}, members={:?}, codec={})",
+            "Client(endpoints={:?}, members={:?}, codec={}{token})",
             self.endpoints,
             self.inner.members(),
             self.codec.name()
