@@ -24,9 +24,10 @@
 //! same critical section as the LRU structures, so a 2,048-key Lookup never waits for inserts
 //! and evictions and never makes them wait. What a read must change, the recency of its hits, is
 //! recorded in a bounded read buffer and applied to the LRU order in batches under the lock
-//! (Caffeine's read-buffer technique): by the next writer, which drains the buffer before it
-//! evicts, or by the reader that fills the buffer, if the lock is free. A read that finds the
-//! buffer full and the lock busy drops its recency record (the buffer is lossy, as Caffeine's
+//! (Caffeine's read-buffer technique): by a maintenance task ([`BlockStore::apply_buffered_reads`],
+//! which the node runs every few milliseconds, in batches so writers never wait long) and by
+//! the next writer, which drains the buffer before it evicts. Readers never take the lock; a
+//! read that finds the buffer full drops its recency record (the buffer is lossy, as Caffeine's
 //! is: memory stays bounded, and the hard cap and tail-first order never depend on it).
 //!
 //! # Eviction rule
@@ -93,8 +94,17 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
 /// is released).
 pub const SHRINK_BATCH_BLOCKS: usize = 2048;
 
-/// Most recency records the read buffer holds before a reader applies them (64 bytes each).
-pub const READ_BUFFER_KEYS: usize = 64 * 1024;
+/// Most recency records the read buffer holds (64 bytes each); more are dropped until it is
+/// applied.
+pub const READ_BUFFER_KEYS: usize = 256 * 1024;
+
+/// Hasher of the store's key maps: aHash with per-process random keys. Keys are 64 client-chosen
+/// bytes; SipHash (std's default) spent about half of a 2,048-key Lookup hashing them, and a
+/// keyed hash keeps chosen-collision floods out as SipHash does.
+type KeyHasher = ahash::RandomState;
+
+/// Most buffered hits applied in one hold of the store's lock.
+pub const READ_APPLY_BATCH: usize = 4096;
 
 /// Name of the tenant every block belongs to when no tenant is given (id [`TenantId::DEFAULT`]).
 pub const DEFAULT_TENANT: &str = "default";
@@ -189,7 +199,7 @@ pub struct NamespaceUsage {
 }
 
 struct Inner {
-    map: HashMap<StoreKey, Entry>,
+    map: HashMap<StoreKey, Entry, KeyHasher>,
     /// Evictable blocks (no stored children), by tick.
     leaves: BTreeMap<u64, StoreKey>,
     /// Evictable blocks of each tenant that has a quota, by tick (a subset of `leaves`).
@@ -284,9 +294,11 @@ pub struct BlockStore {
     resize: Mutex<()>,
     inner: Mutex<Inner>,
     /// The read index: every stored block, written under `inner`'s lock, read without it.
-    index: DashMap<StoreKey, Arc<EncodedBlock>>,
+    index: DashMap<StoreKey, Arc<EncodedBlock>, KeyHasher>,
     /// Hits not yet applied to the LRU order, oldest first (at most [`READ_BUFFER_KEYS`]).
     reads: Mutex<Vec<StoreKey>>,
+    /// Hits not recorded because the read buffer was full.
+    dropped_reads: AtomicU64,
     namespaces: DashMap<BlockKey, NamespaceUsage>,
     /// Usage per tenant id (entries are never removed: tenants are few).
     tenants: DashMap<TenantId, TenantUsage>,
@@ -303,7 +315,7 @@ impl BlockStore {
             capacity: AtomicU64::new(capacity_bytes),
             resize: Mutex::new(()),
             inner: Mutex::new(Inner {
-                map: HashMap::new(),
+                map: HashMap::default(),
                 leaves: BTreeMap::new(),
                 quota_leaves: HashMap::new(),
                 quotas: HashMap::new(),
@@ -315,8 +327,9 @@ impl BlockStore {
                 #[cfg(test)]
                 evicted_parents: 0,
             }),
-            index: DashMap::new(),
+            index: DashMap::default(),
             reads: Mutex::new(Vec::new()),
+            dropped_reads: AtomicU64::new(0),
             namespaces: DashMap::new(),
             tenants: DashMap::new(),
             tenant_names: parking_lot::RwLock::new({
@@ -734,9 +747,9 @@ impl BlockStore {
         }
     }
 
-    /// Records hits (in the order they should become recent: the last one most recent). When
-    /// the buffer would overflow, the reader applies it if the store's lock is free, and
-    /// otherwise drops these records (see the module docs).
+    /// Records hits (in the order they should become recent: the last one most recent). A
+    /// reader never takes the store's lock: when the buffer is full the records are dropped
+    /// (see the module docs), and [`BlockStore::apply_buffered_reads`] empties it.
     fn record_reads(&self, hits: impl ExactSizeIterator<Item = StoreKey>) {
         let n = hits.len();
         if n == 0 {
@@ -745,15 +758,35 @@ impl BlockStore {
         let mut buf = self.reads.lock();
         if buf.len() + n <= READ_BUFFER_KEYS {
             buf.extend(hits);
-            return;
+        } else {
+            drop(buf);
+            self.dropped_reads.fetch_add(n as u64, Ordering::Relaxed);
         }
-        drop(buf);
-        if let Some(mut g) = self.inner.try_lock() {
-            self.apply_reads(&mut g);
-            for k in hits {
-                g.promote(&k);
+    }
+
+    /// Applies the buffered hits to the LRU order, at most [`READ_APPLY_BATCH`] per hold of the
+    /// store's lock (so writers wait at most one batch); returns how many were applied. Call it
+    /// often from a maintenance task (the node does every few milliseconds): readers only
+    /// record, and inserts apply what is buffered before they evict.
+    pub fn apply_buffered_reads(&self) -> usize {
+        let reads = std::mem::take(&mut *self.reads.lock());
+        for batch in reads.chunks(READ_APPLY_BATCH) {
+            let mut g = self.inner.lock();
+            for k in batch {
+                g.promote(k);
             }
         }
+        reads.len()
+    }
+
+    /// Hits waiting in the read buffer.
+    pub fn buffered_reads(&self) -> usize {
+        self.reads.lock().len()
+    }
+
+    /// Hits whose recency was dropped because the read buffer was full (since start).
+    pub fn dropped_reads(&self) -> u64 {
+        self.dropped_reads.load(Ordering::Relaxed)
     }
 
     /// Adds hits to a namespace that has stored blocks (never creates an entry).
@@ -1209,6 +1242,33 @@ mod tests {
         // 3 was not touched; then tail-first promotion leaves 0 most recent.
         assert_eq!(order.last(), Some(&key(0)));
         assert_eq!(order.first(), Some(&key(3)));
+    }
+
+    #[test]
+    fn reads_are_buffered_applied_in_batches_and_dropped_when_the_buffer_is_full() {
+        let s = BlockStore::new(1 << 30);
+        for i in 0..3 {
+            s.insert(key(i), None, block(i)).expect("insert");
+        }
+        // Key 0 is the oldest; a get of it is only recorded...
+        assert!(s.get(&key(0)).is_some());
+        assert_eq!(s.buffered_reads(), 1);
+        // ...until applied: then it is the most recent.
+        assert_eq!(s.apply_buffered_reads(), 1);
+        assert_eq!(s.buffered_reads(), 0);
+        assert_eq!(s.keys_oldest_first().last(), Some(&key(0)));
+        // More hits than a batch are applied in several holds of the lock, in order.
+        let many = vec![key(1).key; READ_APPLY_BATCH + 10];
+        assert_eq!(s.presence(NS, &many).len(), many.len());
+        assert_eq!(s.apply_buffered_reads(), many.len());
+        assert_eq!(s.keys_oldest_first().last(), Some(&key(1)));
+        // A full buffer drops what does not fit and counts it; readers never block.
+        let full = vec![key(2).key; READ_BUFFER_KEYS];
+        assert_eq!(s.lookup_prefix(NS, &full), READ_BUFFER_KEYS);
+        assert_eq!(s.lookup_prefix(NS, &full[..5]), 5);
+        assert_eq!(s.buffered_reads(), READ_BUFFER_KEYS);
+        assert_eq!(s.dropped_reads(), 5);
+        s.check_invariants();
     }
 
     #[test]

@@ -367,6 +367,27 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often the recency of lookups' and gets' hits is applied to the store's LRU order.
+const READ_RECENCY_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Applies the hits readers buffered to the store's LRU order every few milliseconds, on a
+/// blocking thread (in batches, so writers never wait long), until `shutdown`. Lookups and Gets
+/// never take the store's lock themselves.
+async fn apply_read_recency(store: Arc<BlockStore>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(READ_RECENCY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|v| *v) => return,
+            _ = tick.tick() => {}
+        }
+        if store.buffered_reads() > 0 {
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.apply_buffered_reads()).await;
+        }
+    }
+}
+
 /// Serves gRPC (KvCache, health, reflection v1 and v1alpha) on `listener` until `shutdown`.
 async fn spawn_grpc(
     listener: TcpListener,
@@ -637,6 +658,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),
         rate: config.rereplicate_rate.max(1),
     };
+    tokio::spawn(apply_read_recency(state.store.clone(), shutdown_rx.clone()));
     tokio::spawn(rebalance::run(state.clone(), rebalance, shutdown_rx));
     ready.store(true, Ordering::Release);
 
