@@ -667,7 +667,9 @@ pub async fn run(args: &Args, links: &[LinkRate]) -> anyhow::Result<Option<Shape
         ns: SERVER_NS,
         ip: SERVER_IP,
     };
-    let node = Node::start_at(place, "4GiB", &[]).await?;
+    // The node listens on the namespace's private address: without the flag, protected mode
+    // (no --auth-file on a non-loopback address) would refuse the client namespace.
+    let node = Node::start_at(place, "4GiB", &["--insecure-no-auth"]).await?;
     let redis = match args.compare {
         crate::Baseline::Redis => Some(Redis::start_at(place).await?),
         crate::Baseline::None => None,
