@@ -39,8 +39,12 @@ pub struct SecureRow {
     pub block_bytes: u64,
     /// Plain node: raw GB/s of each run (lookups: p50 microseconds).
     pub plain: Vec<f64>,
+    /// Node with `--auth-file` only (no TLS), same unit.
+    pub auth: Vec<f64>,
     /// Auth + TLS node, same unit.
     pub secure: Vec<f64>,
+    /// Median of `auth` over median of `plain`.
+    pub auth_ratio: f64,
     /// Median of `secure` over median of `plain`.
     pub ratio: f64,
 }
@@ -82,8 +86,8 @@ fn write_auth_file(dir: &Path, token: &str) -> anyhow::Result<std::path::PathBuf
     Ok(path)
 }
 
-/// Starts the plain and the secure node.
-async fn start_targets(args: &Args) -> anyhow::Result<(Target, Target)> {
+/// Starts the plain, the auth-only and the auth + TLS node.
+async fn start_targets(args: &Args) -> anyhow::Result<[Target; 3]> {
     let dir = args.out_dir.join("secure");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = kvshare_testkit::pki::TestCa::new("kvshare-bench secure CA");
@@ -94,6 +98,8 @@ async fn start_targets(args: &Args) -> anyhow::Result<(Target, Target)> {
     let auth = write_auth_file(&dir, &token)?;
     let auth_arg = auth.to_string_lossy().into_owned();
     let plain = Node::start_with(Place::Loopback, "4GiB", &[], None).await?;
+    let auth_only =
+        Node::start_with(Place::Loopback, "4GiB", &["--auth-file", &auth_arg], None).await?;
     let secure = Node::start_with(
         Place::Loopback,
         "4GiB",
@@ -103,10 +109,17 @@ async fn start_targets(args: &Args) -> anyhow::Result<(Target, Target)> {
     .await?;
     let tls =
         ClientTls::from_pem(ca.cert_pem.as_bytes(), None)?.with_server_name(Some(BENCH_NODE_NAME));
-    Ok((
+    Ok([
         Target {
             node: plain,
             options: ClientOptions::default(),
+        },
+        Target {
+            node: auth_only,
+            options: ClientOptions {
+                token: Some(token.clone()),
+                ..ClientOptions::default()
+            },
         },
         Target {
             node: secure,
@@ -116,7 +129,7 @@ async fn start_targets(args: &Args) -> anyhow::Result<(Target, Target)> {
                 ..ClientOptions::default()
             },
         },
-    ))
+    ])
 }
 
 /// Raw GB/s of one cell of `load` against `target`.
@@ -172,7 +185,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
         !args.tls,
         "--parts secure starts its own plain and TLS nodes; run it without --tls"
     );
-    let (plain, secure) = start_targets(args).await?;
+    let targets = start_targets(args).await?;
     let repeat = args.repeat.max(1);
     let budget = match &args.bytes_per_cell {
         Some(b) => kvshare_core::size::parse_size(b)?,
@@ -180,14 +193,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
         None => 256 << 20,
     };
     println!(
-        "\n== auth + TLS vs plain: the same cells on two nodes, alternating, {repeat} run(s) each"
+        "\n== auth, and auth + TLS, vs plain: the same cells on three nodes, alternating, {repeat} run(s) each"
     );
     let mut rows = Vec::new();
     for size in SIZES {
-        let keys = [
-            populate(&plain, args, size).await?,
-            populate(&secure, args, size).await?,
-        ];
+        let mut keys = Vec::new();
+        for t in &targets {
+            keys.push(populate(t, args, size).await?);
+        }
         for op in [Op::Get, Op::Put] {
             let load = Load {
                 op,
@@ -195,23 +208,24 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
                 conc: CONC,
                 ops: (budget / size).max(CONC as u64) as usize,
             };
-            let (mut p, mut s) = (Vec::new(), Vec::new());
+            let mut runs = [Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..repeat {
-                p.push(cell(&plain, args, load, keys[0].clone()).await?);
-                s.push(cell(&secure, args, load, keys[1].clone()).await?);
+                for (i, t) in targets.iter().enumerate() {
+                    runs[i].push(cell(t, args, load, keys[i].clone()).await?);
+                }
             }
-            rows.push(row(op.name(), size, p, s));
+            rows.push(row(op.name(), size, runs));
         }
     }
     let chain: Vec<BlockKey> = (0..LOOKUP_BLOCKS).map(|_| random_key()).collect();
     let mut clients = Vec::new();
-    for t in [&plain, &secure] {
+    for t in &targets {
         let mut c = t.client(args.codec).await?;
         populate_chain(&mut c, &chain).await?;
         clients.push(c);
     }
     let samples = lookup_samples(args.quick, LOOKUP_BLOCKS);
-    let (mut p, mut s) = (Vec::new(), Vec::new());
+    let mut runs = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..repeat {
         for (i, c) in clients.iter_mut().enumerate() {
             let mut lat = lookup_latencies("kvshare", LOOKUP_BLOCKS, samples, async || {
@@ -219,44 +233,47 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
             })
             .await?;
             lat.sort_by(f64::total_cmp);
-            [&mut p, &mut s][i].push(percentile(&lat, 0.5));
+            runs[i].push(percentile(&lat, 0.5));
         }
     }
-    rows.push(row("lookup p50 us", 0, p, s));
+    rows.push(row("lookup p50 us", 0, runs));
     println!(
-        "{:<14} {:>10} {:>12} {:>12} {:>8}   each run plain/secure",
-        "op", "block", "plain", "auth+TLS", "ratio"
+        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>7} {:>8}   each run plain/auth/auth+TLS",
+        "op", "block", "plain", "auth", "auth+TLS", "auth", "auth+TLS"
     );
     for r in &rows {
-        let each: Vec<String> = r
-            .plain
-            .iter()
-            .zip(&r.secure)
-            .map(|(a, b)| format!("{a:.3}/{b:.3}"))
+        let each: Vec<String> = (0..r.plain.len())
+            .map(|i| format!("{:.3}/{:.3}/{:.3}", r.plain[i], r.auth[i], r.secure[i]))
             .collect();
         println!(
-            "{:<14} {:>10} {:>12.3} {:>12.3} {:>7.2}x   {}",
+            "{:<14} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>6.2}x {:>7.2}x   {}",
             r.op,
             r.block_bytes,
             median(&r.plain),
+            median(&r.auth),
             median(&r.secure),
+            r.auth_ratio,
             r.ratio,
             each.join(" ")
         );
     }
-    plain.node.stop();
-    secure.node.stop();
+    for t in targets {
+        t.node.stop();
+    }
     Ok(rows)
 }
 
-fn row(op: &str, block_bytes: u64, plain: Vec<f64>, secure: Vec<f64>) -> SecureRow {
-    let ratio = median(&secure) / median(&plain).max(f64::MIN_POSITIVE);
+fn row(op: &str, block_bytes: u64, runs: [Vec<f64>; 3]) -> SecureRow {
+    let [plain, auth, secure] = runs;
+    let base = median(&plain).max(f64::MIN_POSITIVE);
     SecureRow {
         op: op.into(),
         block_bytes,
+        auth_ratio: median(&auth) / base,
+        ratio: median(&secure) / base,
         plain,
+        auth,
         secure,
-        ratio,
     }
 }
 
