@@ -10,6 +10,8 @@
 //! ```text
 //! 128 bytes: code length of each symbol 0..=255, 4 bits each (symbol 2k in the low nibble),
 //!            0 = symbol absent, else 1..=MAX_BITS
+//! u32:       n, the number of symbols (a decode into any other length is refused: with short
+//!            codes, n - 1 symbols can fill the same bytes as n)
 //! 3 x u32:   byte length of streams 0, 1, 2 (stream 3 takes the rest)
 //! streams:   stream k codes symbols [k*q, min((k+1)*q, n)) with q = ceil(n/4); bits are written
 //!            least significant first, each code bit-reversed, so the decoder looks the next
@@ -27,7 +29,7 @@ const TABLE_SIZE: usize = 1 << MAX_BITS;
 const LOOKUPS: usize = 56 / MAX_BITS as usize;
 const STREAMS: usize = 4;
 /// Bytes before the stream data: code lengths, then three stream lengths.
-pub const HEADER_LEN: usize = 128 + 4 * (STREAMS - 1);
+pub const HEADER_LEN: usize = 128 + 4 + 4 * (STREAMS - 1);
 
 /// Why a Huffman plane does not decode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +181,8 @@ pub fn encode(n: usize, sym: impl Fn(usize) -> u8, lens: &[u8; 256], out: &mut V
     for pair in lens.chunks_exact(2) {
         out.push(pair[0] | pair[1] << 4);
     }
+    // Planes are at most a block (1 GiB), so n fits; saturate rather than wrap regardless.
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
     let dir = out.len();
     out.resize(dir + 4 * (STREAMS - 1), 0);
     let q = n.div_ceil(STREAMS);
@@ -318,8 +322,8 @@ fn build_table(lens: &[u8; 256]) -> Result<Box<[Entry; TABLE_SIZE]>, HuffError> 
     Ok(table)
 }
 
-/// Parses the header of an encoded plane: code lengths and the four streams.
-fn parse(data: &[u8]) -> Result<([u8; 256], [&[u8]; STREAMS]), HuffError> {
+/// Parses the header of an encoded plane: code lengths, symbol count and the four streams.
+fn parse(data: &[u8]) -> Result<([u8; 256], usize, [&[u8]; STREAMS]), HuffError> {
     if data.len() < HEADER_LEN {
         return err("huffman plane shorter than its header");
     }
@@ -328,10 +332,11 @@ fn parse(data: &[u8]) -> Result<([u8; 256], [&[u8]; STREAMS]), HuffError> {
         lens[2 * i] = b & 15;
         lens[2 * i + 1] = b >> 4;
     }
+    let n = u32::from_le_bytes([data[128], data[129], data[130], data[131]]) as usize;
     let mut rest = &data[HEADER_LEN..];
     let mut streams: [&[u8]; STREAMS] = [&[]; STREAMS];
     for (k, s) in streams.iter_mut().enumerate().take(STREAMS - 1) {
-        let at = 128 + 4 * k;
+        let at = 132 + 4 * k;
         let len = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
         if len > rest.len() {
             return err(format!(
@@ -343,7 +348,7 @@ fn parse(data: &[u8]) -> Result<([u8; 256], [&[u8]; STREAMS]), HuffError> {
         rest = b;
     }
     streams[STREAMS - 1] = rest;
-    Ok((lens, streams))
+    Ok((lens, n, streams))
 }
 
 /// A forward LSB-first bit reader over one stream. Past the end it reads zero bits;
@@ -422,9 +427,14 @@ impl<'a> Reader<'a> {
 /// tables, lengths, or streams that do not end in their last byte; never panics, allocates only
 /// the 8 KiB decode table.
 pub fn decode(data: &[u8], out: &mut [u8]) -> Result<(), HuffError> {
-    let (lens, streams) = parse(data)?;
-    let table = build_table(&lens)?;
+    let (lens, symbols, streams) = parse(data)?;
     let n = out.len();
+    if symbols != n {
+        return err(format!(
+            "huffman plane holds {symbols} symbols, not the {n} expected"
+        ));
+    }
+    let table = build_table(&lens)?;
     let q = n.div_ceil(STREAMS);
     let mut readers: [Reader; STREAMS] = std::array::from_fn(|k| Reader::new(streams[k]));
     // Split `out` into the four segments.
@@ -512,6 +522,18 @@ mod tests {
             .collect();
         let enc = round_trip(&data);
         assert!(enc.len() < data.len() / 3, "{}", enc.len());
+    }
+
+    /// Found by the codec_roundtrip fuzz target: with 1-bit codes, n - 1 symbols fill the same
+    /// bytes as n, so only the stored symbol count tells a wrong length apart.
+    #[test]
+    fn a_decode_into_another_length_is_refused() {
+        let data: Vec<u8> = (0..1000u32).map(|i| u8::from(i % 7 == 0)).collect();
+        let enc = round_trip(&data);
+        for n in [data.len() - 1, data.len() + 1, 0] {
+            let mut out = vec![0u8; n];
+            assert!(decode(&enc, &mut out).is_err(), "{n} symbols");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Stored payloads stay readable: `tests/fixtures/codec-v1/` holds payloads encoded once by
 //! earlier versions of the codecs (the four codecs of commit 99f63af, before byteplane-huff
-//! existed, and byteplane-huff as first released), from slices of the real K/V in `tests/data`.
+//! existed, and byteplane-huff as first released, with its symbol count), from slices of the real K/V in `tests/data`.
 //! Each must still decode bit-exact whatever the encoders do today: stores, snapshots and peers
 //! hold blocks written by older nodes.
 //!
