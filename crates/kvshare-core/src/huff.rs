@@ -322,8 +322,18 @@ fn build_table(lens: &[u8; 256]) -> Result<Box<[Entry; TABLE_SIZE]>, HuffError> 
     Ok(table)
 }
 
+/// An encoded plane's parts.
+struct Parsed<'a> {
+    /// Code length of each symbol.
+    lens: [u8; 256],
+    /// Symbols the plane holds.
+    symbols: usize,
+    /// The four streams.
+    streams: [&'a [u8]; STREAMS],
+}
+
 /// Parses the header of an encoded plane: code lengths, symbol count and the four streams.
-fn parse(data: &[u8]) -> Result<([u8; 256], usize, [&[u8]; STREAMS]), HuffError> {
+fn parse(data: &[u8]) -> Result<Parsed<'_>, HuffError> {
     if data.len() < HEADER_LEN {
         return err("huffman plane shorter than its header");
     }
@@ -348,7 +358,11 @@ fn parse(data: &[u8]) -> Result<([u8; 256], usize, [&[u8]; STREAMS]), HuffError>
         rest = b;
     }
     streams[STREAMS - 1] = rest;
-    Ok((lens, n, streams))
+    Ok(Parsed {
+        lens,
+        symbols: n,
+        streams,
+    })
 }
 
 /// A forward LSB-first bit reader over one stream. Past the end it reads zero bits;
@@ -427,7 +441,11 @@ impl<'a> Reader<'a> {
 /// tables, lengths, or streams that do not end in their last byte; never panics, allocates only
 /// the 8 KiB decode table.
 pub fn decode(data: &[u8], out: &mut [u8]) -> Result<(), HuffError> {
-    let (lens, symbols, streams) = parse(data)?;
+    let Parsed {
+        lens,
+        symbols,
+        streams,
+    } = parse(data)?;
     let n = out.len();
     if symbols != n {
         return err(format!(
