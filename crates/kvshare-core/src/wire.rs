@@ -201,8 +201,8 @@ mod tests {
     use crate::codec::Codec;
     use crate::layout::{DType, KvLayout};
 
-    #[test]
-    fn chunks_reassemble() {
+    /// A raw block of the bytes 0..100.
+    fn hundred_byte_block() -> EncodedBlock {
         let layout = KvLayout {
             num_layers: 1,
             num_kv_heads: 1,
@@ -211,7 +211,12 @@ mod tests {
             tokens_per_block: 1,
         };
         let raw: Vec<u8> = (0..100).collect();
-        let b = EncodedBlock::encode(BlockKey([1; 32]), layout, Codec::None, &raw).expect("enc");
+        EncodedBlock::encode(BlockKey([1; 32]), layout, Codec::None, &raw).expect("enc")
+    }
+
+    #[test]
+    fn chunks_reassemble() {
+        let b = hundred_byte_block();
         let keys = [BlockKey([2; 32]), BlockKey([3; 32])];
         let put = put_chunks(&keys[0], Some(&keys[1]), &b, 30);
         assert_eq!(put.len(), 4);
@@ -231,15 +236,7 @@ mod tests {
 
     #[test]
     fn sharing_assembler_keeps_single_message_blocks_and_reassembles_the_rest() {
-        let layout = KvLayout {
-            num_layers: 1,
-            num_kv_heads: 1,
-            head_dim: 50,
-            dtype: DType::U8,
-            tokens_per_block: 1,
-        };
-        let raw: Vec<u8> = (0..100).collect();
-        let b = EncodedBlock::encode(BlockKey([1; 32]), layout, Codec::None, &raw).expect("enc");
+        let b = hundred_byte_block();
         let keys = [BlockKey([2; 32]), BlockKey([3; 32])];
         let mut a = GetAssembler::sharing(&keys);
         let single = get_chunks(0, &keys[0], Some(&b), 1 << 20);

@@ -185,15 +185,7 @@ impl NodeState {
                 .saturating_sub(u.blocks * kvshare_core::store::ENTRY_OVERHEAD_BYTES),
             hits: u.hits,
             evictions: u.evictions,
-            namespaces: namespaces
-                .iter()
-                .map(|(ns, u)| pb::NamespaceStats {
-                    namespace: Bytes::copy_from_slice(&ns.0),
-                    blocks: u.blocks,
-                    bytes: u.bytes,
-                    hits: u.hits,
-                })
-                .collect(),
+            namespaces: namespace_stats(&namespaces),
             namespaces_total: total,
             uptime_seconds: self.started.elapsed().as_secs(),
             ..Default::default()
@@ -234,16 +226,7 @@ impl NodeState {
             bytes_in: m.received_bytes.get(),
             bytes_out: m.sent_bytes.get(),
             deletes: m.deletes.get(),
-            namespaces: st
-                .namespaces
-                .iter()
-                .map(|(ns, u)| pb::NamespaceStats {
-                    namespace: Bytes::copy_from_slice(&ns.0),
-                    blocks: u.blocks,
-                    bytes: u.bytes,
-                    hits: u.hits,
-                })
-                .collect(),
+            namespaces: namespace_stats(&st.namespaces),
             uptime_seconds: self.started.elapsed().as_secs(),
             stored_payload_bytes: st.payload_bytes,
             lookup_blocks: m.lookup_blocks.get(),
@@ -265,4 +248,18 @@ async fn verify(block: Arc<EncodedBlock>) -> Result<(), CoreError> {
         Ok(r) => r,
         Err(e) => Err(CoreError::Corrupt(format!("verification task failed: {e}"))),
     }
+}
+
+/// The wire form of listed namespaces' usage.
+fn namespace_stats(
+    list: &[(BlockKey, kvshare_core::store::NamespaceUsage)],
+) -> Vec<pb::NamespaceStats> {
+    list.iter()
+        .map(|(ns, u)| pb::NamespaceStats {
+            namespace: Bytes::copy_from_slice(&ns.0),
+            blocks: u.blocks,
+            bytes: u.bytes,
+            hits: u.hits,
+        })
+        .collect()
 }
