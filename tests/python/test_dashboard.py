@@ -156,8 +156,11 @@ class Cdp:
 
     def wait(self, expression: str, what: str, timeout: float = 10.0):
         deadline = time.monotonic() + timeout
+        # Right after a navigation the old document, or one without a body yet, may be the one
+        # evaluated: a TypeError then means "not yet", not a failure.
+        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return false; }} }})()"
         while True:
-            v = self.eval(expression)
+            v = self.eval(guarded)
             if v:
                 return v
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -370,7 +373,7 @@ def test_dashboard_asks_for_a_token_and_warns_when_insecure(pb):
         # --insecure-no-auth: the banner.
         assert wait_http(f"http://127.0.0.1:{h2}/api/cluster") == 200
         cdp.navigate(f"http://127.0.0.1:{h2}/dashboard")
-        cdp.wait('document.body.dataset.ready === "1"', "the insecure node's data")
+        cdp.wait(f'location.port === "{h2}" && document.body.dataset.ready === "1"', "the insecure node's data")
         st = page_state(cdp)
         assert st["mode"] == "insecure-no-auth" and st["insecureBanner"] and not st["authShown"], st
         dom = browser(["--dump-dom"], f"http://127.0.0.1:{h2}/dashboard", tmp, budget_ms=2000)
