@@ -18,10 +18,12 @@
 
 #![warn(missing_docs)]
 
+mod bulk;
 pub mod cluster;
 
 pub use cluster::ClusterClient;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -185,6 +187,10 @@ pub struct ClientOptions {
     /// certificates (mTLS), this client's certificate and key. Set: every connection uses TLS
     /// (`host:port` and `http://` endpoints become `https://`). See [`ClientOptions::with_tls_files`].
     pub tls: Option<ClientTls>,
+    /// Move Get and Put bytes over the node's bulk transport (length-prefixed frames on TCP or
+    /// TLS beside gRPC, see `docs/design.md`) when it has one; gRPC otherwise, or when its port
+    /// cannot be reached. False: gRPC for everything.
+    pub bulk: bool,
 }
 
 impl ClientOptions {
@@ -224,6 +230,7 @@ impl Default for ClientOptions {
             hedge_after: Duration::from_millis(250),
             tls: None,
             token: None,
+            bulk: true,
         }
     }
 }
@@ -240,6 +247,7 @@ impl std::fmt::Debug for ClientOptions {
             hedge_after,
             token,
             tls,
+            bulk,
         } = self;
         f.debug_struct("ClientOptions")
             .field("timeout", timeout)
@@ -250,6 +258,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("token", &token.as_ref().map(|_| "<redacted>"))
             // Certificates are public but the client key is not: say only whether TLS is set.
             .field("tls", &tls.as_ref().map(|_| "<configured>"))
+            .field("bulk", bulk)
             .finish()
     }
 }
@@ -337,6 +346,8 @@ pub struct KvClient {
     opts: ClientOptions,
     endpoint: String,
     no_forward: bool,
+    /// The node's bulk transport, found at the first Get or Put (shared by clones).
+    bulk: Arc<bulk::Discovery>,
 }
 
 /// The keys of `tokens`' full blocks and how many leading ones `count_hits(namespace digest,
@@ -415,6 +426,7 @@ impl KvClient {
             opts,
             endpoint: endpoint.to_string(),
             no_forward: false,
+            bulk: Arc::default(),
         }
     }
 
@@ -441,7 +453,34 @@ impl KvClient {
     /// (how a smart client talks to a key's owner directly).
     pub fn no_forward(mut self) -> Self {
         self.no_forward = true;
+        // Bulk connections say in their BulkOpen whether they forward.
+        self.bulk = Arc::default();
         self
+    }
+
+    /// The node's bulk transport when this client uses one: found at the first call (the
+    /// port from ClusterInfo, then a first connection to it); `None`: gRPC.
+    async fn bulk(&self) -> Option<Arc<bulk::Bulk>> {
+        if !self.opts.bulk {
+            return None;
+        }
+        let discovery = self.bulk.clone();
+        discovery
+            .get(async || {
+                let mut rpc = self.clone();
+                let info = rpc.cluster_info().await.ok()?;
+                let port = u16::try_from(info.bulk_port).ok().filter(|&p| p != 0)?;
+                let b = bulk::Bulk::new(
+                    &self.endpoint,
+                    port,
+                    self.opts.tls.clone(),
+                    self.opts.token.as_ref().map(|t| format!("Bearer {t}")),
+                    self.no_forward,
+                    self.opts.connect_timeout,
+                )?;
+                b.probe().await.then_some(b)
+            })
+            .await
     }
 
     /// Longest cached prefix of `tokens` in `ns`, in blocks.
@@ -522,22 +561,26 @@ impl KvClient {
         let chunk = self.opts.chunk_size.max(1);
         let mut raw_bytes = 0;
         let mut wire_bytes = 0;
-        let mut msgs = Vec::new();
         for item in &items {
             raw_bytes += item.block.header.raw_len;
             wire_bytes += item.block.payload.len() as u64;
-            msgs.extend(put_chunks(
-                &item.key,
-                item.parent.as_ref(),
-                &item.block,
-                chunk,
-            ));
         }
-        let req = self.request(tokio_stream::iter(msgs));
-        match self.rpc.put(req).await {
+        let answer = match self.bulk().await {
+            Some(b) => b.put(&items, self.opts.timeout).await?,
+            None => {
+                let msgs = items
+                    .iter()
+                    .flat_map(|item| {
+                        put_chunks(&item.key, item.parent.as_ref(), &item.block, chunk)
+                    })
+                    .collect::<Vec<_>>();
+                let req = self.request(tokio_stream::iter(msgs));
+                self.rpc.put(req).await.map(tonic::Response::into_inner)
+            }
+        };
+        match answer {
             Ok(resp) => {
                 let outcomes = resp
-                    .into_inner()
                     .outcomes
                     .iter()
                     .map(outcome_from_pb)
@@ -566,6 +609,9 @@ impl KvClient {
             keys: Vec::new(),
             packed_keys: pack_keys(keys),
         };
+        if let Some(b) = self.bulk().await {
+            return b.get(&req, keys, self.opts.timeout).await;
+        }
         let mut stream = self.rpc.get(self.request(req)).await?.into_inner();
         let mut asm = GetAssembler::sharing(keys);
         while let Some(msg) = stream.message().await? {

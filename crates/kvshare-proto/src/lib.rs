@@ -10,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("kvshare.v1");
 }
 
+pub mod bulk;
 pub mod tls;
 
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.

@@ -362,54 +362,76 @@ impl tower::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let config = self.tls.config();
-        let server_name = self.tls.server_name.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let (host, port) = host_port(&uri)?;
-            let verify_as = server_name.map_or_else(|| host.clone(), |n| n.to_string());
-            let name = ServerName::try_from(verify_as.clone()).map_err(|source| {
-                ConnectError::ServerName {
-                    host: verify_as,
-                    source,
-                }
-            })?;
-            let addr = format!("{host}:{port}");
-            let tcp = TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(|source| ConnectError::Tcp {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            let _ = tcp.set_nodelay(true);
-            let has_cert = config.client_auth_cert_resolver.has_certs();
-            let requested = Arc::new(AtomicBool::new(false));
-            let mut config = (*config).clone();
-            config.client_auth_cert_resolver = Arc::new(NoteRequest {
-                inner: config.client_auth_cert_resolver.clone(),
-                requested: requested.clone(),
-            });
-            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await
-                .map_err(|source| ConnectError::Handshake {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            if requested.load(Ordering::Acquire) {
-                if !has_cert {
-                    return Err(ConnectError::ClientCertificateRequired { addr });
-                }
-                // TLS 1.3 ends the client's handshake before the server has checked its
-                // certificate: wait for the server's verdict (its first bytes, or an alert) so
-                // that a refused certificate fails here with its reason.
-                let (io, conn) = tls.get_mut();
-                await_server_verdict(io, conn)
-                    .await
-                    .map_err(|source| ConnectError::Handshake { addr, source })?;
-            }
-            Ok(TokioIo::new(tls))
+            // HTTP/2 servers speak first (SETTINGS): their first bytes are the verdict on a
+            // client certificate.
+            Ok(TokioIo::new(connect_tls(&tls, &host, port, true).await?))
         })
     }
+}
+
+/// A TLS connection to `host:port` with `tls` (TCP without Nagle, certificate verified against
+/// `host` or the configured server name); a server that wants a client certificate this client
+/// does not have fails here. `server_speaks_first`: the protocol's server sends the first
+/// application bytes (HTTP/2), so a refused client certificate also fails here, with the
+/// reason; otherwise the refusal arrives as an alert at the first read.
+pub async fn connect_tls(
+    tls: &ClientTls,
+    host: &str,
+    port: u16,
+    server_speaks_first: bool,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let config = tls.config();
+    let verify_as = tls
+        .server_name
+        .as_deref()
+        .map_or_else(|| host.to_string(), str::to_string);
+    let name = ServerName::try_from(verify_as.clone()).map_err(|source| {
+        ConnectError::ServerName {
+            host: verify_as,
+            source,
+        }
+    })?;
+    let addr = format!("{host}:{port}");
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|source| ConnectError::Tcp {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let has_cert = config.client_auth_cert_resolver.has_certs();
+    let requested = Arc::new(AtomicBool::new(false));
+    let mut config = (*config).clone();
+    config.client_auth_cert_resolver = Arc::new(NoteRequest {
+        inner: config.client_auth_cert_resolver.clone(),
+        requested: requested.clone(),
+    });
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            addr: addr.clone(),
+            source,
+        })?;
+    if requested.load(Ordering::Acquire) {
+        if !has_cert {
+            return Err(ConnectError::ClientCertificateRequired { addr });
+        }
+        if !server_speaks_first {
+            return Ok(tls);
+        }
+        // TLS 1.3 ends the client's handshake before the server has checked its
+        // certificate: wait for the server's verdict (its first bytes, or an alert) so
+        // that a refused certificate fails here with its reason.
+        let (io, conn) = tls.get_mut();
+        await_server_verdict(io, conn)
+            .await
+            .map_err(|source| ConnectError::Handshake { addr, source })?;
+    }
+    Ok(tls)
 }
 
 /// A client-certificate resolver that notes whether the server asked for a certificate.

@@ -35,7 +35,7 @@ const ALERT_LINGER: Duration = Duration::from_millis(500);
 /// what the client still sends for a moment, so the close does not become a TCP reset that
 /// discards the alert before the client reads it (the client would only see "connection
 /// closed").
-async fn handshake(
+pub(crate) async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     deadline: tokio::time::Instant,

@@ -539,18 +539,33 @@ impl Auth {
         no_forward: bool,
         request: &tonic::Request<T>,
     ) -> Result<(Tenant, bool), Status> {
-        self.check_remote(request.remote_addr())?;
-        let header = request
-            .metadata()
-            .get(AUTHORIZATION_HEADER)
-            .map(|v| v.as_bytes());
+        self.admit_parts(
+            store,
+            method,
+            no_forward,
+            request.remote_addr(),
+            request.metadata(),
+        )
+    }
+
+    /// [`Auth::admit`] of a request from `remote` with these headers (a bulk-transport request
+    /// carries them in its connection's `BulkOpen`).
+    pub fn admit_parts(
+        &self,
+        store: &BlockStore,
+        method: Method,
+        no_forward: bool,
+        remote: Option<SocketAddr>,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(Tenant, bool), Status> {
+        self.check_remote(remote)?;
+        let header = metadata.get(AUTHORIZATION_HEADER).map(|v| v.as_bytes());
         let Some(caller) = self.authenticate(header)? else {
             return Ok((Tenant::default_tenant(), true));
         };
         required_role(method, no_forward, caller.role).map_err(Status::permission_denied)?;
         let trusted = matches!(caller.role, Role::Admin | Role::Peer);
-        let named = request
-            .metadata()
+        let named = metadata
             .get(TENANT_HEADER)
             .filter(|_| trusted)
             .map(|v| {

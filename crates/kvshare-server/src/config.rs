@@ -42,6 +42,28 @@ impl std::fmt::Display for Capacity {
     }
 }
 
+/// `--bulk-addr`: `auto`, `off`, or an address.
+fn bulk_addr_arg(s: &str) -> Result<BulkAddr, String> {
+    match s.trim() {
+        a if a.eq_ignore_ascii_case("auto") => Ok(BulkAddr::Auto),
+        a if a.eq_ignore_ascii_case("off") => Ok(BulkAddr::Off),
+        a => a.parse().map(BulkAddr::At).map_err(|e| {
+            format!("{e}; give IP:PORT, `auto` (the gRPC address' IP, a free port) or `off`")
+        }),
+    }
+}
+
+/// Where the bulk transport listens (`--bulk-addr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkAddr {
+    /// The gRPC listen address' IP, a free port.
+    Auto,
+    /// No bulk transport: clients use gRPC for everything.
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
 /// Format of the node's log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -66,6 +88,14 @@ pub struct ServerConfig {
     /// gRPC listen address. Port 0 picks a free port.
     #[arg(long, env = "KVSHARE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
+
+    /// Bulk-transport listen address: Get and Put bytes as length-prefixed frames on TCP (TLS
+    /// when the gRPC port has TLS) beside gRPC, cheaper per byte than HTTP/2; clients learn the
+    /// port from ClusterInfo and fall back to gRPC when they cannot reach it. `auto`: the gRPC
+    /// address' IP and a free port; `off`: none; or IP:PORT (fixed, e.g. for a firewall or a
+    /// Kubernetes containerPort).
+    #[arg(long, env = "KVSHARE_BULK_ADDR", default_value = "auto", value_parser = bulk_addr_arg)]
+    pub bulk_addr: BulkAddr,
 
     /// HTTP listen address for /metrics, /api/stats, /healthz and /readyz. Port 0 picks a free port.
     #[arg(long, env = "KVSHARE_HTTP_ADDR", default_value = "0.0.0.0:9090")]

@@ -56,20 +56,21 @@ enum Stop {
 
 /// The response to a Get of `keys` in namespace `ns`, answered within `scope`.
 /// `from_client`: counts hits and misses (a peer's forwarded Get is counted by the node that
-/// received it from the client).
+/// received it from the client). Blocks go out in messages of at most `chunk` payload bytes.
 pub fn respond(
     state: Arc<NodeState>,
     ns: Space,
     keys: Vec<BlockKey>,
     scope: Scope,
     from_client: bool,
+    chunk: usize,
 ) -> GetStream {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(deadline::scope(deadline::current(), async move {
         let mut out = Responder {
             tx,
             state: &state,
-            chunk: state.limits.get_chunk_size.max(1),
+            chunk: chunk.max(1),
             hits: 0,
             sent: 0,
         };

@@ -19,6 +19,7 @@
 pub mod accept;
 pub mod auth;
 pub mod budget;
+pub mod bulk;
 pub mod capacity;
 pub mod cluster;
 pub mod config;
@@ -120,6 +121,8 @@ pub struct NodeHandle {
     pub grpc_addr: SocketAddr,
     /// Bound HTTP address.
     pub http_addr: SocketAddr,
+    /// Bound bulk-transport address, when on.
+    pub bulk_addr: Option<SocketAddr>,
     /// Shared state (store, metrics).
     pub state: Arc<NodeState>,
     shutdown: watch::Sender<bool>,
@@ -322,6 +325,7 @@ fn node_state(
     cluster: Arc<cluster::Cluster>,
     mut metrics: metrics::Metrics,
     auth: Arc<auth::Auth>,
+    bulk_port: u16,
 ) -> NodeState {
     let stats_top_namespaces = config
         .stats_top_namespaces
@@ -345,6 +349,7 @@ fn node_state(
         },
         grpc_addr: addrs.grpc,
         http_addr: addrs.http,
+        bulk_port,
         started: Instant::now(),
         budget: budget::MemoryBudget::new(
             config.buffer_budget,
@@ -394,8 +399,9 @@ async fn spawn_grpc(
     state: Arc<NodeState>,
     config: &ServerConfig,
     tls: Option<Arc<tls::NodeTls>>,
+    limit: conn::ConnectionLimit,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ServerError> {
+) -> Result<(JoinHandle<Result<(), tonic::transport::Error>>, KvCacheService), ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<KvCacheServer<KvCacheService>>()
@@ -415,16 +421,12 @@ async fn spawn_grpc(
         KvCacheServer::new(service.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        service,
+        service.clone(),
         request_timeout,
     );
     // Small messages (lookups, headers) must not wait for Nagle's algorithm and delayed ACKs
     // (40 ms stalls): the accept loop disables it on every accepted connection. (The builder's
     // tcp_nodelay only applies to listeners tonic binds itself.)
-    let limit = conn::ConnectionLimit::new(
-        config.max_connections,
-        Duration::from_millis(config.handshake_timeout_ms.max(1)),
-    );
     let incoming = accept::grpc_incoming(listener, limit, tls);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -447,7 +449,7 @@ async fn spawn_grpc(
                 .set_not_serving::<KvCacheServer<KvCacheService>>()
                 .await;
         });
-    Ok(tokio::spawn(server))
+    Ok((tokio::spawn(server), service))
 }
 
 /// Serves the HTTP endpoints on `listener` until `shutdown` (over TLS with `tls`).
@@ -561,6 +563,15 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     };
     let grpc_addr = local(&grpc_listener, config.grpc_addr)?;
     let http_addr = local(&http_listener, config.http_addr)?;
+    let bulk_listener = match config.bulk_addr {
+        config::BulkAddr::Off => None,
+        config::BulkAddr::Auto => Some(bind(SocketAddr::new(grpc_addr.ip(), 0)).await?),
+        config::BulkAddr::At(a) => Some(bind(a).await?),
+    };
+    let bulk_addr = match &bulk_listener {
+        Some(l) => Some(local(l, config.grpc_addr)?),
+        None => None,
+    };
     let node_id = config.resolved_node_id();
     let addrs = advertised(&config, &node_id, grpc_addr, http_addr);
     let metrics = metrics::Metrics::new();
@@ -568,7 +579,10 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         config.auth_file.as_deref(),
         config.insecure_no_auth,
         config.metrics_auth,
-        &[grpc_addr, http_addr],
+        &[Some(grpc_addr), Some(http_addr), bulk_addr]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
     )?);
     let peer_token = auth::peer_token(
         config.peer_token_file.as_deref(),
@@ -593,6 +607,7 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         cluster.clone(),
         metrics,
         auth.clone(),
+        bulk_addr.map_or(0, |a| a.port()),
     ));
     // Quotas hold from the first block on, snapshot included.
     auth.apply_quotas(&state.store);
@@ -645,14 +660,22 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let first_round =
         Duration::from_millis(config.peer_health_timeout_ms.max(10)) * 2 + Duration::from_secs(1);
     cluster.first_round_done(first_round).await;
-    let grpc_task = spawn_grpc(
+    let limit = conn::ConnectionLimit::new(
+        config.max_connections,
+        Duration::from_millis(config.handshake_timeout_ms.max(1)),
+    );
+    let (grpc_task, service) = spawn_grpc(
         grpc_listener,
         state.clone(),
         &config,
         tls.clone(),
+        limit.clone(),
         shutdown_rx.clone(),
     )
     .await?;
+    if let Some(l) = bulk_listener {
+        bulk::spawn(l, service, limit, tls.clone(), shutdown_rx.clone());
+    }
     let rebalance = rebalance::RebalanceConfig {
         after_down: Duration::from_millis(config.rereplicate_after_ms),
         interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),
@@ -663,16 +686,17 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     ready.store(true, Ordering::Release);
 
     if let Some(path) = &config.port_file {
-        let body = serde_json::json!({ "grpc": grpc_addr.to_string(), "http": http_addr.to_string(), "node_id": node_id });
+        let body = serde_json::json!({ "grpc": grpc_addr.to_string(), "http": http_addr.to_string(), "bulk": bulk_addr.map(|a| a.to_string()), "node_id": node_id });
         std::fs::write(path, body.to_string()).map_err(|source| ServerError::PortFile {
             path: path.clone(),
             source,
         })?;
     }
-    info!(%node_id, grpc = %grpc_addr, http = %http_addr, capacity, "kvshare node listening");
+    info!(%node_id, grpc = %grpc_addr, http = %http_addr, bulk = ?bulk_addr, capacity, "kvshare node listening");
     Ok(NodeHandle {
         grpc_addr,
         http_addr,
+        bulk_addr,
         state,
         shutdown: shutdown_tx,
         grpc_task,

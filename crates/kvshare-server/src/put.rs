@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use kvshare_core::placement::{ReplicaTally, ReplicaVerdict};
 use kvshare_core::{BlockHeader, BlockKey, BlockStore, EncodedBlock, max_encoded_len};
+use kvshare_proto::bulk;
 use kvshare_proto::transport::MAX_MESSAGE_BYTES;
 use kvshare_proto::v1 as pb;
 use pb::block_outcome::Status as OutcomeStatus;
+use prost::Message;
+use tokio::io::AsyncRead;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -70,9 +73,43 @@ impl PendingBlock {
     }
 }
 
+/// `io` run until `deadline`: its error, or `None` when the deadline passed first.
+async fn within(
+    deadline: Instant,
+    io: impl Future<Output = std::io::Result<()>>,
+) -> Result<(), Option<std::io::Error>> {
+    match tokio::time::timeout_at(deadline.into(), io).await {
+        Ok(r) => r.map_err(Some),
+        Err(_) => Err(None),
+    }
+}
+
 /// How long `bytes` take at `rate` bytes per second.
 fn rate_allowance(bytes: u64, rate: u64) -> Duration {
     Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64)
+}
+
+/// Where a chunk's payload bytes come from.
+pub enum ChunkData<'r> {
+    /// Already received (a gRPC message's `data`).
+    Received(Bytes),
+    /// `len` bytes still to be read from a bulk-transport connection.
+    Stream {
+        /// How many.
+        len: u64,
+        /// The connection.
+        reader: &'r mut (dyn AsyncRead + Unpin + Send),
+    },
+}
+
+impl ChunkData<'_> {
+    /// Payload bytes of the chunk.
+    fn len(&self) -> u64 {
+        match self {
+            ChunkData::Received(b) => b.len() as u64,
+            ChunkData::Stream { len, .. } => *len,
+        }
+    }
 }
 
 /// One Put call: the blocks seen so far, their outcomes, and the copies bound for other owners.
@@ -117,8 +154,8 @@ impl<'a> PutSession<'a> {
         mut self,
         mut stream: Streaming<pb::PutRequest>,
     ) -> Result<pb::PutResponse, Status> {
-        let mut stream_error = loop {
-            let msg = match self.next_message(&mut stream).await {
+        let stream_error = loop {
+            let mut msg = match self.next_message(&mut stream).await {
                 Ok(Some(m)) => m,
                 Ok(None) => break None,
                 Err(r) => {
@@ -127,11 +164,135 @@ impl<'a> PutSession<'a> {
                     break Some(r.into_status());
                 }
             };
-            if let Err(s) = self.on_chunk(msg).await {
+            let data = std::mem::take(&mut msg.data);
+            if let Err(s) = self.on_chunk(&msg, ChunkData::Received(data)).await {
                 self.pending = None;
                 break Some(s);
             }
         };
+        self.finish(stream_error).await
+    }
+
+    /// Reads a Put from a bulk-transport connection: `PutChunk` frames (the first one's prefix
+    /// is `first`) up to `PutEnd`, each chunk's bytes read straight into its block's buffer.
+    /// Answers as [`PutSession::run`]; the flag says whether the connection can carry another
+    /// request (false when the framing broke or the stream ended early: the rest of the upload
+    /// is unread).
+    pub async fn run_bulk<R: AsyncRead + Unpin + Send>(
+        mut self,
+        first: bulk::Prefix,
+        reader: &mut R,
+    ) -> (Result<pb::PutResponse, Status>, bool) {
+        let mut prefix = Some(first);
+        let stream_error = loop {
+            let p = match prefix.take() {
+                Some(p) => p,
+                None => match self.next_frame(reader).await {
+                    Ok(p) => p,
+                    Err(r) => {
+                        warn!(code = ?r.code, reason = %r.message, "bulk put ended; a partial block was discarded");
+                        self.pending = None;
+                        break Some(r.into_status());
+                    }
+                },
+            };
+            match p.kind {
+                bulk::Kind::PutEnd if p.head_len == 0 && p.data_len == 0 => break None,
+                bulk::Kind::PutChunk => {}
+                kind => {
+                    self.pending = None;
+                    break Some(Status::invalid_argument(format!(
+                        "bulk put: a {kind:?} frame (head {} bytes, data {} bytes) arrived where a PutChunk or an empty PutEnd belongs",
+                        p.head_len, p.data_len
+                    )));
+                }
+            }
+            let head = self.read_head(reader, p.head_len).await;
+            let msg = match head {
+                Ok(m) if m.data.is_empty() => m,
+                Ok(_) => {
+                    self.pending = None;
+                    break Some(Status::invalid_argument(
+                        "bulk put: a PutChunk carries its bytes as frame data; its PutRequest head must have empty `data`",
+                    ));
+                }
+                Err(r) => {
+                    self.pending = None;
+                    break Some(r.into_status());
+                }
+            };
+            let data = ChunkData::Stream {
+                len: p.data_len,
+                reader: &mut *reader,
+            };
+            if let Err(s) = self.on_chunk(&msg, data).await {
+                self.pending = None;
+                break Some(s);
+            }
+        };
+        let reusable = stream_error.is_none();
+        (self.finish(stream_error).await, reusable)
+    }
+
+    /// The next frame's prefix of a bulk put, within the idle timeout and the pending block's
+    /// deadline.
+    async fn next_frame<R: AsyncRead + Unpin + Send>(
+        &self,
+        reader: &mut R,
+    ) -> Result<bulk::Prefix, Rejection> {
+        match tokio::time::timeout_at(self.until().into(), bulk::read_prefix(reader)).await {
+            Ok(Ok(Some(p))) => Ok(p),
+            Ok(Ok(None)) => Err(Rejection::invalid(
+                "bulk put: the connection closed before PutEnd",
+            )),
+            Ok(Err(e)) => Err(Rejection::invalid(format!("bulk put: {e}"))),
+            Err(_) => Err(self.stalled()),
+        }
+    }
+
+    /// A PutChunk's head: its PutRequest (data excluded).
+    async fn read_head<R: AsyncRead + Unpin + Send>(
+        &self,
+        reader: &mut R,
+        len: u32,
+    ) -> Result<pb::PutRequest, Rejection> {
+        let read = bulk::read_bytes(reader, len as usize);
+        let head = match tokio::time::timeout_at(self.until().into(), read).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(Rejection::invalid(format!("bulk put: {e}"))),
+            Err(_) => return Err(self.stalled()),
+        };
+        pb::PutRequest::decode(head).map_err(|e| {
+            Rejection::invalid(format!("bulk put: a PutChunk head is not a PutRequest: {e}"))
+        })
+    }
+
+    /// When the next byte of the upload is due: the idle timeout, or sooner the pending
+    /// block's deadline.
+    fn until(&self) -> Instant {
+        let idle_until = Instant::now() + self.state.limits.stream_idle_timeout;
+        self.pending
+            .as_ref()
+            .map_or(idle_until, |p| p.deadline.min(idle_until))
+    }
+
+    /// Why an upload that delivered nothing in time ended.
+    fn stalled(&self) -> Rejection {
+        let limits = &self.state.limits;
+        match &self.pending {
+            Some(p) if Instant::now() >= p.deadline => p.overdue(limits),
+            _ => Rejection::new(
+                Code::DeadlineExceeded,
+                format!(
+                    "upload stalled: no message for {:?} (--stream-idle-timeout-ms); its buffers were freed",
+                    limits.stream_idle_timeout
+                ),
+            ),
+        }
+    }
+
+    /// Sends what waits for other owners, settles the outcomes and answers.
+    async fn finish(mut self, mut stream_error: Option<Status>) -> Result<pb::PutResponse, Status> {
         self.flush_forwards().await;
         self.apply_tallies();
         if stream_error.is_none() {
@@ -155,13 +316,7 @@ impl<'a> PutSession<'a> {
         &self,
         stream: &mut Streaming<pb::PutRequest>,
     ) -> Result<Option<pb::PutRequest>, Rejection> {
-        let limits = &self.state.limits;
-        let idle_until = Instant::now() + limits.stream_idle_timeout;
-        let until = self
-            .pending
-            .as_ref()
-            .map_or(idle_until, |p| p.deadline.min(idle_until));
-        match tokio::time::timeout_at(until.into(), stream.message()).await {
+        match tokio::time::timeout_at(self.until().into(), stream.message()).await {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(s)) if s.code() == Code::OutOfRange => Err(Rejection::exhausted(format!(
                 "upload stream failed: {}; send blocks in chunks of at most {} bytes",
@@ -172,21 +327,13 @@ impl<'a> PutSession<'a> {
                 s.code(),
                 format!("upload stream failed: {}", s.message()),
             )),
-            Err(_) => Err(match &self.pending {
-                Some(p) if Instant::now() >= p.deadline => p.overdue(limits),
-                _ => Rejection::new(
-                    Code::DeadlineExceeded,
-                    format!(
-                        "upload stalled: no message for {:?} (--stream-idle-timeout-ms); its buffers were freed",
-                        limits.stream_idle_timeout
-                    ),
-                ),
-            }),
+            Err(_) => Err(self.stalled()),
         }
     }
 
-    /// One message of the stream. An error ends the stream (the rest is unreadable).
-    async fn on_chunk(&mut self, msg: pb::PutRequest) -> Result<(), Status> {
+    /// One message of the stream (its payload bytes in `data`). An error ends the stream (the
+    /// rest is unreadable).
+    async fn on_chunk(&mut self, msg: &pb::PutRequest, data: ChunkData<'_>) -> Result<(), Status> {
         let key = BlockKey::from_slice(&msg.key).map_err(|_| {
             Status::invalid_argument(format!(
                 "PutRequest.key must be 32 bytes, got {} bytes (message for block {})",
@@ -208,9 +355,9 @@ impl<'a> PutSession<'a> {
                     key_prefix(&key)
                 )));
             }
-            None => self.begin_block(key, &msg)?,
+            None => self.begin_block(key, msg)?,
         };
-        let n = msg.data.len() as u64;
+        let n = data.len();
         if p.received.saturating_add(n) > p.payload_len {
             return Err(Status::invalid_argument(format!(
                 "block {} (key {}): chunks carry more than header.payload_len = {} bytes",
@@ -219,15 +366,15 @@ impl<'a> PutSession<'a> {
                 p.payload_len
             )));
         }
-        if p.header.is_some()
-            && let Err(r) = self.buffer(&mut p, &msg.data).await
-        {
-            // No room: the block is refused and the rest of its chunks are dropped.
-            self.state.count_put(PutOutcome::rejected);
-            self.reject(p.index, &p.key, r);
-            p.header = None;
-            p.buf = BytesMut::new();
-            p.charge = Charge::default();
+        match data {
+            ChunkData::Received(bytes) => {
+                if p.header.is_some()
+                    && let Err(r) = self.buffer(&mut p, &bytes).await
+                {
+                    self.refuse_pending(&mut p, r);
+                }
+            }
+            ChunkData::Stream { len, reader } => self.read_chunk(&mut p, len, reader).await?,
         }
         p.received += n;
         if p.received < p.payload_len {
@@ -236,6 +383,61 @@ impl<'a> PutSession<'a> {
             self.complete_block(p).await;
         }
         Ok(())
+    }
+
+    /// No room for the block: it is refused and the rest of its chunks are dropped.
+    fn refuse_pending(&mut self, p: &mut PendingBlock, r: Rejection) {
+        self.state.count_put(PutOutcome::rejected);
+        self.reject(p.index, &p.key, r);
+        p.header = None;
+        p.buf = BytesMut::new();
+        p.charge = Charge::default();
+    }
+
+    /// Reads `len` payload bytes of `p` from a bulk connection straight into its buffer,
+    /// charging the budget ahead of them; bytes of a refused block are read and dropped. Fails
+    /// (ending the upload) when the connection breaks or the block's deadline passes.
+    async fn read_chunk<R: AsyncRead + Unpin + Send + ?Sized>(
+        &mut self,
+        p: &mut PendingBlock,
+        len: u64,
+        reader: &mut R,
+    ) -> Result<(), Status> {
+        let deadline = p.deadline;
+        let mut done = 0u64;
+        while done < len && p.header.is_some() {
+            let step = (len - done).min(CHARGE_STEP);
+            if let Err(r) = self.charge_ahead(p, p.received + done + step).await {
+                self.refuse_pending(p, r);
+                break;
+            }
+            let read = within(deadline, bulk::read_into(reader, &mut p.buf, step as usize)).await;
+            self.read_failed(p, read)?;
+            self.state.metrics.received_bytes.inc_by(step);
+            done += step;
+        }
+        if done < len {
+            let read = within(deadline, bulk::skip(reader, len - done)).await;
+            self.read_failed(p, read)?;
+        }
+        Ok(())
+    }
+
+    /// The error that ends an upload whose read of `p`'s bytes failed (`None`: timed out).
+    fn read_failed(
+        &self,
+        p: &PendingBlock,
+        read: Result<(), Option<std::io::Error>>,
+    ) -> Result<(), Status> {
+        match read {
+            Ok(()) => Ok(()),
+            Err(Some(e)) => Err(Status::invalid_argument(format!(
+                "bulk put: block {} (key {}) broke off: {e}",
+                p.index,
+                key_prefix(&p.key)
+            ))),
+            Err(None) => Err(p.overdue(&self.state.limits).into_status()),
+        }
     }
 
     /// Reads the first chunk of a block and admits it. A header that fails validation, or a
@@ -322,7 +524,15 @@ impl<'a> PutSession<'a> {
     /// Copies a chunk into the block's buffer, charging the budget ahead of it.
     async fn buffer(&self, p: &mut PendingBlock, data: &[u8]) -> Result<(), Rejection> {
         let n = data.len() as u64;
-        let end = p.received + n;
+        self.charge_ahead(p, p.received + n).await?;
+        self.state.metrics.received_bytes.inc_by(n);
+        p.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Charges the budget so that `p`'s charge covers its first `end` payload bytes (in steps
+    /// of at least [`CHARGE_STEP`]).
+    async fn charge_ahead(&self, p: &mut PendingBlock, end: u64) -> Result<(), Rejection> {
         if end > p.charge.bytes() {
             let step = CHARGE_STEP.min(p.payload_len - p.charge.bytes().min(p.payload_len));
             let need = (end - p.charge.bytes()).max(step);
@@ -330,8 +540,6 @@ impl<'a> PutSession<'a> {
             p.charge
                 .absorb(self.state.budget.charge(need, &what).await?);
         }
-        self.state.metrics.received_bytes.inc_by(n);
-        p.buf.extend_from_slice(data);
         Ok(())
     }
 

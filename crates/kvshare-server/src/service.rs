@@ -55,17 +55,14 @@ impl KvCacheService {
     ) -> Result<Response<T>, Status> {
         let t0 = Instant::now();
         let no_forward = is_no_forward(request.metadata());
-        let admitted = self
-            .state
-            .auth
-            .admit(&self.state.store, method, no_forward, &request);
+        let admitted = self.admit(
+            method,
+            no_forward,
+            request.remote_addr(),
+            request.metadata(),
+        );
         let r = match admitted {
-            Ok((tenant, all_tenants)) => {
-                let ctx = Ctx {
-                    no_forward,
-                    tenant,
-                    all_tenants,
-                };
+            Ok(ctx) => {
                 let until = deadline::from_metadata(request.metadata());
                 deadline::scope(until, handler(ctx, request)).await
             }
@@ -74,8 +71,33 @@ impl KvCacheService {
         self.record_rpc(method, t0, r.map(Response::new))
     }
 
+    /// Admits a `method` request from `remote` with these headers (protected mode, token,
+    /// role): what it may do and for which tenant.
+    pub(crate) fn admit(
+        &self,
+        method: Method,
+        no_forward: bool,
+        remote: Option<std::net::SocketAddr>,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Ctx, Status> {
+        let (tenant, all_tenants) =
+            self.state
+                .auth
+                .admit_parts(&self.state.store, method, no_forward, remote, metadata)?;
+        Ok(Ctx {
+            no_forward,
+            tenant,
+            all_tenants,
+        })
+    }
+
+    /// The node this service serves.
+    pub(crate) fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
     /// Records an RPC's latency and status code, and passes its result through.
-    fn record_rpc<T>(
+    pub(crate) fn record_rpc<T>(
         &self,
         method: Method,
         t0: Instant,
@@ -142,7 +164,17 @@ impl KvCacheService {
     }
 
     async fn get(&self, ctx: Ctx, request: Request<pb::GetRequest>) -> Result<GetStream, Status> {
-        let req = request.get_ref();
+        let chunk = self.state.limits.get_chunk_size;
+        self.get_stream(ctx, request.get_ref(), chunk)
+    }
+
+    /// The response stream of a Get, its blocks in messages of at most `chunk` payload bytes.
+    pub(crate) fn get_stream(
+        &self,
+        ctx: Ctx,
+        req: &pb::GetRequest,
+        chunk: usize,
+    ) -> Result<GetStream, Status> {
         let no_forward = ctx.no_forward;
         let (ns, keys, scope) = self.target(&ctx, &req.namespace, &req.keys, &req.packed_keys)?;
         if no_forward {
@@ -154,6 +186,7 @@ impl KvCacheService {
             keys,
             scope,
             !no_forward,
+            chunk,
         ))
     }
 
@@ -213,6 +246,7 @@ impl KvCacheService {
             instance_id: s.cluster.instance_id.clone(),
             started_unix_ms: s.cluster.started_unix_ms,
             configured_replicas: s.cluster.configured_replicas(),
+            bulk_port: u32::from(s.bulk_port),
         })
     }
 

@@ -55,6 +55,8 @@ pub struct NodeState {
     pub grpc_addr: String,
     /// HTTP address.
     pub http_addr: String,
+    /// Port of the bulk transport (same host as `grpc_addr`), 0 when off.
+    pub bulk_port: u16,
     /// Start time.
     pub started: Instant,
     /// Membership and placement.

@@ -1,0 +1,317 @@
+//! The bulk transport's framing: Get and Put bytes on a plain TCP (or TLS) stream beside gRPC.
+//!
+//! HTTP/2 costs a node and its clients CPU per byte (DATA frames, flow control, one more copy
+//! of each message on the receiving side); for K/V blocks of hundreds of KiB that is most of
+//! the work. The bulk transport carries the same requests and responses as the `Get` and `Put`
+//! RPCs, length-prefixed, so a block's bytes go from the socket into their final buffer in one
+//! read and from the store onto the socket in one vectored write. gRPC stays the control path
+//! (Lookup, Delete, Stats, ClusterInfo, which also announces the bulk port).
+//!
+//! A connection starts with [`MAGIC`], then frames in both directions. A frame is a 13-byte
+//! prefix (kind: u8, head length: u32 LE, data length: u64 LE), a protobuf `head` and raw
+//! `data` (a block's payload bytes: the `data` field of the head's message, carried outside
+//! it so that it is never copied into or out of a protobuf buffer).
+//!
+//! | client sends | head | data |
+//! |---|---|---|
+//! | [`Kind::Open`] once, first | `BulkOpen` | none |
+//! | [`Kind::Get`] | `GetRequest` | none |
+//! | [`Kind::PutChunk`] ... then [`Kind::PutEnd`] | `PutRequest` (its `data` empty) / none | the chunk / none |
+//!
+//! | node answers | head | data |
+//! |---|---|---|
+//! | [`Kind::GetChunk`] per message of the Get's stream | `GetResponse` (its `data` empty) | the chunk |
+//! | [`Kind::Done`] at the end of a request | the `PutResponse` of a Put; empty otherwise | none |
+//! | [`Kind::Error`] instead of `Done` | `google.rpc.Status` (code, message, details) | none |
+//!
+//! One request at a time per connection: a client keeps several connections for concurrency.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// First bytes a client sends on a bulk connection (the transport's name and version).
+pub const MAGIC: &[u8; 8] = b"KVSBULK1";
+
+/// Bytes of a frame's prefix: kind (1), head length (4), data length (8).
+pub const PREFIX_LEN: usize = 13;
+
+/// Largest head either side accepts (a Get of a node's most keys, packed, fits many times).
+pub const MAX_HEAD_BYTES: u32 = 8 << 20;
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Client: who it is (`BulkOpen`); answered with `Done` or `Error`.
+    Open = 1,
+    /// Client: a Get (`GetRequest`).
+    Get = 2,
+    /// Client: one chunk of a Put (`PutRequest` head, payload bytes as data).
+    PutChunk = 3,
+    /// Client: the Put is complete.
+    PutEnd = 4,
+    /// Node: one message of a Get's response (`GetResponse` head, payload bytes as data).
+    GetChunk = 16,
+    /// Node: the request succeeded (a Put's `PutResponse` as head).
+    Done = 17,
+    /// Node: the request failed (`google.rpc.Status` as head).
+    Error = 18,
+}
+
+impl Kind {
+    /// The kind with this wire value.
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Open,
+            2 => Kind::Get,
+            3 => Kind::PutChunk,
+            4 => Kind::PutEnd,
+            16 => Kind::GetChunk,
+            17 => Kind::Done,
+            18 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// A frame's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    /// What the frame is.
+    pub kind: Kind,
+    /// Bytes of its protobuf head.
+    pub head_len: u32,
+    /// Bytes of raw data after the head.
+    pub data_len: u64,
+}
+
+/// A frame the other side sent that breaks the framing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// An unknown kind byte.
+    #[error("unknown bulk frame kind {0}")]
+    UnknownKind(u8),
+    /// A head over [`MAX_HEAD_BYTES`].
+    #[error("bulk frame head of {0} bytes is over the limit of {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge(u32),
+    /// The connection did not start with [`MAGIC`].
+    #[error("not a kvshare bulk-transport connection (it must start with {MAGIC:?})")]
+    BadMagic,
+}
+
+impl Prefix {
+    /// The 13 bytes of this prefix.
+    pub fn encode(&self) -> [u8; PREFIX_LEN] {
+        let mut b = [0u8; PREFIX_LEN];
+        b[0] = self.kind as u8;
+        b[1..5].copy_from_slice(&self.head_len.to_le_bytes());
+        b[5..13].copy_from_slice(&self.data_len.to_le_bytes());
+        b
+    }
+
+    /// Parses a prefix; refuses unknown kinds and heads over [`MAX_HEAD_BYTES`].
+    pub fn decode(b: &[u8; PREFIX_LEN]) -> Result<Prefix, FrameError> {
+        let kind = Kind::from_u8(b[0]).ok_or(FrameError::UnknownKind(b[0]))?;
+        let mut head = [0u8; 4];
+        head.copy_from_slice(&b[1..5]);
+        let mut data = [0u8; 8];
+        data.copy_from_slice(&b[5..13]);
+        let head_len = u32::from_le_bytes(head);
+        if head_len > MAX_HEAD_BYTES {
+            return Err(FrameError::HeadTooLarge(head_len));
+        }
+        Ok(Prefix {
+            kind,
+            head_len,
+            data_len: u64::from_le_bytes(data),
+        })
+    }
+}
+
+fn invalid(e: FrameError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+/// Reads the next frame's prefix; `None` when the stream ends cleanly before it.
+pub async fn read_prefix<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> std::io::Result<Option<Prefix>> {
+    let mut b = [0u8; PREFIX_LEN];
+    let mut got = 0;
+    while got < PREFIX_LEN {
+        let n = r.read(&mut b[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Prefix::decode(&b).map(Some).map_err(invalid)
+}
+
+/// Reads the connection's magic.
+pub async fn read_magic<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> std::io::Result<()> {
+    let mut b = [0u8; MAGIC.len()];
+    r.read_exact(&mut b).await?;
+    if &b != MAGIC {
+        return Err(invalid(FrameError::BadMagic));
+    }
+    Ok(())
+}
+
+/// Appends exactly `len` bytes from `r` to `buf`, read straight into its spare capacity (no
+/// zero-fill, no intermediate buffer).
+pub async fn read_into<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> std::io::Result<()> {
+    buf.reserve(len);
+    let end = buf.len() + len;
+    while buf.len() < end {
+        let want = end - buf.len();
+        let mut limited = bytes::BufMut::limit(&mut *buf, want);
+        let n = r.read_buf(&mut limited).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `len` bytes into a buffer of their own.
+pub async fn read_bytes<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    len: usize,
+) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    read_into(r, &mut buf, len).await?;
+    Ok(buf.freeze())
+}
+
+/// Reads and drops `len` bytes.
+pub async fn skip<R: AsyncRead + Unpin + ?Sized>(r: &mut R, len: u64) -> std::io::Result<()> {
+    let mut scratch = vec![0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let want = scratch.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = r.read(&mut scratch[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Writes a frame: prefix and head in one buffer, then the data, with vectored writes (the
+/// data is never copied).
+pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    kind: Kind,
+    head: &[u8],
+    data: &[u8],
+) -> std::io::Result<()> {
+    let head_len = u32::try_from(head.len())
+        .ok()
+        .filter(|&n| n <= MAX_HEAD_BYTES)
+        .ok_or_else(|| invalid(FrameError::HeadTooLarge(u32::MAX)))?;
+    let prefix = Prefix {
+        kind,
+        head_len,
+        data_len: data.len() as u64,
+    };
+    let mut first = Vec::with_capacity(PREFIX_LEN + head.len());
+    first.extend_from_slice(&prefix.encode());
+    first.extend_from_slice(head);
+    let (mut a, mut b): (&[u8], &[u8]) = (&first, data);
+    while !a.is_empty() || !b.is_empty() {
+        let n = if a.is_empty() {
+            w.write(b).await?
+        } else {
+            let slices = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+            w.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
+/// Writes the connection's magic.
+pub async fn write_magic<W: AsyncWrite + Unpin + ?Sized>(w: &mut W) -> std::io::Result<()> {
+    w.write_all(MAGIC).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_round_trips_and_refuses_bad_input() {
+        let p = Prefix {
+            kind: Kind::GetChunk,
+            head_len: 77,
+            data_len: 1 << 40,
+        };
+        assert_eq!(Prefix::decode(&p.encode()), Ok(p));
+        let mut b = p.encode();
+        b[0] = 9;
+        assert_eq!(Prefix::decode(&b), Err(FrameError::UnknownKind(9)));
+        let big = Prefix {
+            head_len: MAX_HEAD_BYTES + 1,
+            ..p
+        };
+        assert_eq!(
+            Prefix::decode(&big.encode()),
+            Err(FrameError::HeadTooLarge(MAX_HEAD_BYTES + 1))
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_through_a_pipe() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            write_magic(&mut a).await?;
+            write_frame(&mut a, Kind::PutChunk, b"head", &sent).await?;
+            write_frame(&mut a, Kind::PutEnd, b"", b"").await
+        });
+        read_magic(&mut b).await.unwrap();
+        let p = read_prefix(&mut b).await.unwrap().unwrap();
+        assert_eq!((p.kind, p.head_len, p.data_len), (Kind::PutChunk, 4, 100_000));
+        assert_eq!(&read_bytes(&mut b, 4).await.unwrap()[..], b"head");
+        let mut buf = BytesMut::new();
+        read_into(&mut b, &mut buf, 60_000).await.unwrap();
+        read_into(&mut b, &mut buf, 40_000).await.unwrap();
+        assert_eq!(&buf[..], &data[..]);
+        let end = read_prefix(&mut b).await.unwrap().unwrap();
+        assert_eq!(end.kind, Kind::PutEnd);
+        writer.await.unwrap().unwrap();
+        assert!(read_prefix(&mut b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn truncated_input_is_an_error_not_a_hang() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&[3, 0, 0]).await.unwrap();
+        drop(a);
+        assert!(read_prefix(&mut b).await.is_err());
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(read_magic(&mut b).await.is_err());
+        drop(a);
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        let mut buf = BytesMut::new();
+        assert!(read_into(&mut b, &mut buf, 10).await.is_err());
+        assert!(skip(&mut b, 10).await.is_err());
+    }
+}

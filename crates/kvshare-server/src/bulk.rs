@@ -1,0 +1,415 @@
+//! The bulk transport's listener: Get and Put on length-prefixed frames over TCP (TLS when the
+//! node has TLS), beside gRPC. Framing: [`kvshare_proto::bulk`].
+//!
+//! A connection is admitted like a gRPC one (`--max-connections`, the TLS handshake within
+//! `--handshake-timeout-ms`), then must send its `BulkOpen` (token, hop-local flag) within the
+//! same deadline. Every request on it is then admitted as the RPC it stands for (token, role,
+//! tenant, protected mode: [`crate::auth`]), so a revoked token stops working at its next
+//! request, and is served by the same code as the RPC: Gets by [`KvCacheService::get_stream`]
+//! (routing, budget, metrics), Puts by [`PutSession::run_bulk`] (validation, budget, checksum,
+//! replication), with block bytes read into and written from their final buffers. Request heads
+//! are charged to the buffer budget while they are parsed. A framing error or a Put that ends
+//! early is answered with an `Error` frame, after which the node reads what the client still
+//! sends for a while (so the client can read the answer) and closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvshare_proto::bulk::{self, Kind, Prefix};
+use kvshare_proto::rpc::RpcStatus;
+use kvshare_proto::transport::{AUTHORIZATION_HEADER, NO_FORWARD_HEADER, NO_FORWARD_VALUE};
+use kvshare_proto::v1 as pb;
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+use tracing::{debug, warn};
+
+use crate::conn::ConnectionLimit;
+use crate::metrics::Method;
+use crate::put::PutSession;
+use crate::service::KvCacheService;
+use crate::tls::NodeTls;
+
+/// A connection with no request for this long is closed (clients reconnect when they need it).
+const IDLE_CLOSE: Duration = Duration::from_secs(120);
+
+/// Waits a little after a failed accept instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Largest payload slice in one Get frame (a block larger than this goes in several frames):
+/// whole blocks keep the client's reassembly copy-free, this bound keeps one frame's budget
+/// charge small next to `--buffer-budget`.
+const MAX_GET_FRAME_BYTES: usize = 16 << 20;
+
+/// Serves the bulk transport on `listener` until `shutdown`.
+pub fn spawn(
+    listener: TcpListener,
+    service: KvCacheService,
+    limit: ConnectionLimit,
+    tls: Option<Arc<NodeTls>>,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stop = shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|v| *v) => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "accepting a bulk connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Some(slot) = limit.acquire() else {
+                warn!(
+                    open = limit.open(),
+                    "bulk connection refused: --max-connections reached"
+                );
+                continue;
+            };
+            let service = service.clone();
+            let tls = tls.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let deadline = slot.deadline();
+                let conn = Conn {
+                    service,
+                    remote,
+                    metadata: MetadataMap::new(),
+                    no_forward: false,
+                    shutdown,
+                };
+                match tls {
+                    None => conn.run(stream, deadline).await,
+                    Some(t) => {
+                        if let Some(s) =
+                            crate::accept::handshake(t.grpc_acceptor(), stream, deadline, "bulk")
+                                .await
+                        {
+                            conn.run(s, deadline).await;
+                        }
+                    }
+                }
+                drop(slot);
+            });
+        }
+    })
+}
+
+/// What ends a connection.
+enum End {
+    /// The client closed it, or went idle, or the node is stopping.
+    Quiet,
+    /// The client broke the protocol: it is told why, then the connection is closed.
+    Refuse(Status),
+}
+
+/// One bulk connection.
+struct Conn {
+    service: KvCacheService,
+    remote: SocketAddr,
+    /// The headers its `BulkOpen` stands for.
+    metadata: MetadataMap,
+    no_forward: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Conn {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        mut self,
+        mut io: S,
+        deadline: tokio::time::Instant,
+    ) {
+        let end = match tokio::time::timeout_at(deadline, self.open(&mut io)).await {
+            Ok(Ok(())) => self.serve(&mut io).await,
+            Ok(Err(s)) => End::Refuse(s),
+            Err(_) => End::Refuse(Status::deadline_exceeded(
+                "bulk connection: no BulkOpen within --handshake-timeout-ms",
+            )),
+        };
+        if let End::Refuse(status) = end {
+            debug!(remote = %self.remote, code = ?status.code(), message = status.message(), "bulk connection refused");
+            let idle = self.service.state().limits.stream_idle_timeout;
+            let _ = tokio::time::timeout(idle, write_error(&mut io, &status)).await;
+            linger(&mut io, idle).await;
+        }
+    }
+
+    /// The magic and the `BulkOpen` frame; admits the caller (as for a Get).
+    async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        io: &mut S,
+    ) -> Result<(), Status> {
+        bulk::read_magic(io)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("bulk connection: {e}")))?;
+        let p = bulk::read_prefix(io)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("bulk connection: {e}")))?
+            .ok_or_else(|| Status::invalid_argument("bulk connection closed before BulkOpen"))?;
+        if p.kind != Kind::Open || p.data_len != 0 {
+            return Err(Status::invalid_argument(format!(
+                "bulk connection: the first frame must be an Open without data, got {:?}",
+                p.kind
+            )));
+        }
+        let open: pb::BulkOpen = self.head(io, p.head_len).await?;
+        if !open.authorization.is_empty() {
+            let v = MetadataValue::try_from(open.authorization.as_str()).map_err(|_| {
+                Status::unauthenticated(
+                    "BulkOpen.authorization is not a valid header value; send `Bearer <token>`",
+                )
+            })?;
+            self.metadata.insert(AUTHORIZATION_HEADER, v);
+        }
+        if open.no_forward {
+            self.metadata
+                .insert(NO_FORWARD_HEADER, MetadataValue::from_static(NO_FORWARD_VALUE));
+        }
+        self.no_forward = open.no_forward;
+        self.service.admit(
+            Method::get,
+            self.no_forward,
+            Some(self.remote),
+            &self.metadata,
+        )?;
+        write(io, Kind::Done, &[], &[]).await
+    }
+
+    /// Requests until the client closes, idles out, breaks the protocol or the node stops.
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(&mut self, io: &mut S) -> End {
+        loop {
+            let mut stop = self.shutdown.clone();
+            let next = tokio::select! {
+                n = tokio::time::timeout(IDLE_CLOSE, bulk::read_prefix(io)) => n,
+                _ = stop.wait_for(|v| *v) => return End::Quiet,
+            };
+            let p = match next {
+                Ok(Ok(Some(p))) => p,
+                Ok(Ok(None)) | Err(_) => return End::Quiet,
+                Ok(Err(e)) => {
+                    return End::Refuse(Status::invalid_argument(format!(
+                        "bulk connection: {e}"
+                    )));
+                }
+            };
+            let served = match p.kind {
+                Kind::Get if p.data_len == 0 => self.get(io, p).await,
+                Kind::PutChunk => self.put(io, p).await,
+                kind => Err(End::Refuse(Status::invalid_argument(format!(
+                    "bulk connection: a {kind:?} frame (data {} bytes) cannot start a request; send Get (no data) or PutChunk",
+                    p.data_len
+                )))),
+            };
+            if let Err(end) = served {
+                return end;
+            }
+        }
+    }
+
+    /// A frame's head, decoded; its bytes are charged to the buffer budget meanwhile.
+    async fn head<M: Message + Default, S: AsyncRead + Unpin + Send>(
+        &self,
+        io: &mut S,
+        len: u32,
+    ) -> Result<M, Status> {
+        let state = self.service.state();
+        let _charge = state
+            .budget
+            .charge(u64::from(len), "a bulk request head")
+            .await
+            .map_err(|r| r.into_status())?;
+        let idle = state.limits.stream_idle_timeout;
+        let bytes: Bytes = match tokio::time::timeout(idle, bulk::read_bytes(io, len as usize)).await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(Status::invalid_argument(format!("bulk connection: {e}"))),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "bulk connection: a request head of {len} bytes did not arrive within {idle:?}"
+                )));
+            }
+        };
+        M::decode(bytes).map_err(|e| {
+            Status::invalid_argument(format!(
+                "bulk connection: the frame head is not a {}: {e}",
+                std::any::type_name::<M>().rsplit("::").next().unwrap_or("message")
+            ))
+        })
+    }
+
+    /// A Get: its response messages as GetChunk frames, then Done (or Error).
+    async fn get<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        io: &mut S,
+        p: Prefix,
+    ) -> Result<(), End> {
+        let t0 = Instant::now();
+        let req: pb::GetRequest = self.head(io, p.head_len).await.map_err(End::Refuse)?;
+        let state = self.service.state().clone();
+        let chunk = MAX_GET_FRAME_BYTES
+            .min((state.budget.total_bytes() / 8) as usize)
+            .max(state.limits.get_chunk_size);
+        let admitted = self
+            .service
+            .admit(Method::get, self.no_forward, Some(self.remote), &self.metadata)
+            .and_then(|ctx| self.service.get_stream(ctx, &req, chunk));
+        let mut stream = match admitted {
+            Ok(s) => s,
+            Err(status) => {
+                let r = write_error(io, &status).await;
+                self.service.record_rpc::<()>(Method::get, t0, Err(status))
+                    .ok();
+                return r.map_err(|_| End::Quiet);
+            }
+        };
+        let idle = state.limits.stream_idle_timeout;
+        let mut result = Ok(());
+        while let Some(item) = stream.next().await {
+            let written = match item {
+                Ok(mut msg) => {
+                    let data = std::mem::take(&mut msg.data);
+                    let head = msg.encode_to_vec();
+                    tokio::time::timeout(idle, write(io, Kind::GetChunk, &head, &data)).await
+                }
+                Err(status) => {
+                    let w = tokio::time::timeout(idle, write_error(io, &status)).await;
+                    result = Err(status);
+                    w
+                }
+            };
+            if !matches!(written, Ok(Ok(()))) {
+                // The client stopped reading or went away: the stream's charges are released
+                // with it.
+                let _ = self.service.record_rpc::<()>(
+                    Method::get,
+                    t0,
+                    Err(Status::cancelled("the bulk client stopped reading")),
+                );
+                return Err(End::Quiet);
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() && write(io, Kind::Done, &[], &[]).await.is_err() {
+            return Err(End::Quiet);
+        }
+        let _ = self.service.record_rpc(Method::get, t0, result);
+        Ok(())
+    }
+
+    /// A Put: its PutChunk frames up to PutEnd, then Done with the PutResponse (or Error with
+    /// the outcomes in its details).
+    async fn put<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        io: &mut S,
+        first: Prefix,
+    ) -> Result<(), End> {
+        let t0 = Instant::now();
+        let ctx = match self.service.admit(
+            Method::put,
+            self.no_forward,
+            Some(self.remote),
+            &self.metadata,
+        ) {
+            Ok(ctx) => ctx,
+            Err(status) => {
+                let _ = self
+                    .service
+                    .record_rpc::<()>(Method::put, t0, Err(status.clone()));
+                // The upload that follows is not read: the connection ends after the answer.
+                return Err(End::Refuse(status));
+            }
+        };
+        let state = self.service.state().clone();
+        if ctx.no_forward {
+            state.count_peer_request(Method::put);
+        }
+        let session = PutSession::new(&state, ctx.no_forward, ctx.tenant);
+        let (result, reusable) = session.run_bulk(first, io).await;
+        let result = self.service.record_rpc(Method::put, t0, result);
+        let written = match &result {
+            Ok(resp) => write(io, Kind::Done, &resp.encode_to_vec(), &[]).await,
+            Err(status) if reusable => write_error(io, status).await,
+            Err(status) => return Err(End::Refuse(status.clone())),
+        };
+        written.map_err(|_| End::Quiet)
+    }
+}
+
+/// Writes a frame; an I/O failure means the client is gone.
+async fn write<S: AsyncWrite + Unpin + Send>(
+    io: &mut S,
+    kind: Kind,
+    head: &[u8],
+    data: &[u8],
+) -> Result<(), Status> {
+    bulk::write_frame(io, kind, head, data)
+        .await
+        .map_err(|e| Status::unavailable(format!("bulk connection: {e}")))
+}
+
+/// The `Error` frame of `status`: a `google.rpc.Status` (the status' own details when it has
+/// them: a failed Put's carry every block's outcome).
+fn error_head(status: &Status) -> Vec<u8> {
+    if !status.details().is_empty() {
+        return status.details().to_vec();
+    }
+    RpcStatus {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: Vec::new(),
+    }
+    .encode_to_vec()
+}
+
+async fn write_error<S: AsyncWrite + Unpin + Send>(
+    io: &mut S,
+    status: &Status,
+) -> Result<(), Status> {
+    debug_assert!(status.code() != Code::Ok);
+    write(io, Kind::Error, &error_head(status), &[]).await?;
+    io.flush()
+        .await
+        .map_err(|e| Status::unavailable(format!("bulk connection: {e}")))
+}
+
+/// Closes the connection gracefully: ends the node's side, then reads and drops what the
+/// client still sends (at most for `limit`), so that the close does not become a reset that
+/// discards the answer before the client reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin + Send>(io: &mut S, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        let _ = io.shutdown().await;
+        let mut sink = vec![0u8; 64 << 10];
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_heads_are_rpc_statuses() {
+        let s = Status::permission_denied("no");
+        let h = RpcStatus::decode(&error_head(&s)[..]).unwrap();
+        assert_eq!((h.code, h.message.as_str()), (Code::PermissionDenied as i32, "no"));
+        let details = kvshare_proto::rpc::encode_put_details(3, "m", &pb::PutResponse::default());
+        let s = Status::with_details(Code::InvalidArgument, "m", details.clone().into());
+        assert_eq!(error_head(&s), details);
+    }
+}
