@@ -32,7 +32,12 @@ const MAX_IDLE: usize = 16;
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-type Conn = Box<dyn Io>;
+/// A connection: reads buffered (a frame's prefix, head and the start of its data in one
+/// system call; larger reads bypass the buffer straight into the caller's), writes not.
+type Conn = tokio::io::BufReader<Box<dyn Io>>;
+
+/// Read buffer of a connection.
+const READ_BUFFER: usize = 16 << 10;
 
 /// What went wrong on a bulk connection.
 enum Failure {
@@ -128,7 +133,7 @@ impl Bulk {
     /// cannot be reached; `Err(Status)`: the node refused this client.
     async fn connect(&self) -> Result<Conn, Failure> {
         let connect = async {
-            let mut io: Conn = match &self.tls {
+            let io: Box<dyn Io> = match &self.tls {
                 None => {
                     let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
                     let _ = tcp.set_nodelay(true);
@@ -140,6 +145,7 @@ impl Bulk {
                         .map_err(|e| Failure::Io(error_chain(&e)))?,
                 ),
             };
+            let mut io = tokio::io::BufReader::with_capacity(READ_BUFFER, io);
             bulk::write_magic(&mut io).await?;
             bulk::write_frame(&mut io, Kind::Open, &self.open.encode_to_vec(), &[]).await?;
             io.flush().await?;

@@ -40,6 +40,9 @@ use crate::tls::NodeTls;
 /// A connection with no request for this long is closed (clients reconnect when they need it).
 const IDLE_CLOSE: Duration = Duration::from_secs(120);
 
+/// Read buffer of a connection.
+const READ_BUFFER: usize = 16 << 10;
+
 /// Waits a little after a failed accept instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
@@ -129,9 +132,12 @@ struct Conn {
 impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         mut self,
-        mut io: S,
+        io: S,
         deadline: tokio::time::Instant,
     ) {
+        // A frame's prefix, head and the start of its data in one system call; larger reads
+        // (a block's bytes) bypass the buffer straight into the block's.
+        let mut io = tokio::io::BufReader::with_capacity(READ_BUFFER, io);
         let end = match tokio::time::timeout_at(deadline, self.open(&mut io)).await {
             Ok(Ok(())) => self.serve(&mut io).await,
             Ok(Err(s)) => End::Refuse(s),
