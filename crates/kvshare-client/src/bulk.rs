@@ -239,7 +239,10 @@ impl Bulk {
 #[derive(Clone, Copy)]
 enum Op<'a> {
     /// A Get: the encoded GetRequest and its keys.
-    Get { head: &'a [u8], keys: &'a [BlockKey] },
+    Get {
+        head: &'a [u8],
+        keys: &'a [BlockKey],
+    },
     /// A Put of these blocks.
     Put(&'a [PutItem]),
 }
@@ -382,10 +385,7 @@ pub(crate) struct Discovery {
 
 impl Discovery {
     /// The node's bulk transport, found once with `find` (None: use gRPC).
-    pub(crate) async fn get(
-        &self,
-        find: impl AsyncFnOnce() -> Option<Bulk>,
-    ) -> Option<Arc<Bulk>> {
+    pub(crate) async fn get(&self, find: impl AsyncFnOnce() -> Option<Bulk>) -> Option<Arc<Bulk>> {
         self.state
             .get_or_init(async || find().await.map(Arc::new))
             .await

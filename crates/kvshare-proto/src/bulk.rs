@@ -196,7 +196,9 @@ pub async fn skip<R: AsyncRead + Unpin + ?Sized>(r: &mut R, len: u64) -> std::io
     let mut scratch = vec![0u8; 64 << 10];
     let mut left = len;
     while left > 0 {
-        let want = scratch.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let want = scratch
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = r.read(&mut scratch[..want]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -286,7 +288,10 @@ mod tests {
         });
         read_magic(&mut b).await.unwrap();
         let p = read_prefix(&mut b).await.unwrap().unwrap();
-        assert_eq!((p.kind, p.head_len, p.data_len), (Kind::PutChunk, 4, 100_000));
+        assert_eq!(
+            (p.kind, p.head_len, p.data_len),
+            (Kind::PutChunk, 4, 100_000)
+        );
         assert_eq!(&read_bytes(&mut b, 4).await.unwrap()[..], b"head");
         let mut buf = BytesMut::new();
         read_into(&mut b, &mut buf, 60_000).await.unwrap();

@@ -388,12 +388,11 @@ pub async fn connect_tls(
         .server_name
         .as_deref()
         .map_or_else(|| host.to_string(), str::to_string);
-    let name = ServerName::try_from(verify_as.clone()).map_err(|source| {
-        ConnectError::ServerName {
+    let name =
+        ServerName::try_from(verify_as.clone()).map_err(|source| ConnectError::ServerName {
             host: verify_as,
             source,
-        }
-    })?;
+        })?;
     let addr = format!("{host}:{port}");
     let tcp = TcpStream::connect((host, port))
         .await

@@ -32,7 +32,7 @@ use tonic::{Code, Status};
 use tracing::{debug, warn};
 
 use crate::conn::ConnectionLimit;
-use crate::metrics::Method;
+use crate::metrics::{Method, MethodLabels};
 use crate::put::PutSession;
 use crate::service::KvCacheService;
 use crate::tls::NodeTls;
@@ -86,6 +86,9 @@ pub fn spawn(
             let tls = tls.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                let metrics = &service.state().metrics;
+                metrics.bulk_connections.inc();
+                let open = service.clone();
                 let deadline = slot.deadline();
                 let conn = Conn {
                     service,
@@ -106,6 +109,7 @@ pub fn spawn(
                     }
                 }
                 drop(slot);
+                open.state().metrics.bulk_connections.dec();
             });
         }
     })
@@ -181,8 +185,10 @@ impl Conn {
             self.metadata.insert(AUTHORIZATION_HEADER, v);
         }
         if open.no_forward {
-            self.metadata
-                .insert(NO_FORWARD_HEADER, MetadataValue::from_static(NO_FORWARD_VALUE));
+            self.metadata.insert(
+                NO_FORWARD_HEADER,
+                MetadataValue::from_static(NO_FORWARD_VALUE),
+            );
         }
         self.no_forward = open.no_forward;
         self.service.admit(
@@ -192,6 +198,16 @@ impl Conn {
             &self.metadata,
         )?;
         write(io, Kind::Done, &[], &[]).await
+    }
+
+    /// Counts a request of `method` on the bulk transport.
+    fn count(&self, method: Method) {
+        self.service
+            .state()
+            .metrics
+            .bulk_requests
+            .get_or_create(&MethodLabels { method })
+            .inc();
     }
 
     /// Requests until the client closes, idles out, breaks the protocol or the node stops.
@@ -206,9 +222,7 @@ impl Conn {
                 Ok(Ok(Some(p))) => p,
                 Ok(Ok(None)) | Err(_) => return End::Quiet,
                 Ok(Err(e)) => {
-                    return End::Refuse(Status::invalid_argument(format!(
-                        "bulk connection: {e}"
-                    )));
+                    return End::Refuse(Status::invalid_argument(format!("bulk connection: {e}")));
                 }
             };
             let served = match p.kind {
@@ -238,7 +252,8 @@ impl Conn {
             .await
             .map_err(|r| r.into_status())?;
         let idle = state.limits.stream_idle_timeout;
-        let bytes: Bytes = match tokio::time::timeout(idle, bulk::read_bytes(io, len as usize)).await
+        let bytes: Bytes = match tokio::time::timeout(idle, bulk::read_bytes(io, len as usize))
+            .await
         {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => return Err(Status::invalid_argument(format!("bulk connection: {e}"))),
@@ -251,7 +266,10 @@ impl Conn {
         M::decode(bytes).map_err(|e| {
             Status::invalid_argument(format!(
                 "bulk connection: the frame head is not a {}: {e}",
-                std::any::type_name::<M>().rsplit("::").next().unwrap_or("message")
+                std::any::type_name::<M>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("message")
             ))
         })
     }
@@ -263,6 +281,7 @@ impl Conn {
         p: Prefix,
     ) -> Result<(), End> {
         let t0 = Instant::now();
+        self.count(Method::get);
         let req: pb::GetRequest = self.head(io, p.head_len).await.map_err(End::Refuse)?;
         let state = self.service.state().clone();
         let chunk = MAX_GET_FRAME_BYTES
@@ -270,13 +289,19 @@ impl Conn {
             .max(state.limits.get_chunk_size);
         let admitted = self
             .service
-            .admit(Method::get, self.no_forward, Some(self.remote), &self.metadata)
+            .admit(
+                Method::get,
+                self.no_forward,
+                Some(self.remote),
+                &self.metadata,
+            )
             .and_then(|ctx| self.service.get_stream(ctx, &req, chunk));
         let mut stream = match admitted {
             Ok(s) => s,
             Err(status) => {
                 let r = write_error(io, &status).await;
-                self.service.record_rpc::<()>(Method::get, t0, Err(status))
+                self.service
+                    .record_rpc::<()>(Method::get, t0, Err(status))
                     .ok();
                 return r.map_err(|_| End::Quiet);
             }
@@ -325,6 +350,7 @@ impl Conn {
         first: Prefix,
     ) -> Result<(), End> {
         let t0 = Instant::now();
+        self.count(Method::put);
         let ctx = match self.service.admit(
             Method::put,
             self.no_forward,
@@ -336,8 +362,9 @@ impl Conn {
                 let _ = self
                     .service
                     .record_rpc::<()>(Method::put, t0, Err(status.clone()));
-                // The upload that follows is not read: the connection ends after the answer.
-                return Err(End::Refuse(status));
+                // The upload is read and dropped, so the connection can carry the next request.
+                self.drain_put(io, first).await?;
+                return write_error(io, &status).await.map_err(|_| End::Quiet);
             }
         };
         let state = self.service.state().clone();
@@ -353,6 +380,40 @@ impl Conn {
             Err(status) => return Err(End::Refuse(status.clone())),
         };
         written.map_err(|_| End::Quiet)
+    }
+}
+
+impl Conn {
+    /// Reads and drops the frames of a refused Put, up to its PutEnd (`first`: the prefix of
+    /// its first frame), each within the idle timeout.
+    async fn drain_put<S: AsyncRead + Unpin + Send>(
+        &self,
+        io: &mut S,
+        first: Prefix,
+    ) -> Result<(), End> {
+        let idle = self.service.state().limits.stream_idle_timeout;
+        let mut p = first;
+        loop {
+            match p.kind {
+                Kind::PutEnd => return Ok(()),
+                Kind::PutChunk => {
+                    let len = u64::from(p.head_len).saturating_add(p.data_len);
+                    match tokio::time::timeout(idle, bulk::skip(io, len)).await {
+                        Ok(Ok(())) => {}
+                        _ => return Err(End::Quiet),
+                    }
+                }
+                kind => {
+                    return Err(End::Refuse(Status::invalid_argument(format!(
+                        "bulk put: a {kind:?} frame arrived where a PutChunk or PutEnd belongs"
+                    ))));
+                }
+            }
+            p = match tokio::time::timeout(idle, bulk::read_prefix(io)).await {
+                Ok(Ok(Some(p))) => p,
+                _ => return Err(End::Quiet),
+            };
+        }
     }
 }
 
@@ -413,7 +474,10 @@ mod tests {
     fn error_heads_are_rpc_statuses() {
         let s = Status::permission_denied("no");
         let h = RpcStatus::decode(&error_head(&s)[..]).unwrap();
-        assert_eq!((h.code, h.message.as_str()), (Code::PermissionDenied as i32, "no"));
+        assert_eq!(
+            (h.code, h.message.as_str()),
+            (Code::PermissionDenied as i32, "no")
+        );
         let details = kvshare_proto::rpc::encode_put_details(3, "m", &pb::PutResponse::default());
         let s = Status::with_details(Code::InvalidArgument, "m", details.clone().into());
         assert_eq!(error_head(&s), details);

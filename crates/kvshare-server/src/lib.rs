@@ -401,7 +401,13 @@ async fn spawn_grpc(
     tls: Option<Arc<tls::NodeTls>>,
     limit: conn::ConnectionLimit,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(JoinHandle<Result<(), tonic::transport::Error>>, KvCacheService), ServerError> {
+) -> Result<
+    (
+        JoinHandle<Result<(), tonic::transport::Error>>,
+        KvCacheService,
+    ),
+    ServerError,
+> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<KvCacheServer<KvCacheService>>()

@@ -335,6 +335,10 @@ pub struct Metrics {
     pub auth_reloads: Counter,
     /// Failed reloads of the auth file (the old configuration stays).
     pub auth_reload_failures: Counter,
+    /// Open bulk-transport connections.
+    pub bulk_connections: Gauge,
+    /// Requests served on the bulk transport, by method (they also count in `rpcs`).
+    pub bulk_requests: Family<MethodLabels, Counter>,
 }
 
 /// Registers clones of the metric handles (they share their values) as `name` with `help`.
@@ -383,6 +387,8 @@ impl Metrics {
             snapshot_load_seconds: Gauge::default(),
             auth_reloads: Counter::default(),
             auth_reload_failures: Counter::default(),
+            bulk_connections: Gauge::default(),
+            bulk_requests: Family::default(),
         };
         register!(m.registry, m;
             lookups: "lookups", "Lookup RPCs served";
@@ -419,6 +425,8 @@ impl Metrics {
             snapshot_load_seconds: "snapshot_load_seconds", "Time the store snapshot took to load at start";
             auth_reloads: "auth_reloads", "Times the --auth-file was reloaded after a change or SIGHUP";
             auth_reload_failures: "auth_reload_failures", "Reloads of the --auth-file that failed (the previous configuration stays in force)";
+            bulk_connections: "bulk_connections", "Open connections on the bulk transport (--bulk-addr)";
+            bulk_requests: "bulk_requests", "Get and Put requests served on the bulk transport, by method (also counted in kvshare_rpcs)";
         );
         m
     }

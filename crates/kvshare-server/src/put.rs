@@ -263,7 +263,9 @@ impl<'a> PutSession<'a> {
             Err(_) => return Err(self.stalled()),
         };
         pb::PutRequest::decode(head).map_err(|e| {
-            Rejection::invalid(format!("bulk put: a PutChunk head is not a PutRequest: {e}"))
+            Rejection::invalid(format!(
+                "bulk put: a PutChunk head is not a PutRequest: {e}"
+            ))
         })
     }
 
