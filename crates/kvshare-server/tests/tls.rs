@@ -62,6 +62,18 @@ async fn round_trip(c: &mut KvClient, seed: u32) {
     );
 }
 
+/// The node's Gets and Puts went over its bulk transport (TLS too, as its gRPC port).
+fn assert_bulk_used(node: &NodeProcess) {
+    let (_, body) = node.http_get("/metrics").expect("metrics");
+    for method in ["get", "put"] {
+        let n = kvshare_testkit::metric(
+            &body,
+            &format!("kvshare_bulk_requests_total{{method=\"{method}\"}}"),
+        );
+        assert!(n.is_some_and(|n| n >= 1.0), "no bulk {method}: {body}");
+    }
+}
+
 fn err_text(e: &ClientError) -> String {
     let mut s = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -113,6 +125,7 @@ async fn tls_serves_grpc_and_http_and_refuses_wrong_ca_and_plaintext() {
         assert!(c.endpoint().starts_with("https://"), "{}", c.endpoint());
         round_trip(&mut c, 1).await;
     }
+    assert_bulk_used(&node);
 
     // A client that trusts another CA: a clear certificate error.
     let other = TestCa::new("some other CA");
@@ -170,6 +183,7 @@ async fn mtls_requires_a_client_certificate_from_the_client_ca() {
         .await
         .expect("connect with a client certificate");
     round_trip(&mut c, 2).await;
+    assert_bulk_used(&node);
 
     // No client certificate: the server refuses the handshake.
     let e = call(&node.endpoint(), opts(&ca))
