@@ -261,6 +261,8 @@ async fn load_snapshot(state: &NodeState, dir: PathBuf) {
 struct Advertised {
     grpc: String,
     http: String,
+    /// The bulk transport's port (on the gRPC address' host), 0 when off.
+    bulk_port: u16,
 }
 
 /// Addresses to advertise: `--advertise-addr`, else the bound address (the node id as host
@@ -289,6 +291,7 @@ fn advertised(
     Advertised {
         grpc: grpc_adv,
         http: http_adv,
+        bulk_port: 0,
     }
 }
 
@@ -325,7 +328,6 @@ fn node_state(
     cluster: Arc<cluster::Cluster>,
     mut metrics: metrics::Metrics,
     auth: Arc<auth::Auth>,
-    bulk_port: u16,
 ) -> NodeState {
     let stats_top_namespaces = config
         .stats_top_namespaces
@@ -349,7 +351,7 @@ fn node_state(
         },
         grpc_addr: addrs.grpc,
         http_addr: addrs.http,
-        bulk_port,
+        bulk_port: addrs.bulk_port,
         started: Instant::now(),
         budget: budget::MemoryBudget::new(
             config.buffer_budget,
@@ -579,7 +581,10 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         None => None,
     };
     let node_id = config.resolved_node_id();
-    let addrs = advertised(&config, &node_id, grpc_addr, http_addr);
+    let addrs = Advertised {
+        bulk_port: bulk_addr.map_or(0, |a| a.port()),
+        ..advertised(&config, &node_id, grpc_addr, http_addr)
+    };
     let metrics = metrics::Metrics::new();
     let auth = Arc::new(auth::Auth::new(
         config.auth_file.as_deref(),
@@ -613,7 +618,6 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         cluster.clone(),
         metrics,
         auth.clone(),
-        bulk_addr.map_or(0, |a| a.port()),
     ));
     // Quotas hold from the first block on, snapshot included.
     auth.apply_quotas(&state.store);

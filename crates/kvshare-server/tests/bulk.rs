@@ -35,7 +35,10 @@ fn start(id: &str, extra: &[&str]) -> NodeProcess {
 /// of `bytes_per_token / 2` bytes each, split into heads of at most 4,096 elements).
 fn layout(tokens_per_block: u32, bytes_per_token: u32) -> KvLayout {
     let per_tensor = bytes_per_token / 2;
-    let head_dim = (1..=4096).rev().find(|d| per_tensor % d == 0).unwrap_or(1);
+    let head_dim = (1..=4096)
+        .rev()
+        .find(|d| per_tensor.is_multiple_of(*d))
+        .unwrap_or(1);
     KvLayout {
         num_layers: 1,
         num_kv_heads: per_tensor / head_dim,
@@ -103,7 +106,7 @@ async fn clients_move_blocks_over_the_bulk_transport_or_grpc_alike() {
 
     // Small blocks, and blocks above the node's 16 MiB Get frame (sent in several frames).
     for (blocks, bytes, tpb) in [(8usize, 300_000usize, 4u32), (2, 20 << 20, 2)] {
-        let ns = Namespace::new(&format!("bulk-{bytes}"), layout(tpb, (bytes as u32) / tpb));
+        let ns = Namespace::new(format!("bulk-{bytes}"), layout(tpb, (bytes as u32) / tpb));
         for (ep, bulk, seed) in [
             (node.endpoint(), true, 1u8),
             (node.endpoint(), false, 2),
