@@ -208,6 +208,53 @@ pub async fn skip<R: AsyncRead + Unpin + ?Sized>(r: &mut R, len: u64) -> std::io
     Ok(())
 }
 
+/// A frame's prefix and head in one buffer (its data, `data_len` bytes, goes after them).
+pub fn frame_start(kind: Kind, head: &[u8], data_len: u64) -> std::io::Result<Vec<u8>> {
+    let head_len = u32::try_from(head.len())
+        .ok()
+        .filter(|&n| n <= MAX_HEAD_BYTES)
+        .ok_or_else(|| invalid(FrameError::HeadTooLarge(u32::MAX)))?;
+    let prefix = Prefix {
+        kind,
+        head_len,
+        data_len,
+    };
+    let mut start = Vec::with_capacity(PREFIX_LEN + head.len());
+    start.extend_from_slice(&prefix.encode());
+    start.extend_from_slice(head);
+    Ok(start)
+}
+
+/// Writes every byte of `parts`, in order, with vectored writes (nothing is copied).
+pub async fn write_all_parts<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = parts[first..]
+            .iter()
+            .map(|p| std::io::IoSlice::new(p))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let p = parts[first];
+            if n >= p.len() {
+                n -= p.len();
+                first += 1;
+            } else {
+                parts[first] = &p[n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes a frame: prefix and head in one buffer, then the data, with vectored writes (the
 /// data is never copied).
 pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
@@ -216,34 +263,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
     head: &[u8],
     data: &[u8],
 ) -> std::io::Result<()> {
-    let head_len = u32::try_from(head.len())
-        .ok()
-        .filter(|&n| n <= MAX_HEAD_BYTES)
-        .ok_or_else(|| invalid(FrameError::HeadTooLarge(u32::MAX)))?;
-    let prefix = Prefix {
-        kind,
-        head_len,
-        data_len: data.len() as u64,
-    };
-    let mut first = Vec::with_capacity(PREFIX_LEN + head.len());
-    first.extend_from_slice(&prefix.encode());
-    first.extend_from_slice(head);
-    let (mut a, mut b): (&[u8], &[u8]) = (&first, data);
-    while !a.is_empty() || !b.is_empty() {
-        let n = if a.is_empty() {
-            w.write(b).await?
-        } else {
-            let slices = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
-            w.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
-    }
-    Ok(())
+    let start = frame_start(kind, head, data.len() as u64)?;
+    write_all_parts(w, &[&start, data]).await
 }
 
 /// Writes the connection's magic.

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use kvshare_core::BlockKey;
+use kvshare_core::wire::get_chunks;
 use kvshare_proto::bulk::{self, Kind, Prefix};
 use kvshare_proto::rpc::RpcStatus;
 use kvshare_proto::transport::{AUTHORIZATION_HEADER, NO_FORWARD_HEADER, NO_FORWARD_VALUE};
@@ -25,16 +27,17 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
+use crate::budget::Charge;
 use crate::conn::ConnectionLimit;
 use crate::metrics::{Method, MethodLabels};
 use crate::put::PutSession;
 use crate::service::KvCacheService;
+use crate::state::Scope;
 use crate::tls::NodeTls;
 
 /// A connection with no request for this long is closed (clients reconnect when they need it).
@@ -51,68 +54,137 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// charge small next to `--buffer-budget`.
 const MAX_GET_FRAME_BYTES: usize = 16 << 20;
 
-/// Serves the bulk transport on `listener` until `shutdown`.
+/// How much lower the bulk transport's threads run than the node's others (nice value).
+const BULK_NICE: i32 = 10;
+
+/// The runtime of the bulk transport: its own threads, at a lower CPU priority than the
+/// node's gRPC threads, so that a node whose cores are busy moving blocks still answers
+/// Lookups and health checks at once (the data plane yields to the control plane).
+pub struct BulkRuntime(Option<tokio::runtime::Runtime>);
+
+impl BulkRuntime {
+    /// A runtime of `threads` worker threads.
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("kvshare-bulk")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .map(|rt| BulkRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+}
+
+impl Drop for BulkRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`BULK_NICE`].
+fn lower_priority() {
+    // SAFETY: getpriority/setpriority on the calling thread's id only change its scheduling
+    // weight; they touch no memory of this process.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, (now + BULK_NICE).min(19)) != 0 {
+            debug!("could not lower the priority of a bulk-transport thread");
+        }
+    }
+}
+
+/// Serves the bulk transport on `listener` until `shutdown`, on `runtime`'s threads.
 pub fn spawn(
+    runtime: &BulkRuntime,
     listener: TcpListener,
     service: KvCacheService,
     limit: ConnectionLimit,
     tls: Option<Arc<NodeTls>>,
     shutdown: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut stop = shutdown.clone();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = stop.wait_for(|v| *v) => return,
-            };
-            let (stream, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accepting a bulk connection failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let Some(slot) = limit.acquire() else {
-                warn!(
-                    open = limit.open(),
-                    "bulk connection refused: --max-connections reached"
-                );
+) -> std::io::Result<()> {
+    let Some(handle) = runtime.handle() else {
+        return Ok(());
+    };
+    // Registered again with the bulk runtime's reactor, so its connections are driven there.
+    let listener = listener.into_std()?;
+    handle.spawn(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "the bulk transport's listener cannot be used; clients use gRPC");
+                return;
+            }
+        };
+        accept_loop(listener, service, limit, tls, shutdown).await;
+    });
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: KvCacheService,
+    limit: ConnectionLimit,
+    tls: Option<Arc<NodeTls>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|v| *v) => return,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "accepting a bulk connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Some(slot) = limit.acquire() else {
+            warn!(
+                open = limit.open(),
+                "bulk connection refused: --max-connections reached"
+            );
+            continue;
+        };
+        let service = service.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let metrics = &service.state().metrics;
+            metrics.bulk_connections.inc();
+            let open = service.clone();
+            let deadline = slot.deadline();
+            let conn = Conn {
+                service,
+                remote,
+                metadata: MetadataMap::new(),
+                no_forward: false,
+                shutdown,
             };
-            let service = service.clone();
-            let tls = tls.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let metrics = &service.state().metrics;
-                metrics.bulk_connections.inc();
-                let open = service.clone();
-                let deadline = slot.deadline();
-                let conn = Conn {
-                    service,
-                    remote,
-                    metadata: MetadataMap::new(),
-                    no_forward: false,
-                    shutdown,
-                };
-                match tls {
-                    None => conn.run(stream, deadline).await,
-                    Some(t) => {
-                        if let Some(s) =
-                            crate::accept::handshake(t.grpc_acceptor(), stream, deadline, "bulk")
-                                .await
-                        {
-                            conn.run(s, deadline).await;
-                        }
+            match tls {
+                None => conn.run(stream, deadline).await,
+                Some(t) => {
+                    if let Some(s) =
+                        crate::accept::handshake(t.grpc_acceptor(), stream, deadline, "bulk").await
+                    {
+                        conn.run(s, deadline).await;
                     }
                 }
-                drop(slot);
-                open.state().metrics.bulk_connections.dec();
-            });
-        }
-    })
+            }
+            drop(slot);
+            open.state().metrics.bulk_connections.dec();
+        });
+    }
 }
 
 /// What ends a connection.
@@ -287,16 +359,35 @@ impl Conn {
         let chunk = MAX_GET_FRAME_BYTES
             .min((state.budget.total_bytes() / 8) as usize)
             .max(state.limits.get_chunk_size);
-        let admitted = self
-            .service
-            .admit(
-                Method::get,
-                self.no_forward,
-                Some(self.remote),
-                &self.metadata,
-            )
-            .and_then(|ctx| self.service.get_stream(ctx, &req, chunk));
-        let mut stream = match admitted {
+        let admitted = self.service.admit(
+            Method::get,
+            self.no_forward,
+            Some(self.remote),
+            &self.metadata,
+        );
+        let target = admitted.and_then(|ctx| {
+            self.service
+                .target(&ctx, &req.namespace, &req.keys, &req.packed_keys)
+                .map(|t| (ctx, t))
+        });
+        let stream = match target {
+            Ok((_, (ns, keys, Scope::Local))) => {
+                let r = self.get_local(io, ns.store, &keys).await;
+                return match r {
+                    Ok(()) => {
+                        let _ = self.service.record_rpc(Method::get, t0, Ok(()));
+                        Ok(())
+                    }
+                    Err(status) => {
+                        let _ = self.service.record_rpc::<()>(Method::get, t0, Err(status));
+                        Err(End::Quiet)
+                    }
+                };
+            }
+            Ok((ctx, _)) => self.service.get_stream(ctx, &req, chunk),
+            Err(status) => Err(status),
+        };
+        let mut stream = match stream {
             Ok(s) => s,
             Err(status) => {
                 let r = write_error(io, &status).await;
@@ -340,6 +431,78 @@ impl Conn {
         }
         let _ = self.service.record_rpc(Method::get, t0, result);
         Ok(())
+    }
+
+    /// A Get answered from this node's store: each block looked up when its turn comes and
+    /// written from the stored bytes (its budget charge held while it is written), the last
+    /// one together with `Done`. An error means the client stopped reading.
+    async fn get_local<S: AsyncWrite + Unpin + Send>(
+        &self,
+        io: &mut S,
+        ns: BlockKey,
+        keys: &[BlockKey],
+    ) -> Result<(), Status> {
+        let state = self.service.state();
+        let idle = state.limits.stream_idle_timeout;
+        let (mut hits, mut sent) = (0u64, 0u64);
+        let done =
+            bulk::frame_start(Kind::Done, &[], 0).map_err(|e| Status::internal(e.to_string()))?;
+        let mut result = Ok(());
+        for (i, key) in keys.iter().enumerate() {
+            let block = state
+                .store
+                .get_many(ns, std::slice::from_ref(key))
+                .pop()
+                .flatten();
+            let mut msg = get_chunks(i as u32, key, block.as_deref(), usize::MAX)
+                .pop()
+                .unwrap_or_default();
+            let data = std::mem::take(&mut msg.data);
+            // A block evicted while it is written stays in memory until then: charged.
+            let _charge = if block.is_some() {
+                match state
+                    .budget
+                    .charge(data.len() as u64 + 512, "a Get response")
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(r) => {
+                        let status = r.into_status();
+                        let w = tokio::time::timeout(idle, write_error(io, &status)).await;
+                        result = match w {
+                            Ok(Ok(())) => Ok(()),
+                            _ => Err(status),
+                        };
+                        break;
+                    }
+                }
+            } else {
+                Charge::default()
+            };
+            if block.is_some() {
+                hits += 1;
+                sent += data.len() as u64;
+            }
+            let start = bulk::frame_start(Kind::GetChunk, &msg.encode_to_vec(), data.len() as u64)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let last: &[u8] = if i + 1 == keys.len() { &done } else { &[] };
+            let w =
+                tokio::time::timeout(idle, bulk::write_all_parts(io, &[&start, &data, last])).await;
+            if !matches!(w, Ok(Ok(()))) {
+                result = Err(Status::cancelled("the bulk client stopped reading"));
+                break;
+            }
+        }
+        let m = &state.metrics;
+        m.sent_bytes.inc_by(sent);
+        if self.no_forward {
+            state.count_peer_request(Method::get);
+        } else {
+            m.hits.inc_by(hits);
+            m.misses
+                .inc_by(keys.len() as u64 - hits.min(keys.len() as u64));
+        }
+        result
     }
 
     /// A Put: its PutChunk frames up to PutEnd, then Done with the PutResponse (or Error with

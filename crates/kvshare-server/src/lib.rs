@@ -131,6 +131,8 @@ pub struct NodeHandle {
     ready: Arc<AtomicBool>,
     data_dir: Option<PathBuf>,
     tls: Option<Arc<tls::NodeTls>>,
+    /// The bulk transport's threads (stopped when the handle is dropped).
+    _bulk_runtime: Option<bulk::BulkRuntime>,
 }
 
 impl NodeHandle {
@@ -683,9 +685,23 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         shutdown_rx.clone(),
     )
     .await?;
-    if let Some(l) = bulk_listener {
-        bulk::spawn(l, service, limit, tls.clone(), shutdown_rx.clone());
-    }
+    let bulk_runtime = match bulk_listener {
+        Some(l) => {
+            let threads = std::thread::available_parallelism().map_or(2, usize::from);
+            let rt = bulk::BulkRuntime::new(threads).map_err(|source| ServerError::Bind {
+                addr: bulk_addr.unwrap_or(config.grpc_addr),
+                source,
+            })?;
+            bulk::spawn(&rt, l, service, limit, tls.clone(), shutdown_rx.clone()).map_err(
+                |source| ServerError::Bind {
+                    addr: bulk_addr.unwrap_or(config.grpc_addr),
+                    source,
+                },
+            )?;
+            Some(rt)
+        }
+        None => None,
+    };
     let rebalance = rebalance::RebalanceConfig {
         after_down: Duration::from_millis(config.rereplicate_after_ms),
         interval: Duration::from_millis(config.rebalance_interval_ms.max(1_000)),
@@ -714,5 +730,6 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         ready,
         data_dir: config.data_dir.clone(),
         tls,
+        _bulk_runtime: bulk_runtime,
     })
 }

@@ -112,7 +112,7 @@ impl KvCacheService {
 
     /// Namespace and keys of a Lookup, Get or Delete, validated against this node's limits, and
     /// where the request is answered.
-    fn target(
+    pub(crate) fn target(
         &self,
         ctx: &Ctx,
         namespace: &[u8],
