@@ -560,6 +560,10 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
     ports = {p.get("name"): p for p in c.get("ports") or []}
     r.check("container port grpc 50051", ports.get("grpc", {}).get("containerPort") == 50051, f"ports {list(ports)}")
     r.check("container port http 9090", ports.get("http", {}).get("containerPort") == 9090, f"ports {list(ports)}")
+    bulk_flag = [a.split("=", 1)[1] for a in c.get("args") or [] if str(a).startswith("--bulk-addr=")]
+    r.check("bulk transport on a fixed port = container port bulk",
+            len(bulk_flag) == 1 and bulk_flag[0].rsplit(":", 1)[-1] == str(ports.get("bulk", {}).get("containerPort")),
+            f"--bulk-addr {bulk_flag}, ports {list(ports)}")
 
     def probe_ok(probe: dict | None, path: str) -> str | None:
         if not probe:
@@ -691,7 +695,8 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
         r.check(f"Service {s['metadata']['name']} selects the pods", labels_match(sp.get("selector"), pod_labels) and bool(sp.get("selector")),
                 f"selector {sp.get('selector')} vs pod labels {pod_labels}")
         got = {(p.get("name"), p.get("port")) for p in sp.get("ports") or []}
-        r.check(f"Service {s['metadata']['name']} ports grpc 50051 + http 9090", {("grpc", 50051), ("http", 9090)} <= got, f"ports {sorted(got)}")
+        r.check(f"Service {s['metadata']['name']} ports grpc 50051 + bulk 50052 + http 9090",
+                {("grpc", 50051), ("bulk", 50052), ("http", 9090)} <= got, f"ports {sorted(got)}")
         for p in sp.get("ports") or []:
             tp = p.get("targetPort", p.get("port"))
             r.check(f"Service {s['metadata']['name']} targetPort {tp} exists",
@@ -710,9 +715,11 @@ def check_manifests(r: Report, docs: list[dict], kvshared: Help, versions: list[
         for rule in np_.get("ingress") or []:
             rp = {p.get("port") for p in rule.get("ports") or []}
             for p in rp:
-                r.check(f"NetworkPolicy port {p} exists on the pod", p in ports or p in (50051, 9090), f"container ports {list(ports)}")
+                r.check(f"NetworkPolicy port {p} exists on the pod", p in ports or p in (50051, 50052, 9090), f"container ports {list(ports)}")
             if rp & {"grpc", 50051}:
                 grpc_from += rule.get("from") or []
+                r.check("NetworkPolicy: the bulk port beside gRPC", bool(rp & {"bulk", 50052}),
+                        f"ports {sorted(map(str, rp))}: clients would fall back to gRPC")
             if rp & {"http", 9090}:
                 http_from += rule.get("from") or []
         r.check("NetworkPolicy: gRPC from kvshare-client=true pods",
@@ -1181,7 +1188,7 @@ def check_files(r: Report, kvshared: Help, kvshare: Help | None) -> None:
     r.check("runtime stage copies kvshared and kvshare only",
             sorted(re.findall(r"COPY --from=\S+ \S*/(kvshared?) ", last)) == ["kvshare", "kvshared"], "COPY --from lines of the last stage")
     r.check("runtime user 65532", re.search(r"^USER 65532(:65532)?\s*$", last, re.M) is not None, "no USER 65532 in the runtime stage")
-    r.check("EXPOSE 50051 9090", re.search(r"^EXPOSE 50051 9090\s*$", last, re.M) is not None, "no EXPOSE 50051 9090")
+    r.check("EXPOSE 50051 50052 9090", re.search(r"^EXPOSE 50051 50052 9090\s*$", last, re.M) is not None, "no EXPOSE 50051 50052 9090")
     r.check("ENTRYPOINT kvshared", re.search(r'^ENTRYPOINT \["[^"]*/kvshared"\]', last, re.M) is not None, "ENTRYPOINT must exec kvshared")
     di = os.path.join(ROOT, ".dockerignore")
     if r.check(".dockerignore at the build context root", os.path.exists(di), "missing /.dockerignore"):
