@@ -297,6 +297,45 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any 13 bytes either decode to a prefix that encodes back to them, or are refused
+        /// (unknown kind, head over the limit); nothing panics.
+        #[test]
+        fn any_prefix_bytes_decode_or_are_refused(b in proptest::array::uniform13(0u8..)) {
+            match Prefix::decode(&b) {
+                Ok(p) => {
+                    proptest::prop_assert_eq!(p.encode(), b);
+                    proptest::prop_assert!(p.head_len <= MAX_HEAD_BYTES);
+                }
+                Err(FrameError::UnknownKind(k)) => proptest::prop_assert!(Kind::from_u8(k).is_none()),
+                Err(FrameError::HeadTooLarge(n)) => proptest::prop_assert!(n > MAX_HEAD_BYTES),
+                Err(FrameError::BadMagic) => proptest::prop_assert!(false, "no magic in a prefix"),
+            }
+        }
+
+        /// Frames of any head and data come back as written, whatever the pipe's buffer size.
+        #[test]
+        fn frames_round_trip(
+            head in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..5000),
+            pipe in 1usize..4096,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (h, d) = rt.block_on(async {
+                let (mut a, mut b) = tokio::io::duplex(pipe);
+                let (hw, dw) = (head.clone(), data.clone());
+                let w = tokio::spawn(async move { write_frame(&mut a, Kind::GetChunk, &hw, &dw).await });
+                let p = read_prefix(&mut b).await.unwrap().unwrap();
+                let h = read_bytes(&mut b, p.head_len as usize).await.unwrap();
+                let d = read_bytes(&mut b, p.data_len as usize).await.unwrap();
+                w.await.unwrap().unwrap();
+                (h, d)
+            });
+            proptest::prop_assert_eq!(&h[..], &head[..]);
+            proptest::prop_assert_eq!(&d[..], &data[..]);
+        }
+    }
+
     #[tokio::test]
     async fn frames_round_trip_through_a_pipe() {
         let (mut a, mut b) = tokio::io::duplex(64);
