@@ -23,7 +23,7 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{ClientError, PutItem};
+use crate::{ClientError, PutItem, error_chain};
 
 /// Idle connections kept per node.
 const MAX_IDLE: usize = 16;
@@ -316,18 +316,6 @@ async fn send_put(io: &mut Conn, items: &[PutItem]) -> std::io::Result<()> {
     }
     bulk::write_frame(io, Kind::PutEnd, &[], &[]).await?;
     io.flush().await
-}
-
-/// The causes of `e`, joined.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 async fn next_prefix(io: &mut Conn) -> Result<bulk::Prefix, Failure> {

@@ -130,7 +130,7 @@ pub enum ClientError {
 }
 
 /// `e` and its causes, joined with ": " (transport errors say little at the top level).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -62,6 +62,33 @@ pub(crate) async fn handshake(
     }
 }
 
+/// The next connection on `listener` that `limit` admits (without Nagle's algorithm), with
+/// its slot; a failed accept waits a moment, a connection over the limit is closed at once.
+pub(crate) async fn accept_counted(
+    listener: &TcpListener,
+    limit: &conn::ConnectionLimit,
+    what: &str,
+) -> (TcpStream, conn::ConnSlot) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                debug!(error = %e, "accepting a {what} connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match limit.acquire() {
+            Some(slot) => return (stream, slot),
+            None => warn!(
+                open = limit.open(),
+                "{what} connection refused: --max-connections reached"
+            ),
+        }
+    }
+}
+
 /// The gRPC server's incoming connections: admitted by `limit`, TLS-wrapped with `tls`. The
 /// loop ends when the server drops the stream.
 pub fn grpc_incoming(
@@ -73,25 +100,10 @@ pub fn grpc_incoming(
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                a = listener.accept() => a,
+                a = accept_counted(&listener, &limit, "gRPC") => a,
                 _ = tx.closed() => return,
             };
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    debug!(error = %e, "accepting a gRPC connection failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let Some(slot) = limit.acquire() else {
-                warn!(
-                    open = limit.open(),
-                    "connection refused: --max-connections reached"
-                );
-                continue;
-            };
+            let (stream, slot) = accepted;
             let info = stream.connect_info();
             match &tls {
                 None => {

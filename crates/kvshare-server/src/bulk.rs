@@ -46,9 +46,6 @@ const IDLE_CLOSE: Duration = Duration::from_secs(120);
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 16 << 10;
 
-/// Waits a little after a failed accept instead of spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-
 /// Largest payload slice in one Get frame (a block larger than this goes in several frames):
 /// whole blocks keep the client's reassembly copy-free, this bound keeps one frame's budget
 /// charge small next to `--buffer-budget`.
@@ -136,24 +133,11 @@ async fn accept_loop(
 ) {
     let mut stop = shutdown.clone();
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (stream, slot) = tokio::select! {
+            a = crate::accept::accept_counted(&listener, &limit, "bulk") => a,
             _ = stop.wait_for(|v| *v) => return,
         };
-        let (stream, remote) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                debug!(error = %e, "accepting a bulk connection failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let Some(slot) = limit.acquire() else {
-            warn!(
-                open = limit.open(),
-                "bulk connection refused: --max-connections reached"
-            );
+        let Ok(remote) = stream.peer_addr() else {
             continue;
         };
         let service = service.clone();
