@@ -181,6 +181,56 @@ pub async fn read_into<R: AsyncRead + Unpin + ?Sized>(
     Ok(())
 }
 
+/// [`read_into`] that fails with [`std::io::ErrorKind::TimedOut`] when no byte arrives for
+/// `idle`, or when `deadline` passes first.
+pub async fn read_into_within<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+    deadline: tokio::time::Instant,
+    idle: std::time::Duration,
+) -> std::io::Result<()> {
+    buf.reserve(len);
+    let end = buf.len() + len;
+    while buf.len() < end {
+        let want = end - buf.len();
+        let mut limited = bytes::BufMut::limit(&mut *buf, want);
+        let until = deadline.min(tokio::time::Instant::now() + idle);
+        match tokio::time::timeout_at(until, r.read_buf(&mut limited)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok(())
+}
+
+/// [`skip`] that fails with [`std::io::ErrorKind::TimedOut`] when no byte arrives for `idle`,
+/// or when `deadline` passes first.
+pub async fn skip_within<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    len: u64,
+    deadline: tokio::time::Instant,
+    idle: std::time::Duration,
+) -> std::io::Result<()> {
+    let mut scratch = vec![0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let want = scratch
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        let until = deadline.min(tokio::time::Instant::now() + idle);
+        match tokio::time::timeout_at(until, r.read(&mut scratch[..want])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(n)) => left -= n as u64,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Reads exactly `len` bytes into a buffer of their own.
 pub async fn read_bytes<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,

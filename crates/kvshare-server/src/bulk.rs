@@ -32,7 +32,6 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
-use crate::budget::Charge;
 use crate::conn::ConnectionLimit;
 use crate::metrics::{Method, MethodLabels};
 use crate::put::PutSession;
@@ -442,27 +441,6 @@ impl Conn {
                 .pop()
                 .unwrap_or_default();
             let data = std::mem::take(&mut msg.data);
-            // A block evicted while it is written stays in memory until then: charged.
-            let _charge = if block.is_some() {
-                match state
-                    .budget
-                    .charge(data.len() as u64 + 512, "a Get response")
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(r) => {
-                        let status = r.into_status();
-                        let w = tokio::time::timeout(idle, write_error(io, &status)).await;
-                        result = match w {
-                            Ok(Ok(())) => Ok(()),
-                            _ => Err(status),
-                        };
-                        break;
-                    }
-                }
-            } else {
-                Charge::default()
-            };
             if block.is_some() {
                 hits += 1;
                 sent += data.len() as u64;
@@ -470,11 +448,21 @@ impl Conn {
             let start = bulk::frame_start(Kind::GetChunk, &msg.encode_to_vec(), data.len() as u64)
                 .map_err(|e| Status::internal(e.to_string()))?;
             let last: &[u8] = if i + 1 == keys.len() { &done } else { &[] };
-            let w =
-                tokio::time::timeout(idle, bulk::write_all_parts(io, &[&start, &data, last])).await;
-            if !matches!(w, Ok(Ok(()))) {
-                result = Err(Status::cancelled("the bulk client stopped reading"));
-                break;
+            match self.write_block(io, &start, &data, last).await {
+                Ok(()) => {}
+                // No room in the budget before the frame began: the client is told, and the
+                // connection carries on.
+                Err((status, false)) => {
+                    let w = tokio::time::timeout(idle, write_error(io, &status)).await;
+                    if !matches!(w, Ok(Ok(()))) {
+                        result = Err(status);
+                    }
+                    break;
+                }
+                Err((status, true)) => {
+                    result = Err(status);
+                    break;
+                }
             }
         }
         let m = &state.metrics;
@@ -487,6 +475,51 @@ impl Conn {
                 .inc_by(keys.len() as u64 - hits.min(keys.len() as u64));
         }
         result
+    }
+
+    /// Writes one GetChunk frame (`start`: its prefix and head) with a stored block's bytes,
+    /// then `last` (the Done frame after the last block). A block evicted while it is written
+    /// stays in memory until then: each slice of at most `--get-chunk-size` is charged to the
+    /// budget while it is written, as a gRPC Get's messages are (a client that reads slowly
+    /// holds one slice, not its whole block). The error's flag says whether the frame had begun
+    /// (the connection is then unusable).
+    async fn write_block<S: AsyncWrite + Unpin + Send>(
+        &self,
+        io: &mut S,
+        start: &[u8],
+        data: &Bytes,
+        last: &[u8],
+    ) -> Result<(), (Status, bool)> {
+        let state = self.service.state();
+        let idle = state.limits.stream_idle_timeout;
+        let slice = state.limits.get_chunk_size.max(1);
+        let mut offset = 0;
+        let mut head: &[u8] = start;
+        loop {
+            let end = data.len().min(offset + slice);
+            let tail: &[u8] = if end == data.len() { last } else { &[] };
+            let _charge = match state
+                .budget
+                .charge((end - offset) as u64, "a Get response")
+                .await
+            {
+                Ok(c) => c,
+                Err(r) => return Err((r.into_status(), offset > 0)),
+            };
+            let parts = [head, &data[offset..end], tail];
+            match tokio::time::timeout(idle, bulk::write_all_parts(io, &parts)).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    let gone = Status::cancelled("the bulk client stopped reading");
+                    return Err((gone, true));
+                }
+            }
+            head = &[];
+            offset = end;
+            if offset == data.len() {
+                return Ok(());
+            }
+        }
     }
 
     /// A Put: its PutChunk frames up to PutEnd, then Done with the PutResponse (or Error with

@@ -73,17 +73,6 @@ impl PendingBlock {
     }
 }
 
-/// `io` run until `deadline`: its error, or `None` when the deadline passed first.
-async fn within(
-    deadline: Instant,
-    io: impl Future<Output = std::io::Result<()>>,
-) -> Result<(), Option<std::io::Error>> {
-    match tokio::time::timeout_at(deadline.into(), io).await {
-        Ok(r) => r.map_err(Some),
-        Err(_) => Err(None),
-    }
-}
-
 /// How long `bytes` take at `rate` bytes per second.
 fn rate_allowance(bytes: u64, rate: u64) -> Duration {
     Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64)
@@ -413,32 +402,50 @@ impl<'a> PutSession<'a> {
                 self.refuse_pending(p, r);
                 break;
             }
-            let read = within(deadline, bulk::read_into(reader, &mut p.buf, step as usize)).await;
+            let idle = self.state.limits.stream_idle_timeout;
+            let read =
+                bulk::read_into_within(reader, &mut p.buf, step as usize, deadline.into(), idle)
+                    .await;
             self.read_failed(p, read)?;
             self.state.metrics.received_bytes.inc_by(step);
             done += step;
         }
         if done < len {
-            let read = within(deadline, bulk::skip(reader, len - done)).await;
+            let idle = self.state.limits.stream_idle_timeout;
+            let read = bulk::skip_within(reader, len - done, deadline.into(), idle).await;
             self.read_failed(p, read)?;
         }
         Ok(())
     }
 
-    /// The error that ends an upload whose read of `p`'s bytes failed (`None`: timed out).
-    fn read_failed(
-        &self,
-        p: &PendingBlock,
-        read: Result<(), Option<std::io::Error>>,
-    ) -> Result<(), Status> {
+    /// The error that ends an upload whose read of `p`'s bytes failed: the block is overdue,
+    /// the client went quiet for the idle timeout, or the connection broke.
+    fn read_failed(&self, p: &PendingBlock, read: std::io::Result<()>) -> Result<(), Status> {
         match read {
             Ok(()) => Ok(()),
-            Err(Some(e)) => Err(Status::invalid_argument(format!(
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                Err(if Instant::now() >= p.deadline {
+                    p.overdue(&self.state.limits)
+                } else {
+                    Rejection::new(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "upload stalled: block {} (key {}) received no byte for {:?} (--stream-idle-timeout-ms) after {} of {} payload bytes; its buffers were freed",
+                            p.index,
+                            key_prefix(&p.key),
+                            self.state.limits.stream_idle_timeout,
+                            p.buf.len(),
+                            p.payload_len
+                        ),
+                    )
+                }
+                .into_status())
+            }
+            Err(e) => Err(Status::invalid_argument(format!(
                 "bulk put: block {} (key {}) broke off: {e}",
                 p.index,
                 key_prefix(&p.key)
             ))),
-            Err(None) => Err(p.overdue(&self.state.limits).into_status()),
         }
     }
 

@@ -565,3 +565,142 @@ async fn silent_connections_are_closed_and_counted() {
     let mut c = node.client().await;
     c.stats(pb::StatsRequest::default()).await.expect("stats");
 }
+
+/// A raw, opened bulk-transport connection to the node whose bulk port is `port`.
+async fn bulk_conn(port: u16) -> tokio::net::TcpStream {
+    use kvshare_proto::bulk::{self, Kind};
+    use prost::Message;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect bulk");
+    bulk::write_magic(&mut s).await.expect("magic");
+    bulk::write_frame(
+        &mut s,
+        Kind::Open,
+        &pb::BulkOpen::default().encode_to_vec(),
+        &[],
+    )
+    .await
+    .expect("open");
+    let p = bulk::read_prefix(&mut s)
+        .await
+        .expect("answer")
+        .expect("frame");
+    assert_eq!(p.kind, Kind::Done);
+    bulk::skip(&mut s, u64::from(p.head_len))
+        .await
+        .expect("head");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transport_stalls_and_floods_stay_within_the_budget() {
+    use kvshare_proto::bulk::{self, Kind, Prefix};
+    use prost::Message;
+    use tokio::io::AsyncWriteExt;
+    let node = Node::start(48, 16, &[], &["--stream-idle-timeout-ms", "3000"]);
+    let mut c = node.client().await;
+    let port = u16::try_from(
+        c.cluster_info(pb::ClusterInfoRequest {})
+            .await
+            .expect("info")
+            .into_inner()
+            .bulk_port,
+    )
+    .expect("port");
+    assert_ne!(port, 0);
+    let b = block(8 << 20, 3);
+    put(&mut c, put_msgs(&key(1), &b)).await.expect("put");
+
+    let mut held = Vec::new();
+    // Gets of one 8 MiB block 65,536 times whose clients read nothing.
+    for _ in 0..4 {
+        let mut s = bulk_conn(port).await;
+        let req = pb::GetRequest {
+            namespace: Bytes::from_static(&NS),
+            keys: vec![],
+            packed_keys: (0..65_536).flat_map(|_| key(1).to_vec()).collect(),
+        };
+        bulk::write_frame(&mut s, Kind::Get, &req.encode_to_vec(), &[])
+            .await
+            .expect("get");
+        held.push(s);
+    }
+    // Uploads of 32 MiB blocks that stop after 4 MiB.
+    for i in 0..8u32 {
+        let mut s = bulk_conn(port).await;
+        let len = 32u64 << 20;
+        let head = pb::PutRequest {
+            key: key(100 + i),
+            header: Some(raw_header(flat_layout(32 << 20), len, len, 0)),
+            data: Bytes::new(),
+            parent_key: Bytes::new(),
+        }
+        .encode_to_vec();
+        let prefix = Prefix {
+            kind: Kind::PutChunk,
+            head_len: head.len() as u32,
+            data_len: len,
+        };
+        s.write_all(&prefix.encode()).await.expect("prefix");
+        s.write_all(&head).await.expect("head");
+        // The node reads only as far as its budget lets it.
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&vec![7u8; 4 << 20]))
+            .await;
+        held.push(s);
+    }
+    // Heads that announce 8 MiB and send half.
+    for _ in 0..8 {
+        let mut s = bulk_conn(port).await;
+        let prefix = Prefix {
+            kind: Kind::Get,
+            head_len: bulk::MAX_HEAD_BYTES,
+            data_len: 0,
+        };
+        s.write_all(&prefix.encode()).await.expect("prefix");
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&vec![0u8; 4 << 20]))
+            .await;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    node.assert_memory("bulk: stalled Gets, stalled uploads, half heads");
+    // They hold the whole budget (others wait, then get RESOURCE_EXHAUSTED) until the idle
+    // timeout ends them and frees what they held; then clients are served again, over gRPC and
+    // over the bulk transport.
+    let t0 = Instant::now();
+    loop {
+        match get_all(&mut c, vec![key(1)]).await {
+            Ok(got) => {
+                assert_eq!(got[0].as_deref(), Some(b.payload.as_ref()));
+                break;
+            }
+            Err(e)
+                if e.code() == Code::ResourceExhausted
+                    && t0.elapsed() < Duration::from_secs(30) => {}
+            Err(e) => panic!("not served {:?} after the stalls: {e}", t0.elapsed()),
+        }
+    }
+    eprintln!("served again after {:?}", t0.elapsed());
+    let mut s = bulk_conn(port).await;
+    let req = pb::GetRequest {
+        namespace: Bytes::from_static(&NS),
+        keys: vec![key(1)],
+        packed_keys: Bytes::new(),
+    };
+    bulk::write_frame(&mut s, Kind::Get, &req.encode_to_vec(), &[])
+        .await
+        .expect("get");
+    let p = bulk::read_prefix(&mut s)
+        .await
+        .expect("read")
+        .expect("frame");
+    assert_eq!((p.kind, p.data_len), (Kind::GetChunk, 8 << 20));
+    drop(held);
+    node.assert_memory("bulk: after the stalls");
+    let stats = c
+        .stats(pb::StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.stored_blocks, 1, "no partial upload was stored");
+}
