@@ -470,6 +470,7 @@ mod tests {
                 links: vec![link("2gbit", 2.0)],
                 ratios: vec![],
                 cells: vec![],
+                secure: vec![],
             }),
             ..Default::default()
         }

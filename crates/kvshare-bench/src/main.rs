@@ -13,7 +13,9 @@
 //!   and while gets/puts run in the same process, `--repeat` runs, median and each run.
 //! - Shaped links (`--link 2gbit,5gbit`): get and put cells across a tbf-shaped veth pair
 //!   between two network namespaces, after measuring what the link really delivers (see
-//!   [`netns`]).
+//!   [`netns`]); with `--parts secure`, the auth/TLS comparison across each link too.
+//! - Auth and TLS cost (`--parts secure`): the same cells and Lookups on a plain node, a node
+//!   with `--auth-file` and one with `--auth-file` and TLS (see [`secure`]).
 //!
 //! Payloads are real K/V (tests/data, tiled to the block size), never random bytes or zeros.
 //!
@@ -60,6 +62,10 @@ enum Bench {
     /// JSON; the suite runs it inside the client namespace.
     #[command(hide = true)]
     NetCell(NetCellArgs),
+    /// Internal (shaped links): runs the auth/TLS comparison against given nodes and writes its
+    /// rows as JSON; the suite runs it inside the client namespace.
+    #[command(hide = true)]
+    SecureCell(SecureCellArgs),
     /// Internal (shaped links): answers raw TCP rate tests until killed.
     #[command(hide = true)]
     TcpServe {
@@ -97,6 +103,26 @@ struct NetCellArgs {
     #[arg(long)]
     link_label: String,
     /// Where to write the cells (JSON array).
+    #[arg(long)]
+    json_out: PathBuf,
+}
+
+/// Options of `secure-cell`: the suite's options, plus the three nodes (bearer token in
+/// `KVSHARE_TOKEN`).
+#[derive(Debug, Clone, clap::Args)]
+struct SecureCellArgs {
+    #[command(flatten)]
+    suite: Args,
+    /// gRPC endpoints of the plain, the auth and the auth + TLS node (comma-separated).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    endpoints: Vec<String>,
+    /// CA certificate (PEM) of the TLS node.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Link label written into the rows.
+    #[arg(long)]
+    link_label: String,
+    /// Where to write the rows (JSON array).
     #[arg(long)]
     json_out: PathBuf,
 }
@@ -222,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Some(Bench::Ttft(args)) => ttft::run(args).await,
         Some(Bench::NetCell(a)) => net_cell(a).await,
+        Some(Bench::SecureCell(a)) => secure_cell(a).await,
         Some(Bench::TcpServe { listen }) => netns::tcp_serve(&listen),
         Some(Bench::TcpRate {
             connect,
@@ -255,6 +282,18 @@ async fn net_cell(a: NetCellArgs) -> anyhow::Result<()> {
     let cells =
         throughput::run_link(&a.suite, &a.endpoint, a.redis_url.as_deref(), &a.link_label).await?;
     std::fs::write(&a.json_out, serde_json::to_vec(&cells)?)
+        .with_context(|| format!("writing {}", a.json_out.display()))?;
+    Ok(())
+}
+
+/// `secure-cell`: the auth/TLS comparison over one shaped link, run from the client namespace.
+async fn secure_cell(a: SecureCellArgs) -> anyhow::Result<()> {
+    let endpoints: [String; 3] = a
+        .endpoints
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("--endpoints takes three endpoints: plain, auth, auth+TLS"))?;
+    let rows = secure::run_cells(&a.suite, &endpoints, &a.ca, &a.link_label).await?;
+    std::fs::write(&a.json_out, serde_json::to_vec(&rows)?)
         .with_context(|| format!("writing {}", a.json_out.display()))?;
     Ok(())
 }
@@ -302,17 +341,18 @@ async fn suite(args: Args) -> anyhow::Result<()> {
         }
         node.stop();
     }
-    if !args.link.is_empty()
-        && let Some(shaped) = netns::run(&args, &args.link).await?
-    {
-        report.throughput.extend(shaped.cells.iter().cloned());
-        report.shaped = Some(shaped);
-    }
     if part(Part::Memory) {
         report.memory = Some(throughput::memory(&args).await?);
     }
     if part(Part::Secure) {
         report.secure = secure::run(&args).await?;
+    }
+    if !args.link.is_empty()
+        && let Some(mut shaped) = netns::run(&args, &args.link).await?
+    {
+        report.throughput.extend(shaped.cells.iter().cloned());
+        report.secure.append(&mut shaped.secure);
+        report.shaped = Some(shaped);
     }
     if part(Part::Trace) {
         report.trace = Some(trace::run(&args).await?);

@@ -5,7 +5,9 @@
 //! `tbf` qdisc on the egress of its veth end: the server end shapes server→client (gets), the
 //! client end client→server (puts). `kvshared` and `redis-server` run inside the server
 //! namespace (`ip netns exec`); the clients of a cell are this binary re-executed inside the
-//! client namespace (`kvshare-bench net-cell`, hidden), which writes its cells as JSON.
+//! client namespace (`kvshare-bench net-cell`, hidden), which writes its cells as JSON. With
+//! `--parts secure`, the plain, auth and auth + TLS nodes of [`crate::secure`] run in the server
+//! namespace too and `kvshare-bench secure-cell` (hidden) compares them across each link.
 //!
 //! tbf does not deliver its configured rate on a veth pair with every burst (measured: at
 //! 5 Gbit/s a 4 MB burst gave 2.9 Gbit/s one day, 4.75 another), so every link is measured with
@@ -26,9 +28,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::Args;
 use crate::procs::{Node, Place, Redis, listens_in_ns};
+use crate::secure::{SecureNodes, SecureRow};
 use crate::throughput::Cell;
+use crate::{Args, Part};
 
 /// Namespace of the servers.
 pub const SERVER_NS: &str = "kvbench-srv";
@@ -347,6 +350,10 @@ pub struct ShapedReport {
     /// bench.json once, with the loopback cells under `throughput`.
     #[serde(skip)]
     pub cells: Vec<Cell>,
+    /// Auth/TLS comparison rows over each link (`--parts secure`). Written to bench.json under
+    /// `secure`, beside the loopback rows.
+    #[serde(skip)]
+    pub secure: Vec<SecureRow>,
 }
 
 /// Direction of a raw TCP test.
@@ -598,38 +605,64 @@ fn cell_args(args: &Args) -> Vec<String> {
         a.push("--bytes-per-cell".into());
         a.push(b.clone());
     }
+    a.push("--repeat".into());
+    a.push(args.repeat.to_string());
     a
 }
 
+/// Runs `runner` (`net-cell` or `secure-cell`, with `runner_args`) in the client namespace
+/// with `env` set; its table goes to our stdout, its rows come back through a JSON file.
+async fn in_client_ns<T: serde::de::DeserializeOwned>(
+    runner: &str,
+    runner_args: Vec<String>,
+    env: &[(&str, &str)],
+    link: &str,
+) -> anyhow::Result<T> {
+    let json = std::env::temp_dir().join(format!(
+        "kvshare-bench-{runner}-{}-{link}.json",
+        std::process::id()
+    ));
+    let mut a = vec![runner.to_string()];
+    a.extend(runner_args);
+    a.extend(["--link-label".into(), link.into()]);
+    a.extend(["--json-out".into(), json.to_string_lossy().into_owned()]);
+    let mut cmd = bench_in(CLIENT_NS, &a)?;
+    cmd.envs(env.iter().copied());
+    let status = cmd.status().await?;
+    let rows = std::fs::read(&json);
+    let _ = std::fs::remove_file(&json);
+    if !status.success() {
+        bail!("the {runner} runner in {CLIENT_NS} failed ({status})");
+    }
+    Ok(serde_json::from_slice(&rows.context("reading the rows")?)?)
+}
+
+/// The auth/TLS comparison over `link` against `nodes` in the server namespace.
+async fn secure_rows(
+    args: &Args,
+    link: &str,
+    nodes: &SecureNodes,
+) -> anyhow::Result<Vec<SecureRow>> {
+    let mut a = cell_args(args);
+    a.extend(["--endpoints".into(), nodes.endpoints.join(",")]);
+    a.extend(["--ca".into(), nodes.ca_file.to_string_lossy().into_owned()]);
+    in_client_ns("secure-cell", a, &[("KVSHARE_TOKEN", &nodes.token)], link).await
+}
+
 /// Runs the get and put cells over `link` from the client namespace (this binary re-executed
-/// as `net-cell`); its table goes to our stdout, its cells come back through a JSON file.
+/// as `net-cell`).
 async fn link_cells(
     args: &Args,
     link: &str,
     node: &Node,
     redis: Option<&Redis>,
 ) -> anyhow::Result<Vec<Cell>> {
-    let json = std::env::temp_dir().join(format!(
-        "kvshare-bench-netcell-{}-{link}.json",
-        std::process::id()
-    ));
-    let mut a = vec!["net-cell".to_string()];
-    a.extend(cell_args(args));
+    let mut a = cell_args(args);
     a.extend(["--endpoint".into(), node.endpoint.clone()]);
     if let Some(r) = redis {
         a.extend(["--redis-url".into(), r.url.clone()]);
     }
-    a.extend(["--link-label".into(), link.into()]);
-    a.extend(["--json-out".into(), json.to_string_lossy().into_owned()]);
-    let status = bench_in(CLIENT_NS, &a)?.status().await?;
-    let cells = std::fs::read(&json);
-    let _ = std::fs::remove_file(&json);
-    if !status.success() {
-        bail!("the cell runner in {CLIENT_NS} failed ({status})");
-    }
-    Ok(serde_json::from_slice(
-        &cells.context("reading the cells")?,
-    )?)
+    in_client_ns("net-cell", a, &[], link).await
 }
 
 /// A child process killed and reaped on drop.
@@ -669,6 +702,14 @@ pub async fn run(args: &Args, links: &[LinkRate]) -> anyhow::Result<Option<Shape
     };
     // The node listens on the namespace's private address: without the flag, protected mode
     // (no --auth-file on a non-loopback address) would refuse the client namespace.
+    let part = |p: Part| args.parts.contains(&p);
+    // Shaped throughput cells unless only the auth/TLS comparison was asked for.
+    let cells = part(Part::Throughput) || !part(Part::Secure);
+    let secure_nodes = if part(Part::Secure) {
+        Some(SecureNodes::start(args, place).await?)
+    } else {
+        None
+    };
     let node = Node::start_at(place, "4GiB", &["--insecure-no-auth"]).await?;
     let redis = match args.compare {
         crate::Baseline::Redis => Some(Redis::start_at(place).await?),
@@ -707,9 +748,16 @@ pub async fn run(args: &Args, links: &[LinkRate]) -> anyhow::Result<Option<Shape
             "\n== throughput over link {} (delivers {:.2} / {:.2} Gbit/s): raw K/V GB/s (wire GB/s)",
             rate.label, link.delivered_down_gbit, link.delivered_up_gbit
         );
-        report
-            .cells
-            .extend(link_cells(args, &rate.label, &node, redis.as_ref()).await?);
+        if cells {
+            report
+                .cells
+                .extend(link_cells(args, &rate.label, &node, redis.as_ref()).await?);
+        }
+        if let Some(nodes) = &secure_nodes {
+            report
+                .secure
+                .extend(secure_rows(args, &rate.label, nodes).await?);
+        }
         report.links.push(link);
         // The next link's tuning starts from an unshaped veth.
         net.shape(None)?;
@@ -720,6 +768,9 @@ pub async fn run(args: &Args, links: &[LinkRate]) -> anyhow::Result<Option<Shape
         r.stop();
     }
     node.stop();
+    if let Some(nodes) = secure_nodes {
+        nodes.stop();
+    }
     drop(net);
     Ok(Some(report))
 }

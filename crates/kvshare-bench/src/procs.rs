@@ -239,8 +239,20 @@ impl Node {
         extra: &[&str],
         tls: Option<(PathBuf, PathBuf)>,
     ) -> anyhow::Result<Self> {
-        let (host, grpc) = place.addr(50051)?;
-        let (_, http) = place.addr(9090)?;
+        Self::start_numbered(place, 0, capacity, extra, tls).await
+    }
+
+    /// As [`Node::start_with`], for node `n` of several in one namespace: its fixed ports there
+    /// are 50051 + 10n (gRPC) and 9090 + 10n (HTTP); on loopback the OS picks them anyway.
+    pub async fn start_numbered(
+        place: Place<'_>,
+        n: u16,
+        capacity: &str,
+        extra: &[&str],
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<Self> {
+        let (host, grpc) = place.addr(50051 + 10 * n)?;
+        let (_, http) = place.addr(9090 + 10 * n)?;
         let mut cmd = place.command(sibling_binary(
             "kvshared",
             "KVSHARED_BIN",

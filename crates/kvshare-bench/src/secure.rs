@@ -1,17 +1,19 @@
 //! What authentication and TLS cost (`--parts secure`): the same cells against two nodes started
 //! side by side, one plain and one with `--auth-file` (every call carries a bearer token checked
 //! against the file's SHA-256 digests) and TLS (certificates generated into OUT_DIR/secure).
-//! Cells alternate between the two nodes, `--repeat` times each, so both see the same machine;
-//! medians and the secure/plain ratio are reported.
+//! Cells alternate between the nodes, `--repeat` times each, so all see the same machine;
+//! medians and the secure/plain ratio are reported. With `--link`, the same comparison also
+//! runs across each shaped link (nodes in the server namespace, clients in the client one),
+//! where the link and not the two shared cores sets the pace, as between machines.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvshare_client::{ClientOptions, ClientTls, KvClient, PutItem};
 use kvshare_core::{BlockKey, EncodedBlock};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::Args;
@@ -31,8 +33,10 @@ const LOOKUP_BLOCKS: usize = 2048;
 const STORED: usize = 64;
 
 /// One cell measured on both nodes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SecureRow {
+    /// `loopback`, or the shaped link's label (`5gbit`).
+    pub link: String,
     /// `get`, `put` or `lookup`.
     pub op: String,
     /// Block size in bytes (0 for lookups).
@@ -56,8 +60,8 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// One node under test and how its clients connect.
-struct Target {
-    node: Node,
+pub struct Target {
+    endpoint: String,
     options: ClientOptions,
 }
 
@@ -68,7 +72,7 @@ impl Target {
             timeout: Duration::from_secs(120),
             ..self.options.clone()
         };
-        Ok(KvClient::connect(&self.node.endpoint, options).await?)
+        Ok(KvClient::connect(&self.endpoint, options).await?)
     }
 }
 
@@ -86,45 +90,88 @@ fn write_auth_file(dir: &Path, token: &str) -> anyhow::Result<std::path::PathBuf
     Ok(path)
 }
 
-/// Starts the plain, the auth-only and the auth + TLS node.
-async fn start_targets(args: &Args) -> anyhow::Result<[Target; 3]> {
-    let dir = args.out_dir.join("secure");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca = kvshare_testkit::pki::TestCa::new("kvshare-bench secure CA");
-    let files = ca
-        .issue("bench-node", &[BENCH_NODE_NAME], 1)
-        .write(&dir, "node");
-    let token = hex::encode(random_key().0);
-    let auth = write_auth_file(&dir, &token)?;
-    let auth_arg = auth.to_string_lossy().into_owned();
-    let plain = Node::start_with(Place::Loopback, "4GiB", &[], None).await?;
-    let auth_only =
-        Node::start_with(Place::Loopback, "4GiB", &["--auth-file", &auth_arg], None).await?;
-    let secure = Node::start_with(
-        Place::Loopback,
-        "4GiB",
-        &["--auth-file", &auth_arg],
-        Some((files.cert, files.key)),
-    )
-    .await?;
-    let tls =
-        ClientTls::from_pem(ca.cert_pem.as_bytes(), None)?.with_server_name(Some(BENCH_NODE_NAME));
+/// The plain, the auth-only and the auth + TLS node, and what a client needs to reach them.
+pub struct SecureNodes {
+    nodes: Vec<Node>,
+    /// gRPC endpoints: plain, auth, auth + TLS.
+    pub endpoints: [String; 3],
+    /// The bearer token the auth file grants.
+    pub token: String,
+    /// The CA certificate (PEM file) the TLS node's certificate chains to.
+    pub ca_file: PathBuf,
+}
+
+impl SecureNodes {
+    /// Starts the three nodes at `place` (inside a namespace, each on ports of its own; the
+    /// plain node with `--insecure-no-auth`, which protected mode needs off loopback).
+    pub async fn start(args: &Args, place: Place<'_>) -> anyhow::Result<Self> {
+        let dir = args.out_dir.join("secure");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = kvshare_testkit::pki::TestCa::new("kvshare-bench secure CA");
+        let files = ca
+            .issue("bench-node", &[BENCH_NODE_NAME], 1)
+            .write(&dir, "node");
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem)
+            .with_context(|| format!("writing {}", ca_file.display()))?;
+        let token = hex::encode(random_key().0);
+        let auth = write_auth_file(&dir, &token)?;
+        let auth_arg = auth.to_string_lossy().into_owned();
+        let open: &[&str] = match place {
+            Place::Loopback => &[],
+            Place::Netns { .. } => &["--insecure-no-auth"],
+        };
+        let plain = Node::start_numbered(place, 0, "4GiB", open, None).await?;
+        let auth_only =
+            Node::start_numbered(place, 1, "4GiB", &["--auth-file", &auth_arg], None).await?;
+        let secure = Node::start_numbered(
+            place,
+            2,
+            "4GiB",
+            &["--auth-file", &auth_arg],
+            Some((files.cert, files.key)),
+        )
+        .await?;
+        Ok(SecureNodes {
+            endpoints: [
+                plain.endpoint.clone(),
+                auth_only.endpoint.clone(),
+                secure.endpoint.clone(),
+            ],
+            nodes: vec![plain, auth_only, secure],
+            token,
+            ca_file,
+        })
+    }
+
+    /// Stops the nodes.
+    pub fn stop(self) {
+        for n in self.nodes {
+            n.stop();
+        }
+    }
+}
+
+/// How clients reach the plain, auth and auth + TLS nodes at `endpoints`.
+fn targets(endpoints: &[String; 3], token: &str, ca_file: &Path) -> anyhow::Result<[Target; 3]> {
+    let tls = ClientTls::from_files(ca_file, None)?.with_server_name(Some(BENCH_NODE_NAME));
+    let [plain, auth, secure] = endpoints.clone();
     Ok([
         Target {
-            node: plain,
+            endpoint: plain,
             options: ClientOptions::default(),
         },
         Target {
-            node: auth_only,
+            endpoint: auth,
             options: ClientOptions {
-                token: Some(token.clone()),
+                token: Some(token.to_string()),
                 ..ClientOptions::default()
             },
         },
         Target {
-            node: secure,
+            endpoint: secure,
             options: ClientOptions {
-                token: Some(token),
+                token: Some(token.to_string()),
                 tls: Some(tls),
                 ..ClientOptions::default()
             },
@@ -179,13 +226,35 @@ async fn populate(target: &Target, args: &Args, size: u64) -> anyhow::Result<Arc
     Ok(Arc::new(keys))
 }
 
-/// Runs the comparison and prints it.
+/// Runs the comparison on loopback and prints it.
 pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
     anyhow::ensure!(
         !args.tls,
         "--parts secure starts its own plain and TLS nodes; run it without --tls"
     );
-    let targets = start_targets(args).await?;
+    let nodes = SecureNodes::start(args, Place::Loopback).await?;
+    let targets = targets(&nodes.endpoints, &nodes.token, &nodes.ca_file)?;
+    let rows = measure(args, &targets, crate::throughput::LOOPBACK).await?;
+    nodes.stop();
+    Ok(rows)
+}
+
+/// `secure-cell`: the comparison over a shaped link, run from the client namespace against
+/// nodes in the server namespace (the bearer token comes in `KVSHARE_TOKEN`).
+pub async fn run_cells(
+    args: &Args,
+    endpoints: &[String; 3],
+    ca_file: &Path,
+    link: &str,
+) -> anyhow::Result<Vec<SecureRow>> {
+    let token = std::env::var("KVSHARE_TOKEN")
+        .context("secure-cell needs the nodes' bearer token in KVSHARE_TOKEN")?;
+    let targets = targets(endpoints, &token, ca_file)?;
+    measure(args, &targets, link).await
+}
+
+/// The cells and the Lookup p50 on the three `targets`, alternating, `--repeat` runs each.
+async fn measure(args: &Args, targets: &[Target; 3], link: &str) -> anyhow::Result<Vec<SecureRow>> {
     let repeat = args.repeat.max(1);
     let budget = match &args.bytes_per_cell {
         Some(b) => kvshare_core::size::parse_size(b)?,
@@ -193,12 +262,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
         None => 256 << 20,
     };
     println!(
-        "\n== auth, and auth + TLS, vs plain: the same cells on three nodes, alternating, {repeat} run(s) each"
+        "\n== auth, and auth + TLS, vs plain over {link}: the same cells on three nodes, alternating, {repeat} run(s) each"
     );
     let mut rows = Vec::new();
     for size in SIZES {
         let mut keys = Vec::new();
-        for t in &targets {
+        for t in targets {
             keys.push(populate(t, args, size).await?);
         }
         for op in [Op::Get, Op::Put] {
@@ -214,12 +283,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
                     runs[i].push(cell(t, args, load, keys[i].clone()).await?);
                 }
             }
-            rows.push(row(op.name(), size, runs));
+            rows.push(row(link, op.name(), size, runs));
         }
     }
     let chain: Vec<BlockKey> = (0..LOOKUP_BLOCKS).map(|_| random_key()).collect();
     let mut clients = Vec::new();
-    for t in &targets {
+    for t in targets {
         let mut c = t.client(args.codec).await?;
         populate_chain(&mut c, &chain).await?;
         clients.push(c);
@@ -236,7 +305,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
             runs[i].push(percentile(&lat, 0.5));
         }
     }
-    rows.push(row("lookup p50 us", 0, runs));
+    rows.push(row(link, "lookup p50 us", 0, runs));
     println!(
         "{:<14} {:>10} {:>9} {:>9} {:>9} {:>7} {:>8}   each run plain/auth/auth+TLS",
         "op", "block", "plain", "auth", "auth+TLS", "auth", "auth+TLS"
@@ -257,16 +326,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<SecureRow>> {
             each.join(" ")
         );
     }
-    for t in targets {
-        t.node.stop();
-    }
     Ok(rows)
 }
 
-fn row(op: &str, block_bytes: u64, runs: [Vec<f64>; 3]) -> SecureRow {
+fn row(link: &str, op: &str, block_bytes: u64, runs: [Vec<f64>; 3]) -> SecureRow {
     let [plain, auth, secure] = runs;
     let base = median(&plain).max(f64::MIN_POSITIVE);
     SecureRow {
+        link: link.into(),
         op: op.into(),
         block_bytes,
         auth_ratio: median(&auth) / base,

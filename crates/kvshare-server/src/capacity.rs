@@ -5,13 +5,19 @@
 //! configuration reload (SIGHUP is not used for capacity). Shrinking evicts down to the new cap
 //! (see [`BlockStore::set_capacity`](kvshare_core::BlockStore::set_capacity)), then hands the
 //! freed memory back to the operating system with glibc's `malloc_trim`.
+//!
+//! The same trim keeps the memory contract under churn ([`keep_resident_memory_bounded`]):
+//! when every put evicts a block, freed blocks sit in the allocator's free lists, spread over
+//! the arenas of the threads that allocated them, and stay resident; once a second the node
+//! compares its resident memory with what it holds and trims when the difference has grown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvshare_core::size::format_size;
 use kvshare_proto::v1 as pb;
+use tokio::sync::watch;
 use tonic::Status;
 use tracing::{debug, info};
 
@@ -238,6 +244,91 @@ pub async fn set_capacity(
     })
 }
 
+/// How often [`keep_resident_memory_bounded`] compares resident memory with what the node holds.
+const MEMORY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Resident memory beyond the stored bytes and the buffers in use above which the allocator's
+/// free pages are handed back (48 MiB, within the memory contract's fixed overhead).
+pub const TRIM_ABOVE_BYTES: u64 = 48 << 20;
+
+/// What the last trim left: resident and held bytes right after it.
+#[derive(Debug, Clone, Copy, Default)]
+struct AfterTrim {
+    resident: u64,
+    held: u64,
+}
+
+/// Whether to trim now: resident memory exceeds what the node holds (stored bytes plus buffers
+/// in use) by more than [`TRIM_ABOVE_BYTES`], and since the last trim either resident memory
+/// grew or the held bytes fell by half of that (so a process whose fixed part alone is above the
+/// threshold, an embedded node say, is not trimmed again and again for nothing).
+fn should_trim(resident: u64, held: u64, last: Option<AfterTrim>) -> bool {
+    if resident.saturating_sub(held) <= TRIM_ABOVE_BYTES {
+        return false;
+    }
+    let step = TRIM_ABOVE_BYTES / 2;
+    last.is_none_or(|l| {
+        resident >= l.resident.saturating_add(step) || held.saturating_add(step) <= l.held
+    })
+}
+
+/// This process' resident memory in bytes (`/proc/self/statm`), where there is one.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().map(|p| pages.saturating_mul(p))
+}
+
+/// Once a second until `shutdown`: trims the allocator (on a blocking thread) when resident
+/// memory has drifted above the stored bytes plus the buffers in use (see [`should_trim`]).
+/// Returns at once where `/proc/self/statm` cannot be read.
+pub async fn keep_resident_memory_bounded(
+    state: Arc<NodeState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(MEMORY_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let held = || {
+        state
+            .store
+            .used_bytes()
+            .saturating_add(state.budget.used_bytes())
+    };
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|v| *v) => return,
+            _ = tick.tick() => {}
+        }
+        let Some(resident) = resident_bytes() else {
+            return;
+        };
+        if !should_trim(resident, held(), last) {
+            continue;
+        }
+        if tokio::task::spawn_blocking(release_freed_memory)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        state.metrics.allocator_trims.inc();
+        let after = resident_bytes().unwrap_or(resident);
+        debug!(
+            before = resident,
+            after,
+            held = held(),
+            "resident memory above what the node holds: allocator trimmed"
+        );
+        last = Some(AfterTrim {
+            resident: after,
+            held: held(),
+        });
+    }
+}
+
 /// Returns the allocator's free memory to the operating system (glibc's `malloc_trim(0)`, which
 /// releases free pages in every arena, not only at the top of the heap). Blocking: it walks
 /// every arena. Does nothing on other platforms.
@@ -260,6 +351,31 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn trims_when_resident_memory_drifts_above_what_is_held() {
+        // Within the allowance: never.
+        assert!(!should_trim(100 * MIB, 60 * MIB, None));
+        // Above it, first time: yes.
+        assert!(should_trim(200 * MIB, 64 * MIB, None));
+        // A trim that could not get below the allowance is not repeated for nothing...
+        let last = Some(AfterTrim {
+            resident: 150 * MIB,
+            held: 64 * MIB,
+        });
+        assert!(!should_trim(160 * MIB, 64 * MIB, last));
+        // ...but is once resident memory grows by half the allowance,
+        assert!(should_trim(174 * MIB, 64 * MIB, last));
+        // or once half the allowance of held bytes was freed (evictions, deletes).
+        assert!(should_trim(150 * MIB, 40 * MIB, last));
+        assert!(!should_trim(150 * MIB, 50 * MIB, last));
+    }
+
+    #[test]
+    fn resident_memory_is_read_on_linux() {
+        #[cfg(target_os = "linux")]
+        assert!(resident_bytes().is_some_and(|b| b > MIB));
+    }
 
     #[test]
     fn cgroup_files_parse() {

@@ -708,6 +708,10 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
         rate: config.rereplicate_rate.max(1),
     };
     tokio::spawn(apply_read_recency(state.store.clone(), shutdown_rx.clone()));
+    tokio::spawn(capacity::keep_resident_memory_bounded(
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(rebalance::run(state.clone(), rebalance, shutdown_rx));
     ready.store(true, Ordering::Release);
 

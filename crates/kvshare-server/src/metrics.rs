@@ -335,6 +335,9 @@ pub struct Metrics {
     pub auth_reloads: Counter,
     /// Failed reloads of the auth file (the old configuration stays).
     pub auth_reload_failures: Counter,
+    /// Times the allocator's free pages were handed back to the OS because resident memory
+    /// drifted above what the node holds.
+    pub allocator_trims: Counter,
     /// Open bulk-transport connections.
     pub bulk_connections: Gauge,
     /// Requests served on the bulk transport, by method (they also count in `rpcs`).
@@ -387,6 +390,7 @@ impl Metrics {
             snapshot_load_seconds: Gauge::default(),
             auth_reloads: Counter::default(),
             auth_reload_failures: Counter::default(),
+            allocator_trims: Counter::default(),
             bulk_connections: Gauge::default(),
             bulk_requests: Family::default(),
         };
@@ -425,6 +429,7 @@ impl Metrics {
             snapshot_load_seconds: "snapshot_load_seconds", "Time the store snapshot took to load at start";
             auth_reloads: "auth_reloads", "Times the --auth-file was reloaded after a change or SIGHUP";
             auth_reload_failures: "auth_reload_failures", "Reloads of the --auth-file that failed (the previous configuration stays in force)";
+            allocator_trims: "allocator_trims", "Times the allocator's free pages were returned to the OS because resident memory drifted above stored bytes plus buffers in use";
             bulk_connections: "bulk_connections", "Open connections on the bulk transport (--bulk-addr)";
             bulk_requests: "bulk_requests", "Get and Put requests served on the bulk transport, by method (also counted in kvshare_rpcs)";
         );
