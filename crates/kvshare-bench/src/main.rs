@@ -114,7 +114,7 @@ struct SecureCellArgs {
     #[command(flatten)]
     suite: Args,
     /// gRPC endpoints of the plain, the auth and the auth + TLS node (comma-separated).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
     /// CA certificate (PEM) of the TLS node.
     #[arg(long)]

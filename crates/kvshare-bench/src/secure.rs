@@ -103,7 +103,8 @@ pub struct SecureNodes {
 
 impl SecureNodes {
     /// Starts the three nodes at `place` (inside a namespace, each on ports of its own; the
-    /// plain node with `--insecure-no-auth`, which protected mode needs off loopback).
+    /// plain node with `--insecure-no-auth`, which protected mode needs off loopback). They are
+    /// nodes 1 to 3 of [`Node::start_numbered`]: node 0 is the shaped-link throughput node.
     pub async fn start(args: &Args, place: Place<'_>) -> anyhow::Result<Self> {
         let dir = args.out_dir.join("secure");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -121,12 +122,12 @@ impl SecureNodes {
             Place::Loopback => &[],
             Place::Netns { .. } => &["--insecure-no-auth"],
         };
-        let plain = Node::start_numbered(place, 0, "4GiB", open, None).await?;
+        let plain = Node::start_numbered(place, 1, "4GiB", open, None).await?;
         let auth_only =
-            Node::start_numbered(place, 1, "4GiB", &["--auth-file", &auth_arg], None).await?;
+            Node::start_numbered(place, 2, "4GiB", &["--auth-file", &auth_arg], None).await?;
         let secure = Node::start_numbered(
             place,
-            2,
+            3,
             "4GiB",
             &["--auth-file", &auth_arg],
             Some((files.cert, files.key)),
