@@ -15,6 +15,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
+# Every binary first: tests/secure_cluster.rs runs kvshare-worker, whose package has no
+# integration tests of its own (so cargo test would not build it). --tests keeps the feature set
+# of the test build, so cargo test below rebuilds nothing.
+cargo build --locked --workspace --bins --tests
 cargo test --workspace --locked
 # 45 s per target keeps the whole run under CI's 25 minutes; docs/fuzzing.md for longer runs.
 export FUZZ_SECONDS="${FUZZ_SECONDS:-45}"
@@ -23,8 +27,6 @@ scripts/fuzz.sh
 echo "== deployment manifests, alerts, dashboards (validated against kvshared --help and schemas)"
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/validate-deploy.sh
 echo "== benchmark smoke run (kvshare vs redis, tiny sizes)"
-# --tests keeps the feature set of the test build above, so nothing is rebuilt but the binaries.
-cargo build --locked --workspace --bins --tests
 target/debug/kvshare-bench --quick --compare redis --parts throughput,lookup --sizes 64KiB --concurrency 2 --bytes-per-cell 8MiB --out-dir target/bench-smoke
 echo "== worker TTFT bench smoke run (two worker processes; fails unless reuse is bit-exact)"
 target/debug/kvshare-bench ttft --quick

@@ -28,7 +28,7 @@ fn workspace_bin(name: &str) -> PathBuf {
     let bin = dir.join(name);
     assert!(
         bin.is_file(),
-        "{} is missing: build it with `cargo build --workspace --bins` (cargo test --workspace does)",
+        "{} is missing: build it first with `cargo build --workspace --bins --tests` (scripts/test.sh does)",
         bin.display()
     );
     bin
