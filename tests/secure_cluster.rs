@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use kvshare_client::{ClientOptions, ClusterClient};
 use kvshare_core::{Codec, DType, KvLayout, Namespace};
+use kvshare_testkit::NodeProcess;
 use kvshare_testkit::pki::TestCa;
-use kvshare_testkit::{NodeProcess, free_port};
 use sha2::{Digest, Sha256};
 
 /// A binary of this workspace, from the target directory this test runs in (`cargo test
@@ -112,13 +112,7 @@ async fn every_client_works_against_an_authenticated_mtls_cluster() {
     let client_files = client_id.write(d, "client");
     std::fs::write(d.join("auth.toml"), auth_file()).expect("auth file");
     std::fs::write(d.join("peer-token"), "peer-secret\n").expect("peer token");
-    let ports: Vec<(u16, u16)> = (0..3)
-        .map(|_| (free_port().expect("port"), free_port().expect("port")))
-        .collect();
-    let peers: Vec<String> = ports
-        .iter()
-        .map(|(g, _)| format!("127.0.0.1:{g}"))
-        .collect();
+    let (ports, peers) = kvshare_testkit::cluster_ports(3);
     let probe_tls =
         kvshare_client::ClientTls::from_pem(ca.cert_pem.as_bytes(), Some(&client_id.identity()))
             .expect("client TLS");

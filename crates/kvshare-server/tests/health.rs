@@ -17,7 +17,7 @@ use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout};
 use kvshare_proto::transport::mark_no_forward;
 use kvshare_proto::v1 as pb;
 use kvshare_proto::v1::kv_cache_client::KvCacheClient;
-use kvshare_testkit::{free_port, wait_for_listener, wait_for_members};
+use kvshare_testkit::{wait_for_listener, wait_for_members};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -130,15 +130,6 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Ports for `n` nodes and the peer list naming all of them.
-fn ports(n: usize) -> (Vec<(u16, u16)>, Vec<String>) {
-    let p: Vec<(u16, u16)> = (0..n)
-        .map(|_| (free_port().expect("port"), free_port().expect("port")))
-        .collect();
-    let peers = p.iter().map(|(g, _)| format!("127.0.0.1:{g}")).collect();
-    (p, peers)
-}
-
 struct Id(String);
 
 impl Placed for Id {
@@ -212,7 +203,7 @@ fn peer_down(text: &str, peers: &[&str]) -> (f64, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_get_storm_through_a_non_owner_marks_no_owner_down() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (p, peers) = ports(3);
+    let (p, peers) = kvshare_testkit::cluster_ports(3);
     let ids = ["storm-a", "storm-b", "storm-c"];
     // Health checks as often and as short as the other process tests use (200 ms / 300 ms).
     let flags = [
@@ -321,7 +312,7 @@ async fn a_get_storm_through_a_non_owner_marks_no_owner_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_peer_is_marked_down_within_the_documented_bound() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (p, peers) = ports(2);
+    let (p, peers) = kvshare_testkit::cluster_ports(2);
     // Production defaults: checks every 1 s, 500 ms deadline, 2 failures.
     let nodes: Vec<Node> = (0..2)
         .map(|i| Node::start(dir.path(), &format!("frozen-{i}"), p[i], &peers, &[]))
@@ -377,7 +368,7 @@ async fn wait_for_series(node: &Node, series: &str, t0: Instant) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_count_mismatch_is_reported_within_5_s() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (p, peers) = ports(3);
+    let (p, peers) = kvshare_testkit::cluster_ports(3);
     let t0 = Instant::now();
     let a = Node::start(dir.path(), "rep-a", p[0], &peers, &["--replicas", "1"]);
     let b = Node::start(dir.path(), "rep-b", p[1], &peers, &[]);
@@ -403,7 +394,7 @@ async fn a_replica_count_mismatch_is_reported_within_5_s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peers_list_missing_a_member_is_reported_within_5_s() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (p, peers) = ports(3);
+    let (p, peers) = kvshare_testkit::cluster_ports(3);
     let t0 = Instant::now();
     // a does not list c.
     let a = Node::start(dir.path(), "mem-a", p[0], &peers[..2], &[]);
@@ -443,7 +434,7 @@ async fn a_peers_list_missing_a_member_is_reported_within_5_s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_node_id_is_reported_within_5_s_and_does_not_join() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (p, peers) = ports(3);
+    let (p, peers) = kvshare_testkit::cluster_ports(3);
     let t0 = Instant::now();
     let a = Node::start(dir.path(), "dup-a", p[0], &peers, &[]);
     let b = Node::start(dir.path(), "dup-b", p[1], &peers, &[]);

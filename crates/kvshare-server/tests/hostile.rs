@@ -308,13 +308,7 @@ async fn a_get_repeating_one_key_65536_times_streams_within_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_get_storm_stays_within_the_budget() {
-    let ports: Vec<(u16, u16)> = (0..2)
-        .map(|_| (free_port().expect("port"), free_port().expect("port")))
-        .collect();
-    let peers: Vec<String> = ports
-        .iter()
-        .map(|(g, _)| format!("127.0.0.1:{g}"))
-        .collect();
+    let (ports, peers) = kvshare_testkit::cluster_ports(2);
     let start = |i: usize| {
         Node::start_on(
             ports[i].0,

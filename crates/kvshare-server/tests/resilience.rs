@@ -11,7 +11,7 @@ use bytes::Bytes;
 use kvshare_core::{BlockKey, Codec, DType, EncodedBlock, KvLayout};
 use kvshare_proto::v1 as pb;
 use kvshare_proto::v1::kv_cache_client::KvCacheClient;
-use kvshare_testkit::{NodeProcess, free_port, http_get, wait_for_members};
+use kvshare_testkit::{NodeProcess, http_get, wait_for_members};
 use tonic::transport::Channel;
 
 const NS: [u8; 32] = [0x3c; 32];
@@ -29,13 +29,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start(extra: &[&str]) -> Self {
-        let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| (free_port().expect("port"), free_port().expect("port")))
-            .collect();
-        let peers = ports
-            .iter()
-            .map(|(g, _)| format!("127.0.0.1:{g}"))
-            .collect();
+        let (ports, peers) = kvshare_testkit::cluster_ports(3);
         let mut c = Cluster {
             ports,
             peers,

@@ -169,6 +169,18 @@ pub fn prompt_tokens(n: usize, seed: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Free loopback (gRPC, HTTP) ports for `n` nodes, and the `--peers` list naming all of them.
+pub fn cluster_ports(n: usize) -> (Vec<(u16, u16)>, Vec<String>) {
+    let ports: Vec<(u16, u16)> = (0..n)
+        .map(|_| (free_port().expect("port"), free_port().expect("port")))
+        .collect();
+    let peers = ports
+        .iter()
+        .map(|(g, _)| format!("127.0.0.1:{g}"))
+        .collect();
+    (ports, peers)
+}
+
 /// A `kvshared` child process; killed (SIGKILL) when dropped.
 pub struct NodeProcess {
     /// Node id.
