@@ -177,16 +177,21 @@ const PAGE: usize = 4096;
 /// The length of the next read into `buf`'s spare capacity (at most `left` and
 /// [`READ_STEP`]), with the pages of that range faulted in from user space first (one write
 /// per page; where the thread can be preempted between faults, unlike inside the read).
-fn prepare_step(buf: &mut BytesMut, left: usize) -> usize {
+/// `touched` is the end (an index into `buf`) of what earlier steps already faulted in: a read
+/// that returned less than its step does not have those pages touched again.
+fn prepare_step(buf: &mut BytesMut, left: usize, touched: &mut usize) -> usize {
+    let filled = buf.len();
     let spare = buf.spare_capacity_mut();
     let step = left.min(READ_STEP).min(spare.len());
-    let range = &mut spare[..step];
+    let from = touched.saturating_sub(filled).min(step);
+    let range = &mut spare[from..step];
     for b in range.iter_mut().step_by(PAGE) {
         b.write(0);
     }
     if let Some(last) = range.last_mut() {
         last.write(0);
     }
+    *touched = (*touched).max(filled + step);
     step
 }
 
@@ -199,8 +204,9 @@ pub async fn read_into<R: AsyncRead + Unpin + ?Sized>(
 ) -> std::io::Result<()> {
     buf.reserve(len);
     let end = buf.len() + len;
+    let mut touched = buf.len();
     while buf.len() < end {
-        let want = prepare_step(buf, end - buf.len());
+        let want = prepare_step(buf, end - buf.len(), &mut touched);
         let mut limited = bytes::BufMut::limit(&mut *buf, want);
         let n = r.read_buf(&mut limited).await?;
         if n == 0 {
@@ -221,8 +227,9 @@ pub async fn read_into_within<R: AsyncRead + Unpin + ?Sized>(
 ) -> std::io::Result<()> {
     buf.reserve(len);
     let end = buf.len() + len;
+    let mut touched = buf.len();
     while buf.len() < end {
-        let want = prepare_step(buf, end - buf.len());
+        let want = prepare_step(buf, end - buf.len(), &mut touched);
         let mut limited = bytes::BufMut::limit(&mut *buf, want);
         let until = deadline.min(tokio::time::Instant::now() + idle);
         match tokio::time::timeout_at(until, r.read_buf(&mut limited)).await {
