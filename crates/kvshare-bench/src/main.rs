@@ -170,6 +170,12 @@ pub struct Args {
     /// Operations of the throughput cell beside the lookups of the lookup-loaded part.
     #[arg(long, value_enum, default_value = "mixed")]
     pub lookup_load: throughput::Op,
+    /// CPU priority of the lookup-loaded part's load threads. `idle` (Linux `SCHED_IDLE`): the
+    /// load stands for other workers' transfers, which run on their own hosts, so here it only
+    /// takes what the lookup's client leaves of the shared cores; `normal`: a neighbouring
+    /// client at the lookup client's own priority on the same cores.
+    #[arg(long, value_enum, default_value = "idle")]
+    pub load_priority: throughput::LoadPriority,
     /// Serve and connect over TLS (a CA and node certificate generated into OUT_DIR/tls), to
     /// measure what TLS costs against a plaintext run.
     #[arg(long)]

@@ -399,6 +399,32 @@ async fn redis_cell(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Re
     Ok(Totals { raw, wire: raw })
 }
 
+/// CPU priority of a background load's threads (`--load-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadPriority {
+    /// Linux `SCHED_IDLE`.
+    Idle,
+    /// The bench's own priority.
+    Normal,
+}
+
+impl LoadPriority {
+    /// Puts the calling thread at this priority (a warning when the kernel refuses).
+    fn apply(self) {
+        if self == LoadPriority::Idle {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: changes the calling thread's (id 0) policy only; `param` outlives the call.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                eprintln!(
+                    "warning: the load's thread stays at normal priority: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 /// A throughput load running in the background until [`Background::finish`] (or drop).
 /// A throughput load beside the measured lookups. It runs on a runtime of its own (its own
 /// threads, connections and tasks), as a neighbouring worker process would: the lookups measure
@@ -412,14 +438,15 @@ struct Background {
 }
 
 impl Background {
-    /// `load.conc` kvshare clients looping over `load.op` until stopped.
+    /// `load.conc` kvshare clients looping over `load.op` until stopped, at `priority`.
     async fn kvshare(
         endpoint: &str,
         codec: Codec,
         load: Load,
+        priority: LoadPriority,
         keys: Arc<Vec<BlockKey>>,
     ) -> anyhow::Result<Self> {
-        let mut bg = Background::new()?;
+        let mut bg = Background::new(priority)?;
         for t in 0..load.conc {
             let (keys, stop, raw) = (keys.clone(), bg.stop.clone(), bg.raw.clone());
             let endpoint = endpoint.to_string();
@@ -440,10 +467,15 @@ impl Background {
         Ok(bg)
     }
 
-    /// `load.conc` Redis connections looping over `load.op` until stopped.
-    async fn redis(url: &str, load: Load, keys: Arc<Vec<String>>) -> anyhow::Result<Self> {
+    /// `load.conc` Redis connections looping over `load.op` until stopped, at `priority`.
+    async fn redis(
+        url: &str,
+        load: Load,
+        priority: LoadPriority,
+        keys: Arc<Vec<String>>,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
-        let mut bg = Background::new()?;
+        let mut bg = Background::new(priority)?;
         for t in 0..load.conc {
             let (keys, stop, raw) = (keys.clone(), bg.stop.clone(), bg.raw.clone());
             let client = client.clone();
@@ -463,10 +495,11 @@ impl Background {
         Ok(bg)
     }
 
-    fn new() -> anyhow::Result<Self> {
+    fn new(priority: LoadPriority) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("bench-load")
+            .on_thread_start(move || priority.apply())
             .enable_all()
             .build()
             .context("starting the load's runtime")?;
@@ -855,7 +888,8 @@ pub(crate) fn lookup_run(mut lat: Vec<f64>, load_raw_gbps: f64) -> LookupRun {
 }
 
 /// Lookup latency of a 2,048-block prompt, idle and while a throughput cell (`--lookup-load`
-/// of 1 MiB blocks by 4 clients, against the same system) runs beside it in this process;
+/// of 1 MiB blocks by 4 clients, against the same system, its threads at `--load-priority`)
+/// runs beside it in this process;
 /// `--repeat` runs, alternating kvshare and Redis within each run.
 pub async fn lookups_loaded(
     args: &Args,
@@ -887,10 +921,14 @@ pub async fn lookups_loaded(
     }
     let (load_keys, load_rkeys) = (Arc::new(load_keys), Arc::new(load_rkeys));
     let condition = format!(
-        "{} {} x{}",
+        "{} {} x{}{}",
         load.op.name(),
         format_size(LOAD_BLOCK),
-        LOAD_CONC
+        LOAD_CONC,
+        match args.load_priority {
+            LoadPriority::Idle => "",
+            LoadPriority::Normal => " nice 0",
+        }
     );
     // Time for the load's connections to reach steady state before lookups are timed.
     let warm = Duration::from_millis(300);
@@ -905,7 +943,14 @@ pub async fn lookups_loaded(
         })
         .await?;
         k_idle.push(lookup_run(lat, 0.0));
-        let bg = Background::kvshare(&node.endpoint, args.codec, load, load_keys.clone()).await?;
+        let bg = Background::kvshare(
+            &node.endpoint,
+            args.codec,
+            load,
+            args.load_priority,
+            load_keys.clone(),
+        )
+        .await?;
         tokio::time::sleep(warm).await;
         let lat = lookup_latencies("kvshare", n, samples, async || {
             Ok(c.lookup_keys(&LOOKUP_NS, &keys).await?)
@@ -919,7 +964,8 @@ pub async fn lookups_loaded(
             })
             .await?;
             r_idle.push(lookup_run(lat, 0.0));
-            let bg = Background::redis(&r.url, load, load_rkeys.clone()).await?;
+            let bg =
+                Background::redis(&r.url, load, args.load_priority, load_rkeys.clone()).await?;
             tokio::time::sleep(warm).await;
             let lat = lookup_latencies("redis", n, samples, async || {
                 redis_leading_present(con, &rkeys).await
@@ -939,7 +985,7 @@ pub async fn lookups_loaded(
         rows.push(LookupLoadRow::new("redis", n, &condition, r_loaded));
     }
     println!(
-        "{:<8} {:<18} {:>12} {:>12} {:>10}  each run p50/p99 us",
+        "{:<8} {:<26} {:>12} {:>12} {:>10}  each run p50/p99 us",
         "system", "condition", "p50 us med", "p99 us med", "load GB/s"
     );
     for r in &rows {
@@ -949,7 +995,7 @@ pub async fn lookups_loaded(
             .map(|x| format!("{:.0}/{:.0}", x.p50_us, x.p99_us))
             .collect();
         println!(
-            "{:<8} {:<18} {:>12.0} {:>12.0} {:>10.3}  {}",
+            "{:<8} {:<26} {:>12.0} {:>12.0} {:>10.3}  {}",
             r.system,
             r.condition,
             r.median_p50_us,

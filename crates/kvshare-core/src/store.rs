@@ -734,17 +734,12 @@ impl BlockStore {
 
     /// Applies the buffered hits to the LRU order, oldest first (under the store's lock).
     fn apply_reads(&self, g: &mut Inner) {
-        let mut reads = std::mem::take(&mut *self.reads.lock());
+        let reads = std::mem::take(&mut *self.reads.lock());
         for k in &reads {
             // A block removed since it was read is simply not promoted.
             g.promote(k);
         }
-        // Hand the allocation back for the next batch, unless readers started a new one.
-        reads.clear();
-        let mut buf = self.reads.lock();
-        if buf.is_empty() {
-            *buf = reads;
-        }
+        self.reuse_read_buffer(reads);
     }
 
     /// Records hits (in the order they should become recent: the last one most recent). A
@@ -776,7 +771,20 @@ impl BlockStore {
                 g.promote(k);
             }
         }
-        reads.len()
+        let applied = reads.len();
+        self.reuse_read_buffer(reads);
+        applied
+    }
+
+    /// Hands an applied batch's allocation back to the read buffer, unless readers started a
+    /// new one meanwhile, so that readers extend memory already mapped instead of growing a new
+    /// buffer after every apply. The buffer never holds more than [`READ_BUFFER_KEYS`] records.
+    fn reuse_read_buffer(&self, mut reads: Vec<StoreKey>) {
+        reads.clear();
+        let mut buf = self.reads.lock();
+        if buf.is_empty() && buf.capacity() < reads.capacity() {
+            *buf = reads;
+        }
     }
 
     /// Hits waiting in the read buffer.
@@ -1262,6 +1270,8 @@ mod tests {
         assert_eq!(s.presence(NS, &many).len(), many.len());
         assert_eq!(s.apply_buffered_reads(), many.len());
         assert_eq!(s.keys_oldest_first().last(), Some(&key(1)));
+        // The applied batch's allocation is kept for the next reads (no regrowth per apply).
+        assert!(s.reads.lock().capacity() >= many.len());
         // A full buffer drops what does not fit and counts it; readers never block.
         let full = vec![key(2).key; READ_BUFFER_KEYS];
         assert_eq!(s.lookup_prefix(NS, &full), READ_BUFFER_KEYS);
@@ -1689,6 +1699,39 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Lookups of many keys (presence and the leading run) answer as a per-key `contains`
+        /// would, with keys of other namespaces stored beside them.
+        #[test]
+        fn many_key_lookups_match_per_key_contains(
+            stored in proptest::collection::btree_set(0..700u32, 0..600),
+            other in proptest::collection::btree_set(0..700u32, 0..100),
+            asked in proptest::collection::vec(0..700u32, 0..900),
+            prefix_of_stored in any::<bool>(),
+        ) {
+            let s = BlockStore::new(1 << 30);
+            let other_ns = BlockKey([9; 32]);
+            for k in &stored {
+                prop_assert!(s.insert(nkey(NS, *k), None, tiny()).is_ok());
+            }
+            for k in &other {
+                prop_assert!(s.insert(nkey(other_ns, *k), None, tiny()).is_ok());
+            }
+            // Long leading runs too, not only runs that end early.
+            let asked: Vec<u32> = if prefix_of_stored {
+                stored.iter().copied().chain(asked).collect()
+            } else {
+                asked
+            };
+            let keys: Vec<BlockKey> = asked.iter().map(|k| nkey(NS, *k).key).collect();
+            let want: Vec<bool> = asked.iter().map(|k| stored.contains(k)).collect();
+            prop_assert_eq!(s.presence(NS, &keys), want.clone());
+            let run = want.iter().take_while(|p| **p).count();
+            prop_assert_eq!(s.lookup_prefix(NS, &keys), run);
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
         #[test]
         fn random_ops_keep_every_invariant(
@@ -1737,6 +1780,10 @@ mod tests {
                         let hit = s.lookup_prefix(ns(n), &keys);
                         let all_stored = keys[..hit].iter().all(|k| s.contains(&StoreKey { namespace: ns(n), key: *k }));
                         prop_assert!(all_stored);
+                        // The run ends at the first missing key.
+                        let ends_at_miss = hit == keys.len()
+                            || !s.contains(&StoreKey { namespace: ns(n), key: keys[hit] });
+                        prop_assert!(ends_at_miss);
                     }
                     Op::Get { ns: n, key } => {
                         let k = nkey(ns(n), u32::from(key));

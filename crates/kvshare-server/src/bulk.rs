@@ -32,6 +32,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
+use crate::config::BulkPriority;
 use crate::conn::ConnectionLimit;
 use crate::metrics::{Method, MethodLabels};
 use crate::put::PutSession;
@@ -50,21 +51,19 @@ const READ_BUFFER: usize = 16 << 10;
 /// charge small next to `--buffer-budget`.
 const MAX_GET_FRAME_BYTES: usize = 16 << 20;
 
-/// How much lower the bulk transport's threads run than the node's others (nice value).
-const BULK_NICE: i32 = 10;
-
 /// The runtime of the bulk transport: its own threads, at a lower CPU priority than the
-/// node's gRPC threads, so that a node whose cores are busy moving blocks still answers
-/// Lookups and health checks at once (the data plane yields to the control plane).
+/// node's gRPC threads (`--bulk-priority`), so that a node whose cores are busy moving blocks
+/// still answers Lookups and health checks at once (the data plane yields to the control
+/// plane).
 pub struct BulkRuntime(Option<tokio::runtime::Runtime>);
 
 impl BulkRuntime {
-    /// A runtime of `threads` worker threads.
-    pub fn new(threads: usize) -> std::io::Result<Self> {
+    /// A runtime of `threads` worker threads at `priority`.
+    pub fn new(threads: usize, priority: BulkPriority) -> std::io::Result<Self> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("kvshare-bulk")
-            .on_thread_start(lower_priority)
+            .on_thread_start(move || lower_priority(priority))
             .enable_all()
             .build()
             .map(|rt| BulkRuntime(Some(rt)))
@@ -83,16 +82,29 @@ impl Drop for BulkRuntime {
     }
 }
 
-/// Lowers the calling thread's CPU priority by [`BULK_NICE`].
-fn lower_priority() {
-    // SAFETY: getpriority/setpriority on the calling thread's id only change its scheduling
-    // weight; they touch no memory of this process.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        if libc::setpriority(libc::PRIO_PROCESS, tid, (now + BULK_NICE).min(19)) != 0 {
-            debug!("could not lower the priority of a bulk-transport thread");
+/// Puts the calling thread at `priority`: `SCHED_IDLE`, or this much nicer than now.
+fn lower_priority(priority: BulkPriority) {
+    // SAFETY: sched_setscheduler/getpriority/setpriority on the calling thread (id 0 / its
+    // own tid) only change its scheduling; `param` outlives the call.
+    let failed = unsafe {
+        match priority {
+            BulkPriority::Idle => {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0
+            }
+            BulkPriority::Nice(n) => {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+                libc::setpriority(libc::PRIO_PROCESS, tid, (now + n).min(19)) != 0
+            }
         }
+    };
+    if failed {
+        warn!(
+            %priority,
+            error = %std::io::Error::last_os_error(),
+            "could not lower the priority of a bulk-transport thread"
+        );
     }
 }
 

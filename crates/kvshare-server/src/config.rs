@@ -64,6 +64,39 @@ pub enum BulkAddr {
     At(SocketAddr),
 }
 
+/// `--bulk-priority`: `idle` or a nice increment from 0 to 19.
+fn bulk_priority_arg(s: &str) -> Result<BulkPriority, String> {
+    match s.trim() {
+        a if a.eq_ignore_ascii_case("idle") => Ok(BulkPriority::Idle),
+        a => match a.parse::<i32>() {
+            Ok(n) if (0..=19).contains(&n) => Ok(BulkPriority::Nice(n)),
+            _ => Err(format!(
+                "`{a}` is not a priority; give `idle` (SCHED_IDLE) or a nice increment from 0 to 19"
+            )),
+        },
+    }
+}
+
+/// CPU priority of the bulk transport's threads next to the node's gRPC threads
+/// (`--bulk-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkPriority {
+    /// Linux `SCHED_IDLE`: the threads run when no other thread of the node's CPU cgroup wants
+    /// the core, so a Lookup never waits behind a block transfer.
+    Idle,
+    /// `SCHED_OTHER`, this much nicer than the node's other threads.
+    Nice(i32),
+}
+
+impl std::fmt::Display for BulkPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BulkPriority::Idle => f.write_str("idle"),
+            BulkPriority::Nice(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 /// Format of the node's log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -96,6 +129,13 @@ pub struct ServerConfig {
     /// Kubernetes containerPort).
     #[arg(long, env = "KVSHARE_BULK_ADDR", default_value = "auto", value_parser = bulk_addr_arg)]
     pub bulk_addr: BulkAddr,
+
+    /// CPU priority of the bulk transport's threads: `idle` (Linux `SCHED_IDLE`: they take a
+    /// core only when the node's other threads leave it, so Lookups and health checks are never
+    /// queued behind block transfers; with cgroup CPU control this yields only to the node's
+    /// own threads, not to other containers) or a nice increment from 0 to 19.
+    #[arg(long, env = "KVSHARE_BULK_PRIORITY", default_value = "idle", value_parser = bulk_priority_arg)]
+    pub bulk_priority: BulkPriority,
 
     /// HTTP listen address for /metrics, /api/stats, /healthz and /readyz. Port 0 picks a free port.
     #[arg(long, env = "KVSHARE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
@@ -385,6 +425,17 @@ mod tests {
         );
         assert_eq!(c.stats_top_namespaces, 50);
         assert_eq!(c.data_dir, None);
+        assert_eq!(c.bulk_priority, BulkPriority::Idle);
+        for (arg, want) in [("IDLE", BulkPriority::Idle), ("0", BulkPriority::Nice(0))] {
+            let c = ServerConfig::try_parse_from(["kvshared", "--bulk-priority", arg])
+                .expect("a priority");
+            assert_eq!(c.bulk_priority, want);
+        }
+        let c = ServerConfig::try_parse_from(["kvshared", "--bulk-priority", "19"]).expect("19");
+        assert_eq!(c.bulk_priority.to_string(), "19");
+        for bad in ["20", "-1", "low"] {
+            assert!(ServerConfig::try_parse_from(["kvshared", "--bulk-priority", bad]).is_err());
+        }
         let c = ServerConfig::try_parse_from(["kvshared", "--data-dir", "/var/lib/kvshare"])
             .expect("parse");
         assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/kvshare")));

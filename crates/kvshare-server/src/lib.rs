@@ -688,9 +688,11 @@ pub async fn start(config: ServerConfig) -> Result<NodeHandle, ServerError> {
     let bulk_runtime = match bulk_listener {
         Some(l) => {
             let threads = std::thread::available_parallelism().map_or(2, usize::from);
-            let rt = bulk::BulkRuntime::new(threads).map_err(|source| ServerError::Bind {
-                addr: bulk_addr.unwrap_or(config.grpc_addr),
-                source,
+            let rt = bulk::BulkRuntime::new(threads, config.bulk_priority).map_err(|source| {
+                ServerError::Bind {
+                    addr: bulk_addr.unwrap_or(config.grpc_addr),
+                    source,
+                }
             })?;
             bulk::spawn(&rt, l, service, limit, tls.clone(), shutdown_rx.clone()).map_err(
                 |source| ServerError::Bind {
