@@ -10,6 +10,13 @@ cd "$ROOT"
 
 scripts/bootstrap.sh
 
+# The vLLM venv (downloads, 3-4 minutes on a fresh machine) is prepared in the background while
+# cargo builds; the vLLM tests at the end wait for it. Its output goes to target/vllm-env.log.
+mkdir -p target
+scripts/vllm-env.sh >target/vllm-env.log 2>&1 &
+vllm_env_pid=$!
+trap 'kill "$vllm_env_pid" 2>/dev/null || true' EXIT
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -34,4 +41,9 @@ echo "== python interop tests"
 # kvshared was built by cargo test --workspace (kvshare-server has integration tests).
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-tests.sh
 echo "== vLLM integration tests (kvshare Python package, KvshareConnector in real vLLM engines)"
+if ! wait "$vllm_env_pid"; then
+  cat target/vllm-env.log >&2
+  echo "the vLLM venv could not be created (scripts/vllm-env.sh; log above)" >&2
+  exit 1
+fi
 KVSHARED_BIN="$ROOT/target/debug/kvshared" scripts/python-vllm-tests.sh

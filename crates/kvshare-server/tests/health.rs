@@ -56,7 +56,8 @@ impl Node {
             .spawn()
             .expect("spawn kvshared");
         if let Err(e) = wait_for_listener(&grpc, Duration::from_secs(20), &mut child) {
-            panic!("{id} did not start: {e}");
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("{id} did not start: {e}; its log:\n{log}");
         }
         Node {
             id: id.into(),

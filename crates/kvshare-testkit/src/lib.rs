@@ -19,11 +19,46 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests on one machine).
+/// A free TCP port on 127.0.0.1, bound and released, for a process started next to listen on.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), from a sequence
+/// that starts at a point derived from the process id: a port taken from that range (binding
+/// port 0) could meanwhile be handed out again by the kernel, to another listener's port 0 or
+/// as the local port of an outgoing connection, and the process meant to listen on it would
+/// then fail to start. Falls back to port 0 when there is no room below the range.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    const LOWEST: u64 = 10_000;
+    let below = ephemeral_low().unwrap_or(32_768);
+    if below < LOWEST + 1_000 {
+        return port_zero();
+    }
+    let span = below - LOWEST;
+    let start = u64::from(std::process::id()).wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let Ok(port) = u16::try_from(LOWEST + (start + n) % span) else {
+            break;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    port_zero()
+}
+
+/// A port the kernel picks (bound and released).
+fn port_zero() -> std::io::Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()
         .map(|a| a.port())
+}
+
+/// The first port of Linux's ephemeral range, when it can be read.
+fn ephemeral_low() -> Option<u64> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// Waits until `child` accepts TCP connections on `addr` (`host:port`); fails when it exits
@@ -374,4 +409,25 @@ pub fn lz4_items(
     let keys = ns.block_keys(tokens).expect("keys");
     let blocks: Vec<&Vec<u8>> = (0..keys.len()).map(|i| &raw[i % raw.len()]).collect();
     kvshare_client::encode_prefix(ns, &keys, &blocks, kvshare_core::Codec::Lz4).expect("encode")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("a port")).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
+        if let Some(low) = ephemeral_low() {
+            assert!(
+                ports.iter().all(|p| u64::from(*p) < low),
+                "{ports:?} vs {low}"
+            );
+        }
+        for p in ports.iter().take(5) {
+            std::net::TcpListener::bind(("127.0.0.1", *p)).expect("still free");
+        }
+    }
 }
