@@ -412,15 +412,10 @@ pub enum LoadPriority {
 impl LoadPriority {
     /// Puts the calling thread at this priority (a warning when the kernel refuses).
     fn apply(self) {
-        if self == LoadPriority::Idle {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: changes the calling thread's (id 0) policy only; `param` outlives the call.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                eprintln!(
-                    "warning: the load's thread stays at normal priority: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+        if self == LoadPriority::Idle
+            && let Err(e) = kvshare_server::bulk::make_current_thread_idle()
+        {
+            eprintln!("warning: the load's thread stays at normal priority: {e}");
         }
     }
 }

@@ -82,29 +82,36 @@ impl Drop for BulkRuntime {
     }
 }
 
+/// Puts the calling thread under Linux `SCHED_IDLE`: it runs only when no other thread of its
+/// CPU cgroup wants the core. Lowering one's own priority needs no capability.
+pub fn make_current_thread_idle() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes the calling thread's (id 0) scheduling policy only; `param` outlives the
+    // call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Puts the calling thread at `priority`: `SCHED_IDLE`, or this much nicer than now.
 fn lower_priority(priority: BulkPriority) {
-    // SAFETY: sched_setscheduler/getpriority/setpriority on the calling thread (id 0 / its
-    // own tid) only change its scheduling; `param` outlives the call.
-    let failed = unsafe {
-        match priority {
-            BulkPriority::Idle => {
-                let param = libc::sched_param { sched_priority: 0 };
-                libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0
+    let done = match priority {
+        BulkPriority::Idle => make_current_thread_idle(),
+        // SAFETY: getpriority/setpriority on the calling thread's own id only change its
+        // scheduling weight.
+        BulkPriority::Nice(n) => unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if libc::setpriority(libc::PRIO_PROCESS, tid, (now + n).min(19)) != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
             }
-            BulkPriority::Nice(n) => {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-                libc::setpriority(libc::PRIO_PROCESS, tid, (now + n).min(19)) != 0
-            }
-        }
+        },
     };
-    if failed {
-        warn!(
-            %priority,
-            error = %std::io::Error::last_os_error(),
-            "could not lower the priority of a bulk-transport thread"
-        );
+    if let Err(error) = done {
+        warn!(%priority, %error, "could not lower the priority of a bulk-transport thread");
     }
 }
 
