@@ -211,16 +211,47 @@ fn setup(tag: &str, subnet: u8, net: &mut Net) -> Result<(), String> {
     Ok(())
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+/// Polls `f` every 50 ms until it answers `Ok`; panics after `limit` with its last answer (what
+/// the probes saw, so that a failure says which node saw what).
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Result<(), String>) -> Duration {
     let t0 = Instant::now();
-    while !f() {
+    loop {
+        let last = match f() {
+            Ok(()) => return t0.elapsed(),
+            Err(last) => last,
+        };
         assert!(
             t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
+            "timed out after {limit:?} waiting for {what}; last seen: {last}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    t0.elapsed()
+}
+
+/// `Ok` when every node in `nodes` sees every one of `members` in state `up`; otherwise what
+/// each one saw.
+fn all_see(
+    client_ns: &str,
+    nodes: &[u8],
+    ep: impl Fn(u8) -> String,
+    members: &[&str],
+    up: bool,
+) -> Result<(), String> {
+    let mut seen = Vec::new();
+    let mut ok = true;
+    for &h in nodes {
+        match probe_in(client_ns, &format!("status {}", ep(h))) {
+            Ok(s) => {
+                ok &= members.iter().all(|m| member_up(&s, m) == Some(up));
+                seen.push(format!("node-{h} sees [{s}]"));
+            }
+            Err(e) => {
+                ok = false;
+                seen.push(format!("node-{h}: probe failed: {}", e.trim()));
+            }
+        }
+    }
+    if ok { Ok(()) } else { Err(seen.join("; ")) }
 }
 
 #[test]
@@ -273,15 +304,21 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
         net.children.push(child);
     }
     let ep = |h: u8| format!("http://{}", addr(h));
-    wait_until("all three nodes up", Duration::from_secs(30), || {
-        probe_in(&client, &format!("status {}", ep(1)))
-            .map(|s| {
-                [1, 2, 3]
-                    .iter()
-                    .all(|h| member_up(&s, &format!("node-{h}")) == Some(true))
-            })
-            .unwrap_or(false)
-    });
+    // Every node must know every other by id before the cut (a node that had not yet reached
+    // node 3 would list it by address only, and never as "node-3=down").
+    wait_until(
+        "all three nodes up, as seen by each",
+        Duration::from_secs(30),
+        || {
+            all_see(
+                &client,
+                &[1, 2, 3],
+                ep,
+                &["node-1", "node-2", "node-3"],
+                true,
+            )
+        },
+    );
 
     // Cut node 3 off the bridge.
     let hub = format!("kvs{tag}h");
@@ -289,12 +326,7 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
     let took = wait_until(
         "node-3 marked down by node-1 and node-2",
         Duration::from_secs(10),
-        || {
-            [1u8, 2].iter().all(|h| {
-                probe_in(&client, &format!("status {}", ep(*h)))
-                    .is_ok_and(|s| member_up(&s, "node-3") == Some(false))
-            })
-        },
+        || all_see(&client, &[1, 2], ep, &["node-3"], false),
     );
     println!(
         "node-3 marked down {took:?} after its link was cut (checks every 200 ms, 300 ms timeout, 2 failures)"
@@ -312,8 +344,7 @@ fn a_partitioned_node_is_marked_down_and_traffic_keeps_flowing() {
     // Heal: node 3 comes back.
     in_ns(&hub, &["ip", "link", "set", &format!("kv{tag}b3"), "up"]).expect("heal link");
     let back = wait_until("node-3 back up", Duration::from_secs(15), || {
-        probe_in(&client, &format!("status {}", ep(1)))
-            .is_ok_and(|s| member_up(&s, "node-3") == Some(true))
+        all_see(&client, &[1], ep, &["node-3"], true)
     });
     println!("node-3 back up {back:?} after the link was restored");
 }
