@@ -3,7 +3,7 @@
 # seconds on a copy of its committed corpus plus its regression inputs; fails on any crash, leak,
 # timeout or out-of-memory and prints where the input that caused it was saved.
 #
-#   FUZZ_SECONDS=60        seconds per target (CI, through scripts/test.sh: 45)
+#   FUZZ_SECONDS=60        seconds per target (CI, through scripts/test.sh: 30)
 #   FUZZ_JOBS=2            targets run at once (one core each)
 #   FUZZ_TARGETS="..."     which targets (default: all of `cargo fuzz list`)
 #   FUZZ_SANITIZER=address address (default; on stable through RUSTC_BOOTSTRAP=1) or none
