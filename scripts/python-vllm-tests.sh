@@ -29,6 +29,7 @@ echo "== ruff"
 # whose engines compute on the other core; its verdict is checked after the tests.
 echo "== mypy --strict (in the background, beside pytest)"
 mypy_log="$(mktemp)"
+trap 'rm -f "$mypy_log"' EXIT
 (cd python && "$VENV/bin/mypy" --strict kvshare) >"$mypy_log" 2>&1 &
 mypy_pid=$!
 
@@ -42,5 +43,4 @@ echo "== mypy --strict"
 mypy_rc=0
 wait "$mypy_pid" || mypy_rc=$?
 cat "$mypy_log"
-rm -f "$mypy_log"
 exit "$mypy_rc"
